@@ -1,0 +1,169 @@
+"""Recipe v1: the YAML file that describes a build, validated by a pydantic schema.
+
+Unknown keys are errors, relative paths resolve against the recipe's folder, and every
+error names the file, the field path and what is allowed, so a typo never trains the
+wrong model for an hour.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from edgetl.errors import RecipeError
+
+BUILTIN_DATASETS = ("digits",)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
+    base = (info.context or {}).get("base_dir")
+    if value is None or value.is_absolute() or base is None:
+        return value
+    return (Path(base) / value).resolve()
+
+
+class DataConfig(_Section):
+    path: Path | None = Field(None, description="ImageFolder root: <root>/<class>/* or <root>/{train,val|validation,test}/<class>/*")
+    builtin: Literal["digits"] | None = Field(None, description="A bundled offline dataset, instead of `path`.")
+    val_split: float = Field(0.15, gt=0, lt=1, description="Stratified fraction held out for validation when the root has no val folder.")
+    test_split: float = Field(0.15, gt=0, lt=1, description="Stratified fraction held out for test when the root has no test folder.")
+    image_size: int | None = Field(None, ge=16, le=1024, description="Model input size in pixels; default: the backbone's native size.")
+    augment: Literal["none", "default", "strong"] = Field("default", description="Training augmentation.")
+    on_bad_image: Literal["skip", "error"] = Field("skip", description="skip: report and count unreadable images; error: fail the build.")
+
+    _resolve_path = field_validator("path")(_resolve)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if (self.path is None) == (self.builtin is None):
+            raise ValueError("set exactly one of `data.path` (an image folder) or `data.builtin` (one of: digits)")
+        if self.val_split + self.test_split >= 0.9:
+            raise ValueError(f"`data.val_split` + `data.test_split` must leave data to train on; got {self.val_split} + {self.test_split}")
+        return self
+
+
+class ModelConfig(_Section):
+    backbone: str = Field("efficientnet_lite0", description="A registry name (see `edgetl backbones`) or `timm:<name>`.")
+    weights: str = Field("pretrained", description="pretrained | none | path to a .pth / .safetensors state dict of the backbone.")
+    dropout: float = Field(0.2, ge=0, lt=1, description="Dropout before the classification head.")
+
+    @field_validator("weights")
+    @classmethod
+    def _resolve_weights(cls, value: str, info: ValidationInfo) -> str:
+        if value in ("pretrained", "none"):
+            return value
+        return str(_resolve(Path(value), info))
+
+
+class TrainConfig(_Section):
+    strategy: Literal["linear_probe", "partial", "finetune"] = Field("linear_probe", description="What trains: the head only, the last `unfreeze` stages, or everything.")
+    unfreeze: int = Field(2, ge=1, description="partial: how many final backbone stages train.")
+    epochs: int = Field(10, ge=1, le=10_000)
+    batch_size: int = Field(32, ge=1, le=4096)
+    lr: float = Field(1e-3, gt=0, le=10, description="Peak learning rate of the head (AdamW).")
+    backbone_lr_mult: float = Field(0.1, gt=0, le=1, description="partial/finetune: backbone lr = lr × this.")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0, description="Linear warm-up before cosine decay.")
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    patience: int | None = Field(None, ge=1, description="Stop after this many epochs without a better val accuracy; the best epoch is kept.")
+    class_balance: Literal["none", "weighted_loss", "balanced_sampler"] = Field("none", description="For imbalanced classes.")
+    threads: int | None = Field(None, ge=1, description="CPU threads; default: all cores.")
+
+
+class Recipe(_Section):
+    """A whole build. `edgetl schema` prints this as JSON Schema for editors."""
+
+    version: Literal[1] = 1
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100, description="Run and bundle name.")
+    seed: int = Field(0, ge=0)
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+
+    def section_hash(self, *sections: str) -> str:
+        """A short, stable hash of some sections: stage caches and reports key on it."""
+        dumped = self.model_dump(mode="json")
+        payload = json.dumps({s: dumped[s] for s in sections}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def load_recipe(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe.
+
+    >>> load_recipe(Path("recipes/quickstart.yaml"), ["train.epochs=3"]).train.epochs
+    3
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"Recipe file {path} does not exist. Pass the path of a YAML recipe, e.g. `edgetl build recipes/quickstart.yaml`.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path} must be a YAML mapping of sections (name, data, model, train); got a {type(raw).__name__}.")
+    for override in overrides:
+        _apply_override(raw, override, path)
+    try:
+        return Recipe.model_validate(raw, context={"base_dir": path.parent.resolve()})
+    except ValidationError as exc:
+        raise RecipeError(_describe(exc, path)) from None
+
+
+def _apply_override(raw: dict[str, Any], override: str, path: Path) -> None:
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"--set {override!r} must look like `section.field=value`, e.g. `--set train.epochs=5`.")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"--set {override!r}: `{part}` in {path} is a value, not a section.")
+        node = child
+    node[leaf] = yaml.safe_load(value) if value.strip() else None
+
+
+def _describe(exc: ValidationError, path: Path) -> str:
+    lines = [f"{path} is not a valid recipe:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_fields(err["loc"][:-1])
+            close = difflib.get_close_matches(str(err["loc"][-1]), allowed, n=1)
+            hint = f" Did you mean `{close[0]}`?" if close else ""
+            lines.append(f"  `{loc}` is not a known field.{hint} Allowed here: {', '.join(allowed)}.")
+        elif err["type"] == "missing":
+            lines.append(f"  `{loc}` is required.")
+        else:
+            where = f"`{loc}`: " if loc else ""
+            lines.append(f"  {where}{err['msg'].removeprefix('Value error, ')}; got {err['input']!r}.")
+    return "\n".join(lines)
+
+
+def _allowed_fields(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        annotation = model.model_fields[str(part)].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    """The JSON Schema of recipe v1 (for editor completion and validation)."""
+    schema = Recipe.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "edgetl recipe v1"
+    return schema

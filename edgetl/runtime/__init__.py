@@ -1,0 +1,1 @@
+"""The on-device half of edgetl. Never imports torch, torchvision, timm or nncf."""

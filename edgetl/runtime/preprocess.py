@@ -1,0 +1,140 @@
+"""The preprocessing contract and the one implementation of it.
+
+Training eval, export validation and the device runtime all call these functions, so
+what the device feeds the model is what the build measured. numpy and Pillow only:
+this module runs on the device.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ImageSource = Union[str, Path, bytes, Image.Image, np.ndarray]
+Interpolation = Literal["nearest", "bilinear", "bicubic"]
+_RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+class ImageDecodeError(ValueError):
+    """An input is not a readable image; the message names it and says why."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Resize the shorter side to `resize_size`, center-crop `input_size`, scale to [0, 1], normalize.
+
+    Plain data, stored as JSON in checkpoints, ONNX metadata and bundles.
+
+    >>> Preprocessing(224, 256, "bilinear", (0.5,) * 3, (0.5,) * 3).to_dict()["input_size"]
+    224
+    """
+
+    input_size: int
+    resize_size: int
+    interpolation: Interpolation
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    layout: Literal["NCHW"] = "NCHW"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
+        missing = {"input_size", "resize_size", "interpolation", "mean", "std"} - set(data)
+        if missing:
+            raise ValueError(f"preprocessing contract is missing {sorted(missing)}; got keys {sorted(data)}")
+        if data["interpolation"] not in _RESAMPLE:
+            raise ValueError(f"preprocessing interpolation must be one of {sorted(_RESAMPLE)}; got {data['interpolation']!r}")
+        return cls(
+            input_size=int(data["input_size"]),
+            resize_size=int(data["resize_size"]),
+            interpolation=data["interpolation"],
+            mean=tuple(float(v) for v in data["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(v) for v in data["std"]),  # type: ignore[arg-type]
+            layout=data.get("layout", "NCHW"),
+        )
+
+
+def load_rgb(source: ImageSource, name: str | None = None, draft_size: int | None = None) -> Image.Image:
+    """Decode any supported input to an upright 8-bit RGB image.
+
+    Applies EXIF orientation; maps grayscale, palette, CMYK and 16-bit images to RGB and
+    composites transparency onto white. `draft_size` lets JPEG decode at a reduced scale
+    that still covers that size (much faster for large photos).
+    """
+    label = name or (str(source) if isinstance(source, (str, Path)) else type(source).__name__)
+    if isinstance(source, np.ndarray):
+        return _array_to_rgb(source, label)
+    try:
+        if isinstance(source, Image.Image):
+            image = source
+        else:
+            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+            if draft_size and image.format == "JPEG":
+                image.draft("RGB", (draft_size, draft_size))
+            image.load()
+        image = ImageOps.exif_transpose(image)
+        return _to_rgb(image)
+    except UnidentifiedImageError:
+        raise ImageDecodeError(f"{label} is not an image file Pillow can read") from None
+    except FileNotFoundError:
+        raise ImageDecodeError(f"{label} does not exist") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError(f"{label} is corrupt or truncated ({exc})") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in _SIXTEEN_BIT_MODES:
+        # 16-bit grayscale: Pillow's convert("L") clips at 255; scale the full range instead.
+        wide = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _array_to_rgb(array: np.ndarray, label: str) -> Image.Image:
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+        raise ImageDecodeError(f"{label}: arrays must be uint8 (H, W), (H, W, 1), (H, W, 3) RGB or (H, W, 4) RGBA; got {array.dtype} {array.shape}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    return _to_rgb(Image.fromarray(array))
+
+
+def crop_uint8(image: Image.Image, pre: Preprocessing) -> np.ndarray:
+    """Resize the shorter side, center-crop: the model's input as uint8 (H, W, 3)."""
+    width, height = image.size
+    scale = pre.resize_size / min(width, height)
+    new_size = (max(pre.input_size, round(width * scale)), max(pre.input_size, round(height * scale)))
+    resized = image.resize(new_size, _RESAMPLE[pre.interpolation], reducing_gap=None)
+    left = int(round((new_size[0] - pre.input_size) / 2.0))
+    top = int(round((new_size[1] - pre.input_size) / 2.0))
+    cropped = resized.crop((left, top, left + pre.input_size, top + pre.input_size))
+    return np.asarray(cropped, dtype=np.uint8)
+
+
+def normalize(batch: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    """uint8 (N, H, W, 3) → float32 (N, 3, H, W), scaled to [0, 1] and normalized."""
+    mean = np.asarray(pre.mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    inv_std = (1.0 / np.asarray(pre.std, dtype=np.float32)).reshape(1, 3, 1, 1)
+    x = batch.transpose(0, 3, 1, 2).astype(np.float32) * np.float32(1.0 / 255.0)  # (N, 3, H, W)
+    return (x - mean) * inv_std
+
+
+def preprocess_uint8(source: ImageSource, pre: Preprocessing, name: str | None = None) -> np.ndarray:
+    """One input → its uint8 (S, S, 3) crop. The training data cache stores exactly this."""
+    return crop_uint8(load_rgb(source, name, draft_size=pre.resize_size), pre)
+
+
+def preprocess(source: ImageSource, pre: Preprocessing, name: str | None = None) -> np.ndarray:
+    """One input → the model's float32 (1, 3, S, S) tensor."""
+    return normalize(preprocess_uint8(source, pre, name)[None], pre)

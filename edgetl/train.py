@@ -1,0 +1,231 @@
+"""Train stage: linear probe, partial or full fine-tuning of a TransferModel.
+
+What makes it fast on a laptop CPU: whatever is frozen runs once per image, not once per
+epoch. `linear_probe` caches the pooled features and trains the head in seconds;
+`partial` without augmentation caches the frozen prefix's output.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgetl.data import Dataset
+from edgetl.errors import RecipeError
+from edgetl.fileio import atomic_path
+from edgetl.models import TransferModel
+from edgetl.progress import track
+from edgetl.recipe import TrainConfig
+from edgetl.runtime.preprocess import Preprocessing, normalize
+
+log = logging.getLogger(__name__)
+EVAL_BATCH = 64
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    model: TransferModel  # the best epoch's weights, in eval mode
+    history: list[dict]  # per epoch: epoch, train_loss, val_accuracy, lr, seconds
+    best_epoch: int
+    val_accuracy: float
+    test_accuracy: float
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What the trainable part of the model eats: images, or cached frozen-prefix outputs."""
+
+    train: torch.Tensor  # uint8 (N, S, S, 3) images, or float32 cached activations
+    val: torch.Tensor
+    test: torch.Tensor
+    start: int  # the first stage to run on them
+    cached: bool
+
+
+def predict_logits(model: TransferModel, images: np.ndarray, pre: Preprocessing, batch_size: int = EVAL_BATCH) -> np.ndarray:
+    """Eval-mode logits for uint8 (N, S, S, 3) crops, through the shared preprocessing.
+
+    >>> predict_logits(result.model, dataset.test.images, pre).argmax(1)
+    """
+    model.eval()
+    outputs = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            outputs.append(model(torch.from_numpy(normalize(images[i : i + batch_size], pre))))
+    return torch.cat(outputs).numpy() if outputs else np.zeros((0, model.head.out_features), np.float32)
+
+
+def run(model: TransferModel, dataset: Dataset, config: TrainConfig, pre: Preprocessing, augment: str, seed: int, state_path: Path | None = None, resume: bool = False) -> TrainResult:
+    """Train `model` on `dataset` with the recipe's strategy; keep the best epoch by val accuracy.
+
+    `state_path` gets a resumable snapshot after every epoch; with `resume`, training
+    continues from it and ends where an uninterrupted run would have.
+    """
+    torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    started = time.monotonic()
+    notes: list[str] = []
+    frozen = _frozen_stage_count(model, config)
+    model.freeze_prefix(frozen)
+    if config.strategy == "linear_probe" and augment != "none":
+        notes.append(f"data.augment={augment} was not applied: linear_probe computes features once per image. Use strategy partial or finetune to train with augmentation.")
+        log.warning(notes[-1])
+    cache = config.strategy == "linear_probe" or (config.strategy == "partial" and augment == "none")
+    inputs = _prepare_inputs(model, dataset, pre, frozen if cache else 0, cache)
+    train_labels = torch.from_numpy(dataset.train.labels)
+    val_labels = torch.from_numpy(dataset.val.labels)
+    num_classes = len(dataset.classes)
+
+    generator = torch.Generator().manual_seed(seed)
+    steps_per_epoch = math.ceil(len(train_labels) / config.batch_size)
+    optimizer = _optimizer(model, config)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch))
+    criterion = nn.CrossEntropyLoss(weight=_class_weights(train_labels, num_classes) if config.class_balance == "weighted_loss" else None, label_smoothing=config.label_smoothing)
+    augmenter = _augmenter(augment, pre.input_size) if not inputs.cached else None
+
+    history: list[dict] = []
+    best = {"epoch": 0, "accuracy": -1.0, "state": copy.deepcopy(model.state_dict())}
+    first_epoch = 1
+    if resume and state_path is not None and state_path.is_file():
+        snapshot = torch.load(state_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(snapshot["model"])
+        optimizer.load_state_dict(snapshot["optimizer"])
+        schedule.load_state_dict(snapshot["schedule"])
+        generator.set_state(snapshot["generator"])
+        torch.set_rng_state(snapshot["torch_rng"])
+        history, best, first_epoch = snapshot["history"], snapshot["best"], snapshot["epoch"] + 1
+        log.info("resuming from epoch %d of %d", snapshot["epoch"], config.epochs)
+
+    for epoch in range(first_epoch, config.epochs + 1):
+        if config.patience and epoch - best["epoch"] > config.patience:
+            notes.append(f"early stop after epoch {epoch - 1}: val accuracy had not improved for {config.patience} epochs")
+            log.info(notes[-1])
+            break
+        epoch_start = time.monotonic()
+        model.train()
+        order = _epoch_order(train_labels, config.class_balance, generator, num_classes)
+        total_loss = 0.0
+        batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+        for index in track(batches, total=len(batches), description=f"epoch {epoch}/{config.epochs}"):
+            x = _model_input(inputs.train[index], inputs, pre, augmenter)
+            loss = criterion(model.head(model.dropout(model.features(x, inputs.start))), train_labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total_loss += loss.item() * len(index)
+        val_accuracy = _accuracy(model, inputs.val, val_labels, inputs, pre)
+        improved = val_accuracy > best["accuracy"]
+        if improved:
+            best = {"epoch": epoch, "accuracy": val_accuracy, "state": copy.deepcopy(model.state_dict())}
+        history.append({"epoch": epoch, "train_loss": total_loss / len(order), "val_accuracy": val_accuracy, "lr": schedule.get_last_lr()[0], "seconds": round(time.monotonic() - epoch_start, 3)})
+        log.info("epoch %d/%d  loss %.4f  val_acc %.4f%s  (%.1fs)", epoch, config.epochs, history[-1]["train_loss"], val_accuracy, "  best" if improved else "", history[-1]["seconds"])
+        if state_path is not None:
+            _snapshot(state_path, model, optimizer, schedule, generator, history, best, epoch)
+
+    model.load_state_dict(best["state"])
+    model.eval()
+    test_accuracy = _accuracy(model, inputs.test, torch.from_numpy(dataset.test.labels), inputs, pre)
+    return TrainResult(model, history, best["epoch"], best["accuracy"], test_accuracy, time.monotonic() - started, notes)
+
+
+def _frozen_stage_count(model: TransferModel, config: TrainConfig) -> int:
+    stage_count = len(model.stages)  # stem + blocks + neck
+    if config.strategy == "linear_probe":
+        return stage_count
+    if config.strategy == "finetune":
+        return 0
+    if config.unfreeze > model.num_blocks:
+        raise RecipeError(f"`train.unfreeze` is {config.unfreeze}, but this backbone has {model.num_blocks} stages; use 1..{model.num_blocks}, or strategy finetune to train everything.")
+    return 1 + model.num_blocks - config.unfreeze
+
+
+def _prepare_inputs(model: TransferModel, dataset: Dataset, pre: Preprocessing, stop: int, cache: bool) -> _Inputs:
+    if not cache:
+        return _Inputs(*(torch.from_numpy(dataset.split(s).images) for s in ("train", "val", "test")), start=0, cached=False)
+    model.eval()
+    cached = []
+    for split in ("train", "val", "test"):
+        images = dataset.split(split).images
+        outputs = []
+        with torch.inference_mode():
+            for i in track(range(0, len(images), EVAL_BATCH), total=math.ceil(len(images) / EVAL_BATCH), description=f"frozen features {split}"):
+                outputs.append(model.features(torch.from_numpy(normalize(images[i : i + EVAL_BATCH], pre)), 0, stop))
+        cached.append(torch.cat(outputs).clone())  # clone: leave inference mode so autograd can use them
+    return _Inputs(*cached, start=stop, cached=True)
+
+
+def _augmenter(augment: str, size: int):
+    if augment == "none":
+        return None
+    from torchvision.transforms import v2
+
+    steps = [v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+    if augment == "strong":
+        steps.append(v2.TrivialAugmentWide())
+    return v2.Compose(steps)
+
+
+def _model_input(batch: torch.Tensor, inputs: _Inputs, pre: Preprocessing, augmenter) -> torch.Tensor:
+    if inputs.cached:
+        return batch
+    images = batch.permute(0, 3, 1, 2)  # (N, 3, S, S) uint8
+    if augmenter is not None:
+        images = torch.stack([augmenter(image) for image in images])
+    return torch.from_numpy(normalize(images.permute(0, 2, 3, 1).numpy(), pre))
+
+
+def _accuracy(model: TransferModel, data: torch.Tensor, labels: torch.Tensor, inputs: _Inputs, pre: Preprocessing) -> float:
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for i in range(0, len(data), EVAL_BATCH):
+            x = _model_input(data[i : i + EVAL_BATCH], inputs, pre, None)
+            correct += (model.head(model.features(x, inputs.start)).argmax(1) == labels[i : i + EVAL_BATCH]).sum().item()
+    return correct / max(len(labels), 1)
+
+
+def _optimizer(model: TransferModel, config: TrainConfig) -> torch.optim.Optimizer:
+    backbone = [p for p in model.stages.parameters() if p.requires_grad]
+    groups = [{"params": list(model.head.parameters()), "lr": config.lr}]
+    if backbone:
+        groups.append({"params": backbone, "lr": config.lr * config.backbone_lr_mult})
+    return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+
+
+def _warmup_cosine(warmup_steps: float, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def _class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    return counts.sum() / (num_classes * counts.clamp(min=1))
+
+
+def _epoch_order(labels: torch.Tensor, balance: str, generator: torch.Generator, num_classes: int) -> torch.Tensor:
+    if balance == "balanced_sampler":  # draw with replacement, each class equally likely
+        weights = _class_weights(labels, num_classes)[labels]
+        return torch.multinomial(weights, len(labels), replacement=True, generator=generator)
+    return torch.randperm(len(labels), generator=generator)
+
+
+def _snapshot(path: Path, model, optimizer, schedule, generator, history, best, epoch: int) -> None:
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history, "best": best, "epoch": epoch}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
