@@ -1,0 +1,20 @@
+# Two commands do all the set-up on a fresh clone (offline, from PyPI packages alone):
+#   make demo   creates .venv, installs edgetl[train], runs `edgetl build recipes/quickstart.yaml`
+#   make test   creates .venv, installs edgetl[train,dev], runs the test suite
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[train,dev]'
+	touch $@
+
+.PHONY: install demo test
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/edgetl build recipes/quickstart.yaml
+
+test: install
+	$(BIN)/python -m pytest -q
