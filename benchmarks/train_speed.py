@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import sys
 import tempfile
@@ -29,25 +30,29 @@ from edgetl.recipe import Recipe
 ROOT = Path(__file__).resolve().parent
 CIFAR = ROOT.parent.parent / "shared" / "datasets" / "cifar10-dev"
 
+# (train section, data.augment) per strategy; caching needs augment none.
 STRATEGIES = {
-    "linear_probe": {"strategy": "linear_probe", "lr": 0.001},
-    "partial": {"strategy": "partial", "unfreeze": 2, "lr": 0.003, "backbone_lr_mult": 0.3},
+    "linear_probe": ({"strategy": "linear_probe", "lr": 0.001}, "none"),
+    "partial": ({"strategy": "partial", "unfreeze": 2, "lr": 0.003, "backbone_lr_mult": 0.3}, "none"),
+    "finetune": ({"strategy": "finetune", "lr": 0.002, "backbone_lr_mult": 0.5, "warmup_epochs": 0.5}, "default"),
 }
 
 
-def edgetl_run(name: str, data: dict, size: int, epochs: int, train: dict, workdir: Path) -> dict:
+def edgetl_run(name: str, data: dict, size: int, epochs: int, workdir: Path) -> dict:
+    train, augment = STRATEGIES[name]
     recipe = Recipe.model_validate({
         "name": f"bench-{name}", "seed": 0,
-        "data": {**data, "image_size": size, "augment": "none"},
+        "data": {**data, "image_size": size, "augment": augment},
         "model": {"backbone": "efficientnet_lite0", "weights": "pretrained"},
         "train": {"epochs": epochs, "batch_size": 32, **train},
+        "quantize": [],
     })
     started = time.monotonic()
-    metrics = build(recipe, workdir / name).metrics
+    metrics = build(recipe, workdir / name, train_only=True).metrics
     wall = time.monotonic() - started
     train_images = metrics["dataset"]["counts"]["train"]["total"]
     return {
-        "strategy": name, "epochs": epochs, "wall_seconds": round(wall, 1), "train_seconds": metrics["train_seconds"],
+        "strategy": name, "augment": augment, "epochs": epochs, "wall_seconds": round(wall, 1), "train_seconds": metrics["train_seconds"],
         "images_per_second": round(train_images * len(metrics["history"]) / metrics["train_seconds"], 1),
         "val_accuracy": metrics["val_accuracy"], "test_accuracy": metrics["test_accuracy"], "best_epoch": metrics["best_epoch"],
         "train_images": train_images,
@@ -104,23 +109,26 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--tutorial-epochs", type=int, default=2)
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    parser.add_argument("--strategies", nargs="+", default=["linear_probe", "partial"], choices=list(STRATEGIES))
+    parser.add_argument("--out", default="train_speed.json", help="file name under benchmarks/results/")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("edgetl").setLevel(logging.INFO)  # per-epoch lines from the build
     data = {"path": str(args.data), "val_split": 0.15, "test_split": 0.15} if args.data.is_dir() else {"builtin": "digits"}
     print(f"data: {data}", flush=True)
     results = {"machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}, "data": data, "image_size": args.size, "runs": []}
     with tempfile.TemporaryDirectory() as workdir:
         for name in args.strategies:
-            results["runs"].append(edgetl_run(name, data, args.size, args.epochs, STRATEGIES[name], Path(workdir)))
+            results["runs"].append(edgetl_run(name, data, args.size, args.epochs, Path(workdir)))
             print(json.dumps(results["runs"][-1]), flush=True)
-    if "path" in data:
+    if "path" in data and args.tutorial_epochs > 0:
         tutorial = tutorial_run(args.data, args.size, args.tutorial_epochs)
         results["runs"].append(tutorial)
         print(json.dumps(tutorial), flush=True)
         probe = next((r for r in results["runs"] if r["strategy"] == "linear_probe"), None)
         if probe:
             results["linear_probe_speedup_vs_tutorial_10_epochs"] = round(tutorial["ten_epoch_seconds_extrapolated"] / probe["wall_seconds"], 2)
-    out = ROOT / "results" / "train_speed.json"
+    out = ROOT / "results" / args.out
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}", file=sys.stderr)

@@ -46,7 +46,8 @@ def write_recipe(path: Path, body: str) -> Path:
 
 @pytest.fixture
 def tiny_recipe(tmp_path: Path, image_folder: Path) -> Path:
-    """A fast real build: two photo classes, pretrained lite0 at 32 px, linear probe."""
+    """A fast real build: two photo classes, pretrained lite0 at 32 px, linear probe,
+    exported and validated in FP32 only (the quantization tests add their variants)."""
     return write_recipe(tmp_path / "recipe.yaml", f"""
         name: tiny
         seed: 0
@@ -63,4 +64,10 @@ def tiny_recipe(tmp_path: Path, image_folder: Path) -> Path:
           epochs: 5
           batch_size: 8
           lr: 0.01
+        quantize: []
+        measure:
+          latency_rounds: 2
+          latency_runs: 3
+          warmup: 2
+          throughput_batch: 4
         """)

@@ -1,0 +1,104 @@
+"""Export, quantization and validation of EfficientNet-Lite0: time of each stage, accuracy
+drop and latency of each variant, measured in one build.
+
+Usage:
+    python benchmarks/export_quantize.py                 # cifar10-dev at 224 px (digits when absent)
+    python benchmarks/export_quantize.py --data digits   # the quickstart's digits model (96 px)
+
+cifar10-dev: lite0 at 224 px, linear probe on train; cifar10-dev's `val` folder is the test
+split the validation matrix reports on, and the recipe's val split (accuracy control) is
+carved out of train, so the bound is chosen and checked on different images. Variants:
+ONNX Runtime INT8 and OpenVINO INT8, each plain and with `max_accuracy_drop: 0.005`, and an
+FP16 IR. Latencies are interleaved in one run, so compare them as ratios (FACTS.md).
+Results: benchmarks/results/export_quantize[-digits].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+from edgetl.pipeline import build
+from edgetl.recipe import Recipe, load_recipe
+
+ROOT = Path(__file__).resolve().parent
+CIFAR = ROOT.parent.parent / "shared" / "datasets" / "cifar10-dev"
+VARIANTS = [
+    {"runtime": "onnxruntime"},
+    {"runtime": "onnxruntime", "name": "ort-int8-ac", "max_accuracy_drop": 0.005},
+    {"runtime": "openvino"},
+    {"runtime": "openvino", "name": "ov-int8-ac", "max_accuracy_drop": 0.005},
+    {"runtime": "openvino", "precision": "fp16"},
+]
+
+
+def cifar_recipe(workdir: Path, epochs: int) -> Recipe:
+    """train → train (val carved from it), cifar10-dev val → test."""
+    layout = workdir / "cifar10-dev"
+    layout.mkdir()
+    (layout / "train").symlink_to(CIFAR / "train")
+    (layout / "test").symlink_to(CIFAR / "val")
+    return Recipe.model_validate({
+        "name": "bench-export-cifar", "seed": 0,
+        "data": {"path": str(layout), "val_split": 0.15, "image_size": 224, "augment": "none"},
+        "model": {"backbone": "efficientnet_lite0", "weights": "pretrained"},
+        "train": {"strategy": "linear_probe", "epochs": epochs, "lr": 0.001},
+        "quantize": VARIANTS,
+    })
+
+
+def digits_recipe() -> Recipe:
+    quickstart = load_recipe(ROOT.parent / "recipes" / "quickstart.yaml")
+    return Recipe.model_validate({**quickstart.model_dump(mode="json"), "name": "bench-export-digits", "quantize": VARIANTS})
+
+
+def summary(report: dict) -> dict:
+    rows = {v["name"]: v for v in report["variants"]}
+    int8 = [v for v in report["variants"] if v["precision"] == "int8"]
+    p50 = {name: row["latency_ms"]["p50"] for name, row in rows.items()}
+    best_int8 = min(int8, key=lambda v: v["latency_ms"]["p50"])
+    return {
+        "parity": [{k: p[k] for k in ("name", "agreement", "max_abs_logit_delta", "images")} for p in report["export"]["parity"]],
+        "best_int8": best_int8["name"],
+        "best_int8_latency_vs_ort_fp32": round(p50[best_int8["name"]] / p50["onnx-fp32"], 3),
+        "ort_fp32_latency_vs_pytorch": round(p50["onnx-fp32"] / p50["pytorch-fp32"], 3),
+        "min_int8_accuracy_drop_points": {rt: round(100 * min(v["accuracy_drop"] for v in int8 if v["runtime"] == rt), 2) for rt in ("onnxruntime", "openvino")},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", choices=["cifar", "digits"], default="cifar" if CIFAR.is_dir() else "digits")
+    parser.add_argument("--epochs", type=int, default=10, help="cifar: linear-probe epochs")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("edgetl").setLevel(logging.INFO)
+    with tempfile.TemporaryDirectory() as workdir:
+        recipe = cifar_recipe(Path(workdir), args.epochs) if args.data == "cifar" else digits_recipe()
+        report = build(recipe, Path(workdir) / "run").report
+    columns = ("name", "runtime", "precision", "size_mb", "accuracy", "accuracy_ci95", "agreement", "accuracy_drop", "accuracy_drop_ci95", "latency_ms", "throughput_ips", "load_seconds", "peak_rss_mb", "float_layers", "notes")
+    results = {
+        "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(), "threads": report["environment"]["cpu_threads"]},
+        "data": args.data, "test_images": report["variants"][0]["test_images"], "val_images": report["dataset"]["counts"]["val"]["total"],
+        "image_size": report["recipe"]["data"]["image_size"], "train_test_accuracy": report["training"]["test_accuracy"],
+        "timings": report["timings"], "onnx_nodes": report["export"]["onnx_nodes"],
+        "quantize_seconds": {q["name"]: q["seconds"] for q in report["quantize"]},
+        "variants": [{k: v[k] for k in columns} for v in report["variants"]],
+        "summary": summary(report),
+    }
+    for row in results["variants"]:
+        print(f"{row['name']:14s} acc {row['accuracy']:.4f} drop {100 * row['accuracy_drop']:+.2f} pts agree {row['agreement']:.4f} p50 {row['latency_ms']['p50']:.2f} ms {row['throughput_ips']:.0f} img/s {row['size_mb']:.2f} MB")
+    print(json.dumps(results["summary"], indent=2))
+    out = ROOT / "results" / ("export_quantize.json" if args.data == "cifar" else "export_quantize-digits.json")
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""Quantize stage: INT8 (and FP16) variants of the exported model, calibrated on real images.
+
+INT8 for ONNX Runtime uses ONNX Runtime's own `quantize_static` (QDQ, per-channel int8
+weights) on the ORT-optimized graph: measured on lite0, its uint8-activation model ran at
+0.25× FP32 latency, while NNCF's QDQ graph ran 2–3× *slower* than FP32 in ONNX Runtime on
+this AVX2 CPU. INT8 for OpenVINO uses NNCF (FACTS.md: 0.84–0.98 top-1 agreement).
+`max_accuracy_drop` turns on accuracy control: NNCF's accuracy-controlled quantization for
+OpenVINO; for ONNX Runtime, the most sensitive layers are left in float until the drop on
+the validation split is within bound. Calibration always uses real training images
+through the eval preprocessing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgetl.data import Dataset
+from edgetl.errors import RecipeError
+from edgetl.export import ExportResult, save_openvino, to_openvino
+from edgetl.fileio import atomic_path
+from edgetl.progress import track
+from edgetl.recipe import QuantVariant
+from edgetl.runtime.bench import interleaved_latency
+from edgetl.runtime.engines import OnnxRuntimeEngine, open_engine
+from edgetl.runtime.preprocess import Preprocessing, normalize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QuantizedArtifact:
+    name: str
+    runtime: str
+    precision: str
+    file: Path
+    float_layers: list[str]  # weighted layers left in float (accuracy control, or never quantized)
+    seconds: float
+    calibration_images: int
+    notes: list[str] = field(default_factory=list)
+
+
+def run(export: ExportResult, dataset: Dataset, pre: Preprocessing, variants: list[QuantVariant], out_dir: Path, seed: int, threads: int | None) -> list[QuantizedArtifact]:
+    """Make every variant of the recipe's `quantize:` list into `out_dir/<name>.onnx|.xml`.
+
+    >>> run(export_result, dataset, pre, recipe.quantize, run_dir / "quantize", seed=0, threads=None)[0].file
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for variant in variants:
+        if variant.runtime == "openvino" and export.openvino is None:
+            raise RecipeError(f"quantize variant {variant.display_name} needs OpenVINO, which is not installed; install it with `pip install 'edgetl[openvino]'` or remove the variant.")
+        started = time.monotonic()
+        notes: list[str] = []
+        if variant.precision == "fp16":
+            file = to_openvino(export.onnx, out_dir / f"{variant.display_name}.xml", compress_to_fp16=True)
+            results.append(QuantizedArtifact(variant.display_name, "openvino", "fp16", file, [], time.monotonic() - started, 0))
+            continue
+        calibration = _calibration_batches(dataset, pre, variant.calibration_images, seed, variant.display_name, notes)
+        if variant.quantizer == "onnxruntime":
+            file = _ort_quantize(export.onnx, out_dir / f"{variant.display_name}.onnx", calibration, dataset, pre, variant, threads, notes)
+        else:
+            file = _nncf_quantize(export, out_dir, calibration, dataset, pre, variant)
+        float_layers = float_weighted_layers(file)
+        if float_layers:
+            notes.append(f"{len(float_layers)} weighted layer(s) kept in float: {', '.join(float_layers[:8])}{' …' if len(float_layers) > 8 else ''}")
+        seconds = time.monotonic() - started
+        log.info("quantized %s in %.1fs%s", variant.display_name, seconds, f" ({'; '.join(notes)})" if notes else "")
+        results.append(QuantizedArtifact(variant.display_name, variant.runtime, "int8", file, float_layers, seconds, len(calibration), notes))
+    return results
+
+
+def _calibration_batches(dataset: Dataset, pre: Preprocessing, count: int, seed: int, name: str, notes: list[str]) -> list[np.ndarray]:
+    """`count` real training images, seeded, each a float32 (1, 3, S, S) batch."""
+    available = len(dataset.train.labels)
+    if available < count:
+        notes.append(f"asked for {count} calibration images; the train split has {available}, all used")
+        log.warning("%s: %s", name, notes[-1])
+    order = np.random.default_rng(seed).permutation(available)[:count]
+    images = normalize(dataset.train.images[np.sort(order)], pre)
+    return [images[i : i + 1] for i in range(len(images))]
+
+
+def _nncf_quantize(export: ExportResult, out_dir: Path, calibration: list[np.ndarray], dataset: Dataset, pre: Preprocessing, variant: QuantVariant) -> Path:
+    import nncf
+
+    if variant.runtime == "openvino":
+        import openvino as ov
+
+        model = ov.Core().read_model(str(export.openvino))
+        to_input = lambda batch: batch  # noqa: E731 - NNCF wants a transform function
+    else:
+        import onnx
+
+        model = onnx.load(str(export.onnx))
+        input_name = model.graph.input[0].name
+        to_input = lambda batch: {input_name: batch}  # noqa: E731
+    calibration_set = nncf.Dataset(calibration, to_input)
+    if variant.max_accuracy_drop is None:
+        quantized = nncf.quantize(model, calibration_set, subset_size=len(calibration))
+    else:
+        val_images = normalize(dataset.val.images, pre)
+        val_items = [(val_images[i : i + 1], int(label)) for i, label in enumerate(dataset.val.labels)]
+        quantized = nncf.quantize_with_accuracy_control(
+            model, calibration_set, nncf.Dataset(val_items, lambda item: to_input(item[0])), _nncf_accuracy,
+            max_drop=variant.max_accuracy_drop, subset_size=len(calibration),
+        )
+    if variant.runtime == "openvino":
+        return save_openvino(quantized, out_dir / f"{variant.display_name}.xml", compress_to_fp16=False)
+    import onnx
+
+    file = out_dir / f"{variant.display_name}.onnx"
+    with atomic_path(file) as tmp:
+        onnx.save(quantized, str(tmp))
+    return file
+
+
+def _nncf_accuracy(model, items) -> float:
+    """NNCF's validation_fn: top-1 accuracy. It passes an OpenVINO compiled model or an ONNX ModelProto."""
+    if hasattr(model, "SerializeToString"):
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        predict = lambda x: session.run(None, {name: x})[0]  # noqa: E731
+    else:
+        predict = lambda x: model(x)[0]  # noqa: E731
+    hits = [int(np.argmax(predict(image)) == label) for image, label in items]
+    return float(np.mean(hits))
+
+
+def _ort_quantize(fp32: Path, file: Path, calibration: list[np.ndarray], dataset: Dataset, pre: Preprocessing, variant: QuantVariant, threads: int | None, notes: list[str]) -> Path:
+    """ONNX Runtime's own QDQ quantization (per-channel int8 weights) of the ORT-optimized graph.
+
+    Calibration runs once; every trial below (activation type, layers left in float)
+    reuses its ranges through ONNX Runtime's calibration cache.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = file.with_name(f".{file.stem}.prepared.onnx")
+    ranges = file.with_name(f".{file.stem}.calibration.json")
+    try:
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+        quantizer = _OrtQuantizer(prepared, calibration, variant.calibration_method, ranges)
+        activation = variant.activation_type
+        if activation == "auto":
+            activation = _faster_activation_type(quantizer, file, calibration[0], threads, notes)
+        excluded: list[str] = []
+        if variant.max_accuracy_drop is not None:
+            excluded = _exclude_sensitive_nodes(quantizer, file, activation, dataset, pre, variant.max_accuracy_drop, threads, notes)
+        quantizer(file, activation, excluded)
+    finally:
+        prepared.unlink(missing_ok=True)
+        ranges.unlink(missing_ok=True)
+    return file
+
+
+@dataclass(frozen=True)
+class _OrtQuantizer:
+    """`quantize_static` of one prepared model with one calibration, callable per trial."""
+
+    prepared: Path
+    calibration: list[np.ndarray]
+    method: str
+    ranges: Path  # ONNX Runtime's calibration cache: written by the first call, read by the rest
+
+    def __call__(self, out: Path, activation: str, excluded: list[str]) -> Path:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
+        with atomic_path(out) as tmp:
+            quantize_static(
+                str(self.prepared), str(tmp), _Reader(self.calibration, OnnxRuntimeEngine(self.prepared).input_name), quant_format=QuantFormat.QDQ,
+                per_channel=True, activation_type=QuantType.QUInt8 if activation == "uint8" else QuantType.QInt8,
+                weight_type=QuantType.QInt8, calibrate_method=methods[self.method], nodes_to_exclude=excluded,
+                calibration_cache_path=str(self.ranges),
+            )
+        return out
+
+
+def _faster_activation_type(quantizer: _OrtQuantizer, file: Path, example: np.ndarray, threads: int | None, notes: list[str]) -> str:
+    """Quantize with uint8 and int8 activations and keep the faster here (FACTS.md: no VNNI → uint8)."""
+    trials = {a: file.with_name(f".{file.stem}.{a}.onnx") for a in ("uint8", "int8")}
+    try:
+        engines = {a: open_engine(quantizer(path, a, []), "onnxruntime", threads) for a, path in trials.items()}
+        timings = interleaved_latency({a: (lambda e=e: e.run(example)) for a, e in engines.items()}, rounds=5, runs_per_round=10, warmup=5)
+    finally:
+        for path in trials.values():
+            path.unlink(missing_ok=True)
+    chosen = min(timings, key=lambda a: timings[a]["p50"])
+    notes.append("activation type measured: " + ", ".join(f"{a} {t['p50']:.2f} ms" for a, t in timings.items()) + f"; kept {chosen}")
+    return chosen
+
+
+def _exclude_sensitive_nodes(quantizer: _OrtQuantizer, file: Path, activation: str, dataset: Dataset, pre: Preprocessing, max_drop: float, threads: int | None, notes: list[str]) -> list[str]:
+    """Leave the most sensitive layers in float, 1, 2, 4, … of them, until the val drop is within `max_drop`."""
+    val_x, val_y = normalize(dataset.val.images, pre), dataset.val.labels
+    float_logits = _logits(OnnxRuntimeEngine(quantizer.prepared, threads), val_x)
+    float_accuracy = float((float_logits.argmax(1) == val_y).mean())
+    trial = file.with_name(f".{file.stem}.trial.onnx")
+
+    def drop_with(excluded: list[str]) -> float:
+        quantizer(trial, activation, excluded)
+        return float_accuracy - float((_logits(OnnxRuntimeEngine(trial, threads), val_x).argmax(1) == val_y).mean())
+
+    try:
+        drop = drop_with([])
+        if drop <= max_drop:
+            notes.append(f"accuracy control: val drop {drop:.4f} ≤ {max_drop} with every layer quantized")
+            return []
+        ranking = _sensitivity_ranking(quantizer, trial, activation, val_x[:_RANKING_IMAGES], float_logits[:_RANKING_IMAGES], threads)
+        count = 1
+        while True:
+            excluded = ranking[:count]
+            drop = drop_with(excluded)
+            if drop <= max_drop or count == len(ranking):
+                met = "within" if drop <= max_drop else "NOT within"
+                notes.append(f"accuracy control: {len(excluded)} layer(s) left in float, val drop {drop:.4f} {met} {max_drop}")
+                if drop > max_drop:
+                    log.warning("%s: %s", file.stem, notes[-1])
+                return excluded
+            count = min(count * 2, len(ranking))
+    finally:
+        trial.unlink(missing_ok=True)
+
+
+_RANKING_IMAGES = 64
+
+
+def _sensitivity_ranking(quantizer: _OrtQuantizer, trial: Path, activation: str, x: np.ndarray, float_logits: np.ndarray, threads: int | None) -> list[str]:
+    """Weighted nodes, most sensitive first: how close to the float logits the model gets
+    when that node alone stays in float (NNCF ranks its quantizers the same way)."""
+    import onnx
+
+    nodes = [n.name for n in onnx.load(str(quantizer.prepared)).graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    error = {}
+    for node in track(nodes, total=len(nodes), description="ranking layers by quantization sensitivity"):
+        quantizer(trial, activation, [node])
+        error[node] = float(np.mean((_logits(OnnxRuntimeEngine(trial, threads), x) - float_logits) ** 2))
+    return sorted(nodes, key=error.__getitem__)
+
+
+def _logits(engine: OnnxRuntimeEngine, x: np.ndarray) -> np.ndarray:
+    return np.concatenate([engine.run(x[i : i + 64]) for i in range(0, len(x), 64)])
+
+
+class _Reader:
+    """ONNX Runtime's CalibrationDataReader protocol over in-memory batches (quantize_static
+    calls `get_next`; the qdq_loss_debug tools iterate)."""
+
+    def __init__(self, batches: list[np.ndarray], input_name: str) -> None:
+        self._items = iter([{input_name: b} for b in batches])
+
+    def get_next(self) -> dict | None:
+        return next(self._items, None)
+
+    def __iter__(self):
+        return self._items
+
+
+def float_weighted_layers(file: Path) -> list[str]:
+    """Convolutions and matmuls whose weights are not quantized, by node name."""
+    if file.suffix == ".onnx":
+        import onnx
+
+        graph = onnx.load(str(file)).graph
+        dequantized = {node.output[0] for node in graph.node if node.op_type == "DequantizeLinear"}
+        return [node.name for node in graph.node if node.op_type in ("Conv", "Gemm", "MatMul") and node.input[1] not in dequantized]
+    import openvino as ov
+
+    model = ov.Core().read_model(str(file))
+    weighted = ("Convolution", "GroupConvolution", "MatMul")
+    return [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() in weighted and not _has_quantized_weights(op.input_value(1).get_node())]
+
+
+def _has_quantized_weights(node, depth: int = 4) -> bool:
+    """NNCF stores OpenVINO weights as int8 constants with a decompression chain (Convert, Subtract, Multiply)."""
+    if node.get_type_name() == "FakeQuantize" or (node.get_type_name() == "Constant" and node.get_element_type().get_type_name() in ("i8", "u8", "i4", "u4")):
+        return True
+    return depth > 0 and any(_has_quantized_weights(value.get_node(), depth - 1) for value in node.input_values())

@@ -1,0 +1,80 @@
+"""Inference engines behind one small protocol: ONNX Runtime and OpenVINO.
+
+The build validates artifacts through these same classes that the device runtime uses,
+so a latency or an accuracy in the report is what the device gets. numpy only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+RUNTIMES = ("onnxruntime", "openvino")
+
+
+class RuntimeMissing(RuntimeError):
+    """The runtime's Python package is not installed; the message says how to add it."""
+
+
+class Engine(Protocol):
+    runtime: str
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """float32 (N, 3, S, S) → float32 logits (N, classes)."""
+
+
+def is_installed(runtime: str) -> bool:
+    try:
+        return importlib.util.find_spec(runtime) is not None
+    except (ImportError, ValueError):  # a broken or blocked install counts as missing
+        return False
+
+
+class OnnxRuntimeEngine:
+    runtime = "onnxruntime"
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        if not is_installed("onnxruntime"):
+            raise RuntimeMissing("ONNX Runtime is not installed; install it with `pip install onnxruntime`.")
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: batch})[0]
+
+
+class OpenVinoEngine:
+    runtime = "openvino"
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        if not is_installed("openvino"):
+            raise RuntimeMissing("OpenVINO is not installed; install it with `pip install 'edgetl[openvino]'`.")
+        import openvino as ov
+
+        config = {"INFERENCE_NUM_THREADS": threads or os.cpu_count() or 1, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.request.infer({0: batch})[0].copy()
+
+
+_ENGINES = {"onnxruntime": OnnxRuntimeEngine, "openvino": OpenVinoEngine}
+
+
+def open_engine(path: Path, runtime: str, threads: int | None = None) -> Engine:
+    """Load `path` (.onnx for onnxruntime, .xml for openvino) on the CPU.
+
+    >>> open_engine(Path("model.onnx"), "onnxruntime").run(batch).argmax(1)
+    """
+    return _ENGINES[runtime](Path(path), threads)

@@ -1,0 +1,169 @@
+"""Validate stage: prove every artifact is the model that was trained, and measure it.
+
+Two steps. `parity` runs the FP32 ONNX and IR files on every validation image and stops the
+build if any top-1 differs from PyTorch or any logit is off by more than the tolerance.
+`run` then measures every artifact × runtime on the test split, with PyTorch eager FP32 as
+the baseline row: accuracy with its 95% interval, agreement with PyTorch, the accuracy
+drop with its paired interval, interleaved latency percentiles, throughput, file size,
+load time and the peak memory of a process that only runs inference.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgetl.data import Split
+from edgetl.errors import ExportError
+from edgetl.export import model_files
+from edgetl.models import TransferModel
+from edgetl.recipe import MeasureConfig
+from edgetl.runtime.bench import interleaved_latency
+from edgetl.runtime.engines import Engine, open_engine
+from edgetl.runtime.preprocess import Preprocessing, normalize
+from edgetl.train import predict_logits
+
+log = logging.getLogger(__name__)
+BATCH = 32
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One file on one runtime (or the PyTorch model itself, with file None)."""
+
+    name: str
+    runtime: str  # pytorch | onnxruntime | openvino
+    precision: str  # fp32 | fp16 | int8
+    file: Path | None
+    float_layers: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def parity(model: TransferModel, artifacts: list[Artifact], val: Split, pre: Preprocessing, tolerance: float, threads: int | None) -> list[dict]:
+    """Every FP32 artifact must match PyTorch on every validation image, or the build stops.
+
+    >>> parity(model, [Artifact("onnx-fp32", "onnxruntime", "fp32", Path("model.onnx"))], dataset.val, pre, 1e-3, None)
+    """
+    reference = predict_logits(model, val.images, pre)
+    outcomes = []
+    for artifact in artifacts:
+        logits = _logits(open_checked(artifact, threads), val.images, pre, artifact)
+        delta = np.abs(logits - reference).max(axis=1)  # (N,)
+        disagree = logits.argmax(1) != reference.argmax(1)
+        bad = np.flatnonzero(disagree | (delta > tolerance))
+        outcome = {"name": artifact.name, "runtime": artifact.runtime, "images": len(val.labels), "agreement": float(1 - disagree.mean()), "max_abs_logit_delta": float(delta.max()), "tolerance": tolerance, "passed": not len(bad)}
+        outcomes.append(outcome)
+        log.info("parity %s: agreement %.4f, max |Δlogit| %.2e (tolerance %.0e)", artifact.name, outcome["agreement"], outcome["max_abs_logit_delta"], tolerance)
+        if len(bad):
+            worst = bad[np.argsort(-delta[bad])][:5]
+            listing = "; ".join(f"{val.sources[i]} (|Δlogit| {delta[i]:.2e}{', top-1 differs' if disagree[i] else ''})" for i in worst)
+            raise ExportError(f"{artifact.name} on {artifact.runtime} disagrees with PyTorch on {len(bad)} of {len(val.labels)} validation images beyond |Δlogit| {tolerance:g}: {listing}. Check the export (opset, custom layers), or raise `export.parity_tolerance` if the difference is expected.")
+    return outcomes
+
+
+def run(model: TransferModel, artifacts: list[Artifact], test: Split, pre: Preprocessing, config: MeasureConfig, checkpoint: Path) -> list[dict]:
+    """Measure the PyTorch baseline and every artifact on the test split; one dict per variant."""
+    threads = config.threads
+    torch.set_num_threads(threads or torch.get_num_threads())
+    baseline = Artifact("pytorch-fp32", "pytorch", "fp32", None)
+    rows = [baseline, *artifacts]
+    engines: dict[str, Engine] = {a.name: open_checked(a, threads) for a in artifacts}
+    engines[baseline.name] = _TorchEngine(model)
+    labels = test.labels
+    logits = {a.name: _logits(engines[a.name], test.images, pre, a) for a in rows}
+    reference = logits[baseline.name].argmax(1)
+    one = normalize(test.images[:1], pre)
+    many = normalize(np.resize(test.images, (config.throughput_batch, *test.images.shape[1:])), pre)
+    latency = interleaved_latency({n: (lambda e=e: e.run(one)) for n, e in engines.items()}, config.latency_rounds, config.latency_runs, config.warmup)
+    batched = interleaved_latency({n: (lambda e=e: e.run(many)) for n, e in engines.items()}, rounds=3, runs_per_round=2, warmup=1)
+    results = []
+    for artifact in rows:
+        predicted = logits[artifact.name].argmax(1)
+        correct, correct_ref = predicted == labels, reference == labels
+        process = _probe_process(artifact, checkpoint, threads, pre.input_size)
+        results.append({
+            "name": artifact.name, "runtime": artifact.runtime, "precision": artifact.precision,
+            "file": artifact.file.name if artifact.file else checkpoint.name,
+            "size_mb": round(_size_mb(artifact.file or checkpoint), 3),
+            "accuracy": float(correct.mean()), "accuracy_ci95": wilson_interval(int(correct.sum()), len(labels)),
+            "agreement": float((predicted == reference).mean()),
+            "accuracy_drop": float(correct_ref.mean() - correct.mean()), "accuracy_drop_ci95": paired_drop_interval(correct_ref, correct),
+            "latency_ms": {k: round(latency[artifact.name][k], 3) for k in ("p50", "p90", "p99")},
+            "throughput_ips": round(config.throughput_batch / (batched[artifact.name]["p50"] / 1000.0), 1),
+            "load_seconds": process["load_seconds"], "peak_rss_mb": process["peak_rss_mb"],
+            "test_images": len(labels), "float_layers": artifact.float_layers, "notes": artifact.notes,
+            "confusion_matrix": confusion_matrix(labels, predicted, logits[artifact.name].shape[1]),
+        })
+        log.info("%-14s acc %.4f  agree %.4f  drop %+.4f  p50 %.2f ms  %.1f img/s  %.2f MB", artifact.name, results[-1]["accuracy"], results[-1]["agreement"], results[-1]["accuracy_drop"], results[-1]["latency_ms"]["p50"], results[-1]["throughput_ips"], results[-1]["size_mb"])
+    return results
+
+
+def open_checked(artifact: Artifact, threads: int | None) -> Engine:
+    """Open an artifact; a file the runtime cannot load or run becomes an ExportError naming it."""
+    try:
+        engine = open_engine(artifact.file, artifact.runtime, threads)
+    except Exception as exc:  # runtimes raise their own exception types; the message names op and node
+        raise ExportError(f"{artifact.runtime} cannot load {artifact.file} ({artifact.name}): {exc}") from None
+    return engine
+
+
+def _logits(engine: Engine, images: np.ndarray, pre: Preprocessing, artifact: Artifact) -> np.ndarray:
+    try:
+        return np.concatenate([engine.run(normalize(images[i : i + BATCH], pre)) for i in range(0, len(images), BATCH)])
+    except Exception as exc:  # e.g. an op with no kernel for these inputs
+        raise ExportError(f"{artifact.runtime} failed running {artifact.file} ({artifact.name}): {exc}") from None
+
+
+class _TorchEngine:
+    runtime = "pytorch"
+
+    def __init__(self, model: TransferModel) -> None:
+        self.model = model.eval()
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(batch)).numpy()
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, classes: int) -> list[list[int]]:
+    """Counts: rows are the true class, columns the predicted one."""
+    return np.bincount(labels * classes + predicted, minlength=classes * classes).reshape(classes, classes).tolist()
+
+
+def wilson_interval(successes: int, total: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval of a proportion (sane at 0 and 1, unlike the normal one)."""
+    if total == 0:
+        return [0.0, 1.0]
+    p = successes / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return [round(max(0.0, centre - half), 5), round(min(1.0, centre + half), 5)]
+
+
+def paired_drop_interval(reference_correct: np.ndarray, correct: np.ndarray, z: float = 1.96) -> list[float]:
+    """95% interval of the accuracy drop, paired per image (the same test images on both)."""
+    diff = reference_correct.astype(np.float64) - correct.astype(np.float64)
+    half = z * diff.std(ddof=1) / math.sqrt(len(diff)) if len(diff) > 1 else 0.0
+    return [round(float(diff.mean() - half), 5), round(float(diff.mean() + half), 5)]
+
+
+def _size_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in model_files(path)) / 1e6
+
+
+def _probe_process(artifact: Artifact, checkpoint: Path, threads: int | None, size: int) -> dict:
+    """Load time and peak RSS of a fresh process that loads this artifact and predicts."""
+    target = str(artifact.file or checkpoint)
+    command = [sys.executable, "-m", "edgetl.probe", artifact.runtime, target, str(size), str(threads or 0)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise ExportError(f"measuring {artifact.name} in a fresh process failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+    return json.loads(done.stdout)
