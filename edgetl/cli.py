@@ -2,8 +2,8 @@
 
 Exit codes (documented in the README): 0 success; 2 recipe, data or model error;
 3 a gate failed; 4 export or parity failure; 1 an unexpected internal error; 130 interrupted.
-Training-side imports (torch) happen inside the commands that need them, so the
-device-side commands start without torch installed.
+Training-side imports (torch) happen inside the commands that need them; the device-side
+commands (`edgetl.runtime.commands`) import only the runtime, so they start without torch.
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ from pathlib import Path
 
 from edgetl import __version__
 from edgetl.errors import EdgetlError
+from edgetl.runtime.commands import COMMANDS as DEVICE_COMMANDS
+from edgetl.runtime.commands import add_commands as add_device_commands
+from edgetl.runtime.preprocess import ImageDecodeError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,12 +27,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    build = commands.add_parser("build", help="run a recipe: data, transfer, (export, quantize, validate, report, bundle)")
+    build = commands.add_parser("build", help="run a recipe: data, transfer, export, quantize, validate, gates, report, bundle")
     build.add_argument("recipe", type=Path)
     build.add_argument("--output", "-o", type=Path, help="run folder (default: runs/<recipe name>)")
     build.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE", help="override a recipe field, e.g. --set train.epochs=5 (repeatable)")
     build.add_argument("--resume", action="store_true", help="continue an interrupted build from its last finished epoch")
+    build.add_argument("--force", action="store_true", help="rebuild every stage instead of reusing cached ones")
 
+    report = commands.add_parser("report", help="compare several runs in one chart and table")
+    report.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR")
+    report.add_argument("--output", "-o", type=Path, required=True, help="folder for report.html and report.md")
+
+    add_device_commands(commands)
     commands.add_parser("schema", help="print the recipe's JSON Schema")
     commands.add_parser("backbones", help="list registered backbones with their weights and preprocessing")
     return parser
@@ -37,12 +46,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    # Our loggers speak at INFO; libraries (ONNX Runtime's quantizer logs per-channel
+    # chatter on the root logger) only at WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("edgetl").setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
         return _COMMANDS[args.command](args)
     except EdgetlError as exc:
         print(f"edgetl: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ImageDecodeError as exc:  # an image given directly (not walked from a folder)
+        print(f"edgetl: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("edgetl: interrupted", file=sys.stderr)
         return 130
@@ -58,8 +73,21 @@ def _build(args: argparse.Namespace) -> int:
     handler = logging.FileHandler(run_dir / "build.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
-    result = build(recipe, run_dir, resume=args.resume)
-    print(f"test accuracy {result.metrics['test_accuracy']:.4f} (val {result.metrics['val_accuracy']:.4f}); run folder {run_dir}")
+    report = build(recipe, run_dir, resume=args.resume, force=args.force).report
+    selected = next(v for v in report["variants"] if v["name"] == report["selected"]["name"])
+    print(
+        f"{recipe.name}: selected {selected['name']} ({selected['runtime']} {selected['precision']}): accuracy {selected['accuracy']:.4f}, "
+        f"agreement {selected['agreement']:.4f}, p50 {selected['latency_ms']['p50']:.2f} ms, {selected['size_mb']:.2f} MB; "
+        f"bundle {run_dir / (recipe.name + '.tar.gz')}; report {run_dir / 'report.html'}"
+    )
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from edgetl.report import compare
+
+    files = compare(args.runs, args.output)
+    print(f"compared {len(args.runs)} runs: {files.html}")
     return 0
 
 
@@ -81,4 +109,4 @@ def _backbones(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"build": _build, "schema": _schema, "backbones": _backbones}
+_COMMANDS = {"build": _build, "report": _report, "schema": _schema, "backbones": _backbones, **DEVICE_COMMANDS}

@@ -27,6 +27,7 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    tmp.chmod(0o644)  # mkstemp makes 0600; outputs are for CI pages and other users too
     try:
         yield tmp
         os.replace(tmp, dest)
@@ -46,6 +47,7 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    tmp.chmod(0o755)  # mkdtemp makes 0700
     try:
         yield tmp
         if dest.exists():

@@ -1,84 +1,240 @@
-"""The build, stage by stage: data → models → train → (export, quantize, validate, report, bundle).
+"""The build, stage by stage: data → train → export (+ parity) → quantize → validate → gates → report → bundle.
 
 Each stage is a function with typed inputs and outputs; this module only wires them
-together and writes the run folder.
+together, keys each expensive stage in the stage cache (`edgetl.cache`) and writes the
+run folder. The outputs that say "this build is done" (report.json, bundle/, the
+archive) are removed when a build starts and written last, each atomically.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import platform
 import random
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from edgetl import __version__, data, models, train
-
-from edgetl.fileio import write_json
-from edgetl.recipe import Recipe
+from edgetl import __version__, bundle, data, environment, export, gates, models, quantize, report, train, validate
+from edgetl.cache import StageCache, key
+from edgetl.errors import GateFailure, RecipeError
+from edgetl.fileio import atomic_path, write_json
+from edgetl.recipe import QuantVariant, Recipe
+from edgetl.runtime.engines import RUNTIMES, is_installed
+from edgetl.runtime.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
+REPORT_SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
 class BuildResult:
     run_dir: Path
     metrics: dict
+    report: dict  # {} when built with train_only
 
 
-def build(recipe: Recipe, run_dir: Path, resume: bool = False) -> BuildResult:
-    """Run every stage of `recipe` into `run_dir`.
+@dataclass(frozen=True)
+class _Trained:
+    """The train stage's folder; the model is loaded only when a later stage needs it."""
 
-    >>> build(load_recipe(Path("recipes/quickstart.yaml")), Path("runs/quickstart")).metrics["test_accuracy"]
+    folder: Path
+    summary: dict  # history, best_epoch, val/test accuracy, train_seconds, notes
+
+    @cached_property
+    def model(self) -> models.TransferModel:
+        return models.load_checkpoint(self.checkpoint).model
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.folder / "checkpoint.pt"
+
+
+def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = False, train_only: bool = False) -> BuildResult:
+    """Run every stage of `recipe` into `run_dir`; raise GateFailure (after writing the report) when no variant passes the gates.
+
+    >>> build(load_recipe(Path("recipes/quickstart.yaml")), Path("runs/quickstart")).report["selected"]["name"]
+    'ort-int8'
     """
     started = time.monotonic()
     run_dir.mkdir(parents=True, exist_ok=True)
-    _seed_everything(recipe.seed)
+    runtimes, skipped = _available_runtimes(recipe)  # before training: a missing runtime fails fast
+    variants, skipped_variants = _runnable_variants(recipe, runtimes)
+    _remove_outputs(run_dir, recipe.name)
+    cache = StageCache(run_dir / "stages", force)
     spec = models.REGISTRY.get(recipe.model.backbone)
     pre = spec.preprocessing(recipe.data.image_size)
     log.info("backbone %s (%s), input %d px, weights %s", spec.name, spec.arch, pre.input_size, recipe.model.weights)
 
+    _seed_everything(recipe.seed)
     dataset = data.run(recipe.data, pre, recipe.seed)
     log.info("data %s: %s images (train/val/test), %d classes, %d skipped", dataset.origin, "/".join(str(len(dataset.split(s).labels)) for s in data.SPLITS), len(dataset.classes), len(dataset.skipped))
 
-    _seed_everything(recipe.seed)  # the head's init must not depend on how much data loading drew
-    model = models.build(spec, recipe.model.weights, len(dataset.classes), recipe.model.dropout)
-    state_path = run_dir / "state" / f"train-{recipe.section_hash('seed', 'model', 'train')}-{dataset.content_hash}.pt"
+    train_key = key(__version__, recipe.model_dump(mode="json", include={"seed", "model", "train"}), recipe.data.augment, dataset.content_hash)
+    trained = _train_stage(cache, train_key, recipe, spec, pre, dataset, run_dir, resume)
+    metrics = _metrics(recipe, spec, pre, dataset, trained.summary, started)
+    write_json(run_dir / "metrics.json", metrics)
+    with atomic_path(run_dir / "checkpoint.pt") as tmp:
+        shutil.copyfile(trained.checkpoint, tmp)
+    if train_only:  # benchmarks and tests of the training stage alone
+        return BuildResult(run_dir, metrics, {})
+
+    timings: dict[str, float] = {}
+    recipe_hash = recipe.section_hash("seed", "data", "model", "train", "export")
+    export_key = key(train_key, recipe.export.model_dump(mode="json"), runtimes)
+    exported, parity = _export_stage(cache, export_key, trained, pre, dataset, recipe, runtimes, recipe_hash, timings)
+    quantized = [_quantize_stage(cache, key(export_key, v.model_dump(mode="json"), recipe.seed), v, exported, dataset, pre, recipe, timings) for v in variants]
+
+    fp32 = [validate.Artifact("onnx-fp32", "onnxruntime", "fp32", exported.onnx)]
+    if exported.openvino is not None:
+        fp32.append(validate.Artifact("ov-fp32", "openvino", "fp32", exported.openvino))
+    artifacts = fp32 + [validate.Artifact(q.name, q.runtime, q.precision, q.file, q.float_layers, q.notes) for q in quantized]
+    validate_key = key(export_key, [a.file.parent.name + "/" + a.file.name for a in artifacts], recipe.measure.model_dump(mode="json"), dataset.content_hash)
+    measured = _validate_stage(cache, validate_key, trained, artifacts, dataset, pre, recipe, timings)
+
+    decision = gates.run(measured, recipe.gates, recipe.select)
+    content = {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "edgetl_version": __version__,
+        "name": recipe.name,
+        "passed": decision.passed,
+        "recipe_hash": recipe_hash,
+        "recipe": recipe.model_dump(mode="json"),
+        "dataset": metrics["dataset"],
+        "training": {"strategy": recipe.train.strategy, **trained.summary},
+        "export": {"opset": exported.opset, "onnx_nodes": exported.node_count, "files": [a.file.name for a in fp32], "parity": parity},
+        "quantize": [{k: v for k, v in asdict(q).items() if k != "file"} | {"file": q.file.name} for q in quantized],
+        "variants": measured,
+        **decision.to_dict(),
+        "skipped": skipped + skipped_variants,
+        "stages": cache.status,
+        "timings": timings,
+        "environment": metrics["environment"],
+        "build_seconds": round(time.monotonic() - started, 2),
+    }
+    write_json(run_dir / "report.json", content)
+    report.write_reports(content, run_dir)
+    if not decision.passed:
+        raise GateFailure("gates failed, no variant can be deployed; report in " + str(run_dir / "report.html") + ":\n" + "\n".join(decision.failures() or [decision.reason]))
+    selected = next(a for a in artifacts if a.name == decision.selected)
+    packed = bundle.run(recipe.name, next(v for v in measured if v["name"] == decision.selected), selected.file, dataset.classes, pre, content["recipe"], content["environment"]["packages"], run_dir)
+    log.info("selected %s (%s); bundle %s", decision.selected, decision.reason, packed.archive)
+    return BuildResult(run_dir, metrics, content)
+
+
+def _train_stage(cache: StageCache, stage_key: str, recipe: Recipe, spec: models.BackboneSpec, pre: Preprocessing, dataset: data.Dataset, run_dir: Path, resume: bool) -> _Trained:
+    state_path = run_dir / "state" / f"train-{stage_key}.pt"
     if resume and not state_path.is_file():
         log.warning("--resume: no interrupted training of this recipe and data in %s; starting from epoch 1", run_dir)
-    result = train.run(model, dataset, recipe.train, pre, recipe.data.augment, recipe.seed, state_path, resume)
-    log.info("best epoch %d: val accuracy %.4f, test accuracy %.4f (%.1fs)", result.best_epoch, result.val_accuracy, result.test_accuracy, result.seconds)
 
-    models.save_checkpoint(run_dir / "checkpoint.pt", result.model, spec, pre, dataset.classes, recipe)
-    metrics = {
+    def make(out: Path) -> None:
+        _seed_everything(recipe.seed)  # the head's init must not depend on how much data loading drew
+        model = models.build(spec, recipe.model.weights, len(dataset.classes), recipe.model.dropout)
+        result = train.run(model, dataset, recipe.train, pre, recipe.data.augment, recipe.seed, state_path, resume)
+        log.info("best epoch %d: val accuracy %.4f, test accuracy %.4f (%.1fs)", result.best_epoch, result.val_accuracy, result.test_accuracy, result.seconds)
+        models.save_checkpoint(out / "checkpoint.pt", result.model, spec, pre, dataset.classes, recipe)
+        summary = {"history": result.history, "best_epoch": result.best_epoch, "val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy, "train_seconds": round(result.seconds, 2), "notes": result.notes}
+        write_json(out / "train.json", summary)
+
+    folder = cache.run("train", stage_key, make)
+    state_path.unlink(missing_ok=True)  # the finished stage supersedes the resumable snapshot
+    return _Trained(folder, json.loads((folder / "train.json").read_text()))
+
+
+def _export_stage(cache: StageCache, stage_key: str, trained: _Trained, pre: Preprocessing, dataset: data.Dataset, recipe: Recipe, runtimes: list[str], recipe_hash: str, timings: dict) -> tuple[export.ExportResult, list[dict]]:
+    def make(out: Path) -> None:
+        result = export.run(trained.model, pre, dataset.classes, out, recipe.export.opset, recipe_hash, want_openvino="openvino" in runtimes)
+        fp32 = [validate.Artifact("onnx-fp32", "onnxruntime", "fp32", result.onnx)]
+        if result.openvino is not None:
+            fp32.append(validate.Artifact("ov-fp32", "openvino", "fp32", result.openvino))
+        parity = validate.parity(trained.model, fp32, dataset.val, pre, recipe.export.parity_tolerance, recipe.measure.threads)
+        write_json(out / "export.json", {"opset": result.opset, "node_count": result.node_count, "seconds": round(result.seconds, 2), "parity": parity})
+
+    started = time.monotonic()
+    folder = cache.run("export", stage_key, make)
+    timings["export_seconds"] = round(time.monotonic() - started, 2)
+    facts = json.loads((folder / "export.json").read_text())
+    xml = folder / "model.xml"
+    return export.ExportResult(folder / "model.onnx", xml if xml.is_file() else None, facts["node_count"], facts["opset"], facts["seconds"]), facts["parity"]
+
+
+def _quantize_stage(cache: StageCache, stage_key: str, variant: QuantVariant, exported: export.ExportResult, dataset: data.Dataset, pre: Preprocessing, recipe: Recipe, timings: dict) -> quantize.QuantizedArtifact:
+    def make(out: Path) -> None:
+        (made,) = quantize.run(exported, dataset, pre, [variant], out, recipe.seed, recipe.measure.threads)
+        write_json(out / "quantize.json", {k: v for k, v in asdict(made).items() if k != "file"} | {"file": made.file.name})
+
+    started = time.monotonic()
+    folder = cache.run("quantize", stage_key, make, label=f"quantize {variant.display_name}")
+    timings[f"quantize_{variant.display_name}_seconds"] = round(time.monotonic() - started, 2)
+    facts = json.loads((folder / "quantize.json").read_text())
+    return quantize.QuantizedArtifact(**{**facts, "file": folder / facts["file"]})
+
+
+def _validate_stage(cache: StageCache, stage_key: str, trained: _Trained, artifacts: list[validate.Artifact], dataset: data.Dataset, pre: Preprocessing, recipe: Recipe, timings: dict) -> list[dict]:
+    def make(out: Path) -> None:
+        write_json(out / "variants.json", validate.run(trained.model, artifacts, dataset.test, pre, recipe.measure, trained.checkpoint))
+
+    started = time.monotonic()
+    folder = cache.run("validate", stage_key, make)
+    timings["validate_seconds"] = round(time.monotonic() - started, 2)
+    return json.loads((folder / "variants.json").read_text())
+
+
+def _metrics(recipe: Recipe, spec: models.BackboneSpec, pre: Preprocessing, dataset: data.Dataset, summary: dict, started: float) -> dict:
+    return {
         "edgetl_version": __version__,
         "recipe": recipe.model_dump(mode="json"),
         "backbone": {"name": spec.name, "arch": spec.arch, "weights": recipe.model.weights, "weights_source": spec.weights},
         "preprocessing": pre.to_dict(),
         "dataset": dataset.summary(),
         "strategy": recipe.train.strategy,
-        "history": result.history,
-        "best_epoch": result.best_epoch,
-        "val_accuracy": result.val_accuracy,
-        "test_accuracy": result.test_accuracy,
-        "train_seconds": round(result.seconds, 2),
+        **summary,
         "build_seconds": round(time.monotonic() - started, 2),
-        "notes": result.notes,
-        "environment": {"python": platform.python_version(), "torch": torch.__version__, "cpu_threads": torch.get_num_threads()},
+        "environment": {**environment.describe(), "torch_threads": torch.get_num_threads()},
     }
-    write_json(run_dir / "metrics.json", metrics)
-    state_path.unlink(missing_ok=True)  # the finished run supersedes the resumable snapshot
-    return BuildResult(run_dir, metrics)
+
+
+def _remove_outputs(run_dir: Path, name: str) -> None:
+    """A build in progress must not show the last build's report or bundle as its own."""
+    for output in ("report.json", "report.md", "report.html", f"{name}.tar.gz", "metrics.json", "checkpoint.pt"):
+        (run_dir / output).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "bundle", ignore_errors=True)
+
+
+def _available_runtimes(recipe: Recipe) -> tuple[list[str], list[str]]:
+    """Runtimes to validate on. Listed in the recipe: required. Otherwise: the installed ones."""
+    if recipe.export.runtimes is not None:
+        missing = [r for r in recipe.export.runtimes if not is_installed(r)]
+        if missing:
+            raise RecipeError(f"`export.runtimes` asks for {missing}, which is not installed; install it (`pip install 'edgetl[train]'`) or remove it from the list.")
+        return list(recipe.export.runtimes), []
+    skipped = [f"{r} is not installed: its variants were skipped (install it with `pip install 'edgetl[train]'`)" for r in RUNTIMES if not is_installed(r)]
+    for line in skipped:
+        log.warning(line)
+    return [r for r in RUNTIMES if is_installed(r)], skipped
+
+
+def _runnable_variants(recipe: Recipe, runtimes: list[str]) -> tuple[list[QuantVariant], list[str]]:
+    """A default variant for a missing runtime is skipped with a line; one the recipe lists is an error."""
+    explicit = "quantize" in recipe.model_fields_set
+    runnable, skipped = [], []
+    for variant in recipe.quantize:
+        if variant.runtime in runtimes:
+            runnable.append(variant)
+        elif explicit:
+            raise RecipeError(f"quantize variant {variant.display_name} needs {variant.runtime}, which is not installed or not in `export.runtimes`; install it or remove the variant.")
+        else:
+            skipped.append(f"quantize variant {variant.display_name} skipped: {variant.runtime} is not available")
+            log.warning(skipped[-1])
+    return runnable, skipped
 
 
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-

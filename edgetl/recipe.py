@@ -80,6 +80,64 @@ class TrainConfig(_Section):
     threads: int | None = Field(None, ge=1, description="CPU threads; default: all cores.")
 
 
+class ExportConfig(_Section):
+    opset: int = Field(17, ge=17, le=21, description="ONNX opset.")
+    runtimes: list[Literal["onnxruntime", "openvino"]] | None = Field(None, description="Runtimes to validate on; default: every installed one (a missing one is skipped with a line). Listed runtimes are required.")
+    parity_tolerance: float = Field(1e-3, gt=0, description="Max |Δlogit| allowed between PyTorch and each FP32 runtime on every validation image.")
+
+
+class QuantVariant(_Section):
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Default: <runtime>-<precision>.")
+    runtime: Literal["onnxruntime", "openvino"]
+    precision: Literal["int8", "fp16"] = "int8"
+    engine: Literal["nncf", "onnxruntime"] | None = Field(None, description="int8 quantizer. Default: onnxruntime's quantize_static for runtime onnxruntime (NNCF's QDQ graphs ran 2-3× slower than FP32 in ONNX Runtime on our AVX2 CPUs), nncf for openvino.")
+    calibration_images: int = Field(300, ge=1, description="Real training images, through the eval preprocessing.")
+    calibration_method: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="engine onnxruntime only.")
+    activation_type: Literal["auto", "uint8", "int8"] = Field("auto", description="engine onnxruntime only; auto keeps the faster on this CPU.")
+    max_accuracy_drop: float | None = Field(None, gt=0, lt=1, description="Accuracy control: keep the val accuracy drop within this (0.01 = 1 point) by leaving the most sensitive layers in float.")
+
+    @property
+    def display_name(self) -> str:
+        suffix = "-nncf" if self.runtime == "onnxruntime" and self.engine == "nncf" else ""
+        return self.name or f"{'ort' if self.runtime == 'onnxruntime' else 'ov'}-{self.precision}{suffix}"
+
+    @property
+    def quantizer(self) -> str:
+        return self.engine or ("onnxruntime" if self.runtime == "onnxruntime" else "nncf")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> QuantVariant:
+        if self.precision == "fp16" and self.runtime != "openvino":
+            raise ValueError("precision fp16 is an OpenVINO IR variant; use runtime: openvino")
+        if self.engine == "onnxruntime" and self.runtime != "onnxruntime":
+            raise ValueError("engine onnxruntime quantizes for runtime onnxruntime only; use engine: nncf for openvino")
+        if self.quantizer == "nncf" and (self.calibration_method != "minmax" or self.activation_type != "auto"):
+            raise ValueError("calibration_method and activation_type apply to engine: onnxruntime; NNCF chooses its own")
+        return self
+
+
+class MeasureConfig(_Section):
+    threads: int | None = Field(None, ge=1, description="Inference threads for every runtime; default: all cores.")
+    latency_rounds: int = Field(10, ge=1, description="Round-robin rounds over the variants (interleaved timing).")
+    latency_runs: int = Field(10, ge=1, description="Batch-1 runs per variant per round.")
+    warmup: int = Field(10, ge=0)
+    throughput_batch: int = Field(32, ge=2)
+
+
+class GatesConfig(_Section):
+    """Each set gate must hold for a variant to be deployable; unset gates are not checked."""
+
+    min_accuracy: float | None = Field(None, ge=0, le=1, description="Test accuracy of the variant.")
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1, description="Test accuracy drop against PyTorch FP32 (0.01 = 1 point).")
+    min_agreement: float | None = Field(None, ge=0, le=1, description="Top-1 agreement with PyTorch FP32 on the test split.")
+    max_latency_ms: float | None = Field(None, gt=0, description="p50 latency at batch 1 on the build machine.")
+    max_size_mb: float | None = Field(None, gt=0, description="Model file size (IR: .xml + .bin).")
+
+
+def _default_variants() -> list[QuantVariant]:
+    return [QuantVariant(runtime="onnxruntime"), QuantVariant(runtime="openvino")]
+
+
 class Recipe(_Section):
     """A whole build. `edgetl schema` prints this as JSON Schema for editors."""
 
@@ -89,6 +147,19 @@ class Recipe(_Section):
     data: DataConfig
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    export: ExportConfig = ExportConfig()
+    quantize: list[QuantVariant] = Field(default_factory=_default_variants, description="Quantized variants to make and validate; [] for none.")
+    measure: MeasureConfig = MeasureConfig()
+    gates: GatesConfig = GatesConfig()
+    select: Literal["fastest", "most_accurate", "smallest"] = Field("fastest", description="Which variant that passes every gate goes into the bundle.")
+
+    @model_validator(mode="after")
+    def _unique_variants(self) -> Recipe:
+        names = [v.display_name for v in self.quantize]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"quantize variant names must be unique; {duplicates} appear twice (set `name:` on one)")
+        return self
 
     def section_hash(self, *sections: str) -> str:
         """A short, stable hash of some sections: stage caches and reports key on it."""

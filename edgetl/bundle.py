@@ -1,0 +1,83 @@
+"""Bundle stage: the one thing the device needs — the selected model, its contract, its proof.
+
+`RUN_DIR/bundle/` and `RUN_DIR/<name>.tar.gz` hold the selected variant's model file(s),
+`edgetl.json` (labels, preprocessing contract, input shape, precision, runtime, the
+sha256 of every file, the variant's measured metrics, the recipe, versions) and a short
+README. Both are written under temporary names and renamed into place, so a killed build
+never leaves a bundle that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from edgetl import __version__
+from edgetl.export import INPUT_NAME, model_files
+from edgetl.fileio import atomic_dir, atomic_path
+from edgetl.runtime.bundle import MANIFEST, SUPPORTED_SCHEMA, sha256
+from edgetl.runtime.preprocess import Preprocessing
+
+BUNDLE_SCHEMA_VERSION = SUPPORTED_SCHEMA
+
+
+@dataclass(frozen=True)
+class BundleResult:
+    folder: Path
+    archive: Path
+    manifest: dict
+
+
+def run(name: str, variant: dict, file: Path, labels: tuple[str, ...], pre: Preprocessing, recipe: dict, versions: dict, run_dir: Path) -> BundleResult:
+    """Pack the selected `variant` (its artifact is `file`) into `run_dir/bundle` and `run_dir/<name>.tar.gz`.
+
+    >>> run("quickstart", report_row, Path("stages/quantize-ab/ort-int8.onnx"), labels, pre, recipe_dict, versions, run_dir).archive
+    PosixPath('runs/quickstart/quickstart.tar.gz')
+    """
+    folder, archive = run_dir / "bundle", run_dir / f"{name}.tar.gz"
+    with atomic_dir(folder) as staging:
+        for source in model_files(file):
+            shutil.copyfile(source, staging / f"model{source.suffix}")
+        model = staging / f"model{file.suffix}"
+        manifest = {
+            "schema_version": BUNDLE_SCHEMA_VERSION,
+            "name": name,
+            "model": model.name,
+            "runtime": variant["runtime"],
+            "precision": variant["precision"],
+            "variant": variant["name"],
+            "labels": list(labels),
+            "preprocessing": pre.to_dict(),
+            "input": {"name": INPUT_NAME, "shape": ["batch", 3, pre.input_size, pre.input_size], "dtype": "float32"},
+            "metrics": {k: v for k, v in variant.items() if k not in ("confusion_matrix", "file")},
+            "recipe": recipe,
+            "versions": {"edgetl": __version__, **versions},
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        (staging / "README.md").write_text(_readme(manifest))
+        manifest["files"] = {p.name: sha256(p) for p in sorted(staging.iterdir())}  # every file but the manifest
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        with atomic_path(archive) as tmp, tarfile.open(tmp, "w:gz") as tar:
+            for path in sorted(staging.iterdir()):
+                tar.add(path, arcname=f"{name}/{path.name}")
+    return BundleResult(folder, archive, manifest)
+
+
+def _readme(manifest: dict) -> str:
+    metrics = manifest["metrics"]
+    return f"""# {manifest['name']}: edgetl deploy bundle
+
+`{manifest['model']}` ({manifest['variant']}: {manifest['precision']} for {manifest['runtime']}), {len(manifest['labels'])} classes.
+Measured at build time on the test split: accuracy {metrics['accuracy']:.4f}, top-1 agreement with PyTorch FP32
+{metrics['agreement']:.4f}, p50 latency {metrics['latency_ms']['p50']:.2f} ms at batch 1, {metrics['size_mb']:.2f} MB.
+
+The model takes `{manifest['input']['name']}`, float32 {manifest['input']['shape']}, preprocessed as `edgetl.json` says
+(`edgetl.runtime.preprocess.preprocess` applies it with numpy and Pillow only), and returns logits.
+
+`edgetl.json` holds the labels, the preprocessing contract (resize, crop, interpolation, mean,
+std) and the sha256 of every file; the runtime checks them on load.
+"""

@@ -1,0 +1,163 @@
+"""The device-side commands: `edgetl predict`, `edgetl bench`, `edgetl info`, `edgetl serve`.
+
+They import only the runtime (numpy, Pillow, ONNX Runtime or OpenVINO), so they start on a
+device where torch is not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgetl.errors import DataError
+from edgetl.runtime.bench import interleaved_latency
+from edgetl.runtime.preprocess import ImageDecodeError
+from edgetl.runtime.predictor import Predictor
+
+PREDICT_BATCH = 16
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """Register the device commands on the `edgetl` parser."""
+    predict = commands.add_parser("predict", help="classify images with a bundle (torch-free)")
+    _bundle_arguments(predict)
+    predict.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="image files or folders (walked recursively)")
+    predict.add_argument("--top-k", type=int, default=1, help="labels per image (default 1)")
+    predict.add_argument("--json", action="store_true", help="one JSON document on stdout")
+
+    bench = commands.add_parser("bench", help="latency and throughput of a bundle on this device")
+    _bundle_arguments(bench)
+    bench.add_argument("--image", type=Path, help="an image for the end-to-end timing (default: a generated 640×480 JPEG)")
+    bench.add_argument("--runs", type=int, default=100, help="timed runs per measurement")
+    bench.add_argument("--batch", type=int, default=16, help="batch size for the throughput measurement")
+    bench.add_argument("--json", action="store_true")
+
+    info = commands.add_parser("info", help="a bundle's labels, preprocessing, metrics and hashes")
+    info.add_argument("bundle", type=Path)
+    info.add_argument("--json", action="store_true", help="print edgetl.json as is")
+
+    serve = commands.add_parser("serve", help="an HTTP JSON API for a bundle")
+    _bundle_arguments(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--max-body-mb", type=float, default=10.0, help="larger requests get 413")
+    serve.add_argument("--concurrency", type=int, default=4, help="requests predicted at once; more wait")
+
+
+def _bundle_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", type=Path, help="a bundle folder or its .tar.gz")
+    parser.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "openvino"])
+    parser.add_argument("--threads", type=int, help="inference threads (default: all cores)")
+
+
+def predict(args: argparse.Namespace) -> int:
+    predictor = Predictor.load(args.bundle, args.runtime, args.threads)
+    files = _image_files(args.paths)
+    results, errors = [], []
+    for start in range(0, len(files), PREDICT_BATCH):
+        chunk, crops = [], []
+        for path in files[start : start + PREDICT_BATCH]:
+            try:
+                crops.append(predictor.crop(path, str(path)))
+                chunk.append(path)
+            except ImageDecodeError as exc:
+                errors.append({"path": str(path), "error": str(exc)})
+                print(f"edgetl: skipped {exc}", file=sys.stderr)
+        if crops:
+            for path, prediction in zip(chunk, predictor.classify(np.stack(crops), args.top_k)):
+                results.append({"path": str(path), **prediction.to_dict()})
+                if not args.json:
+                    print("\t".join([str(path), *(f"{t['label']} {t['score']:.4f}" for t in results[-1]["top_k"])]))
+    if args.json:
+        print(json.dumps({"bundle": str(args.bundle), "runtime": predictor.engine.runtime, "predictions": results, "errors": errors}, indent=2))
+    return 2 if errors else 0
+
+
+def _image_files(paths: list[Path]) -> list[Path]:
+    files = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)))
+        elif path.exists():
+            files.append(path)
+        else:
+            raise DataError(f"{path} does not exist; pass image files or folders.")
+    return files
+
+
+def bench(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    predictor = Predictor.load(args.bundle, args.runtime, args.threads)
+    image = args.image.read_bytes() if args.image else _generated_jpeg()
+    predictor.predict(image)
+    cold_start = time.perf_counter() - started
+    size = predictor.bundle.preprocessing.input_size
+    one = predictor.crop(image)[None]
+    many = np.repeat(one, args.batch, axis=0)
+    x_one = np.zeros((1, 3, size, size), np.float32)
+    timings = interleaved_latency(
+        {"model": lambda: predictor.engine.run(x_one), "end_to_end": lambda: predictor.predict(image)},
+        rounds=max(1, args.runs // 10), runs_per_round=10, warmup=5,
+    )
+    batched = interleaved_latency({"batch": lambda: predictor.classify(many)}, rounds=3, runs_per_round=3, warmup=1)["batch"]
+    result = {
+        "bundle": str(args.bundle), "runtime": predictor.engine.runtime, "input_size": size, "cold_start_seconds": round(cold_start, 4),
+        "latency_ms": {name: {k: round(v, 3) for k, v in t.items()} for name, t in timings.items()},
+        "throughput_ips": round(args.batch / (batched["p50"] / 1000.0), 1), "throughput_batch": args.batch,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for name, t in result["latency_ms"].items():
+            print(f"{name:11s} p50 {t['p50']:.2f} ms  p90 {t['p90']:.2f} ms  p99 {t['p99']:.2f} ms")
+        print(f"throughput  {result['throughput_ips']:.1f} images/s at batch {args.batch}; cold start {cold_start:.3f} s")
+    return 0
+
+
+def _generated_jpeg() -> bytes:
+    """A 640×480 photo-like JPEG (smooth gradients plus noise), made here so bench needs no file."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:480, 0:640]
+    pixels = np.stack([x * 255 / 640, y * 255 / 480, (x + y) * 255 / 1120], axis=-1) + rng.normal(0, 20, (480, 640, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def info(args: argparse.Namespace) -> int:
+    from edgetl.runtime.bundle import open_bundle
+
+    opened = open_bundle(args.bundle)
+    manifest = opened.manifest
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    metrics = manifest.get("metrics", {})
+    pre = opened.preprocessing
+    print(f"{manifest['name']}: {manifest['model']} ({manifest.get('variant')}, {manifest.get('precision')} for {manifest['runtime']}), built {manifest.get('created')}")
+    print(f"labels ({len(opened.labels)}): {', '.join(opened.labels)}")
+    print(f"preprocessing: resize {pre.resize_size} {pre.interpolation}, center crop {pre.input_size}, mean {list(pre.mean)}, std {list(pre.std)}")
+    if metrics:
+        print(f"measured at build: accuracy {metrics['accuracy']:.4f}, agreement {metrics['agreement']:.4f}, p50 {metrics['latency_ms']['p50']:.2f} ms, {metrics['size_mb']:.2f} MB")
+    for name, digest in manifest["files"].items():
+        print(f"sha256 {digest}  {name}")
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    from edgetl.runtime.server import run_server
+
+    predictor = Predictor.load(args.bundle, args.runtime, args.threads)
+    run_server(predictor, args.host, args.port, max_body_bytes=int(args.max_body_mb * 1024 * 1024), concurrency=args.concurrency)
+    return 0
+
+
+COMMANDS = {"predict": predict, "bench": bench, "info": info, "serve": serve}
