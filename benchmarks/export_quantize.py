@@ -83,7 +83,7 @@ def main() -> None:
         report = build(recipe, Path(workdir) / "run").report
     columns = ("name", "runtime", "precision", "size_mb", "accuracy", "accuracy_ci95", "agreement", "accuracy_drop", "accuracy_drop_ci95", "latency_ms", "throughput_ips", "load_seconds", "peak_rss_mb", "float_layers", "notes")
     results = {
-        "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(), "threads": report["environment"]["cpu_threads"]},
+        "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(), "threads": report["environment"]["torch_threads"], "cpu_model": report["environment"]["cpu_model"], "cpu_flags": report["environment"]["cpu_flags"]},
         "data": args.data, "test_images": report["variants"][0]["test_images"], "val_images": report["dataset"]["counts"]["val"]["total"],
         "image_size": report["recipe"]["data"]["image_size"], "train_test_accuracy": report["training"]["test_accuracy"],
         "timings": report["timings"], "onnx_nodes": report["export"]["onnx_nodes"],

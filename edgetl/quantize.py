@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from edgetl.data import Dataset
+from edgetl.environment import has_vnni
 from edgetl.errors import RecipeError
 from edgetl.export import ExportResult, save_openvino, to_openvino
 from edgetl.fileio import atomic_path
@@ -145,7 +146,9 @@ def _ort_quantize(fp32: Path, file: Path, calibration: list[np.ndarray], dataset
     ranges = file.with_name(f".{file.stem}.calibration.json")
     try:
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-        quantizer = _OrtQuantizer(prepared, calibration, variant.calibration_method, ranges)
+        quantizer = _OrtQuantizer(prepared, calibration, variant.calibration_method, ranges, reduce_range=not has_vnni())
+        if quantizer.reduce_range:
+            notes.append("7-bit weights (reduce_range): this CPU has no VNNI, where 8-bit weights saturate ONNX Runtime's int8 kernels")
         activation = variant.activation_type
         if activation == "auto":
             activation = _faster_activation_type(quantizer, file, calibration[0], threads, notes)
@@ -167,6 +170,7 @@ class _OrtQuantizer:
     calibration: list[np.ndarray]
     method: str
     ranges: Path  # ONNX Runtime's calibration cache: written by the first call, read by the rest
+    reduce_range: bool  # 7-bit weights: ONNX Runtime's advice for u8s8 on CPUs without VNNI (see environment.has_vnni)
 
     def __call__(self, out: Path, activation: str, excluded: list[str]) -> Path:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -175,7 +179,7 @@ class _OrtQuantizer:
         with atomic_path(out) as tmp:
             quantize_static(
                 str(self.prepared), str(tmp), _Reader(self.calibration, OnnxRuntimeEngine(self.prepared).input_name), quant_format=QuantFormat.QDQ,
-                per_channel=True, activation_type=QuantType.QUInt8 if activation == "uint8" else QuantType.QInt8,
+                per_channel=True, reduce_range=self.reduce_range, activation_type=QuantType.QUInt8 if activation == "uint8" else QuantType.QInt8,
                 weight_type=QuantType.QInt8, calibrate_method=methods[self.method], nodes_to_exclude=excluded,
                 calibration_cache_path=str(self.ranges),
             )
@@ -186,7 +190,7 @@ def _faster_activation_type(quantizer: _OrtQuantizer, file: Path, example: np.nd
     """Quantize with uint8 and int8 activations and keep the faster here (FACTS.md: no VNNI → uint8)."""
     trials = {a: file.with_name(f".{file.stem}.{a}.onnx") for a in ("uint8", "int8")}
     try:
-        engines = {a: open_engine(quantizer(path, a, []), "onnxruntime", threads) for a, path in trials.items()}
+        engines = {a: open_engine(quantizer(path, a, []), "onnxruntime", threads, spinning=False) for a, path in trials.items()}
         timings = interleaved_latency({a: (lambda e=e: e.run(example)) for a, e in engines.items()}, rounds=5, runs_per_round=10, warmup=5)
     finally:
         for path in trials.values():
@@ -197,7 +201,7 @@ def _faster_activation_type(quantizer: _OrtQuantizer, file: Path, example: np.nd
 
 
 def _exclude_sensitive_nodes(quantizer: _OrtQuantizer, file: Path, activation: str, dataset: Dataset, pre: Preprocessing, max_drop: float, threads: int | None, notes: list[str]) -> list[str]:
-    """Leave the most sensitive layers in float, 1, 2, 4, … of them, until the val drop is within `max_drop`."""
+    """Leave the most sensitive nodes in float, 1, 2, 4, … of them, until the val drop is within `max_drop`."""
     val_x, val_y = normalize(dataset.val.images, pre), dataset.val.labels
     float_logits = _logits(OnnxRuntimeEngine(quantizer.prepared, threads), val_x)
     float_accuracy = float((float_logits.argmax(1) == val_y).mean())
@@ -219,7 +223,7 @@ def _exclude_sensitive_nodes(quantizer: _OrtQuantizer, file: Path, activation: s
             drop = drop_with(excluded)
             if drop <= max_drop or count == len(ranking):
                 met = "within" if drop <= max_drop else "NOT within"
-                notes.append(f"accuracy control: {len(excluded)} layer(s) left in float, val drop {drop:.4f} {met} {max_drop}")
+                notes.append(f"accuracy control: {len(excluded)} of {len(ranking)} quantized node(s) left in float, val drop {drop:.4f} {met} {max_drop}")
                 if drop > max_drop:
                     log.warning("%s: %s", file.stem, notes[-1])
                 return excluded
@@ -232,13 +236,17 @@ _RANKING_IMAGES = 64
 
 
 def _sensitivity_ranking(quantizer: _OrtQuantizer, trial: Path, activation: str, x: np.ndarray, float_logits: np.ndarray, threads: int | None) -> list[str]:
-    """Weighted nodes, most sensitive first: how close to the float logits the model gets
-    when that node alone stays in float (NNCF ranks its quantizers the same way)."""
+    """Every quantized node (convs, but also residual Adds and pooling, whose activation noise
+    adds up too), most sensitive first: how close to the float logits the model gets when
+    that node alone stays in float (NNCF ranks its quantizers the same way). `trial` holds
+    the fully quantized model when called."""
     import onnx
 
-    nodes = [n.name for n in onnx.load(str(quantizer.prepared)).graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    graph = onnx.load(str(trial)).graph
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    nodes = [n.name for n in graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and dequantized & set(n.input)]
     error = {}
-    for node in track(nodes, total=len(nodes), description="ranking layers by quantization sensitivity"):
+    for node in track(nodes, total=len(nodes), description="ranking nodes by quantization sensitivity"):
         quantizer(trial, activation, [node])
         error[node] = float(np.mean((_logits(OnnxRuntimeEngine(trial, threads), x) - float_logits) ** 2))
     return sorted(nodes, key=error.__getitem__)
