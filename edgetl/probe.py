@@ -8,12 +8,13 @@ not of the build that has torch, the dataset and every other variant loaded.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from edgetl.runtime.bench import peak_rss_kb
 
 
 def main(runtime: str, target: str, size: int, threads: int) -> dict:
@@ -40,16 +41,6 @@ def main(runtime: str, target: str, size: int, threads: int) -> dict:
             engine.run(batch)
     return {"load_seconds": round(loaded - started, 4), "peak_rss_mb": round(peak_rss_kb() / 1024, 1)}
 
-
-def peak_rss_kb() -> int:
-    """This process's peak resident memory. Linux's VmHWM starts afresh at exec; getrusage's
-    ru_maxrss does not (it carries the forking parent's peak, here the whole build's)."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ up to 1.6× between runs here).
 
 from __future__ import annotations
 
+import resource
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -34,3 +36,14 @@ def interleaved_latency(calls: dict[str, Callable[[], object]], rounds: int = 10
 def summarize(milliseconds: list[float]) -> dict[str, float]:
     values = np.asarray(milliseconds)
     return {"p50": float(np.percentile(values, 50)), "p90": float(np.percentile(values, 90)), "p99": float(np.percentile(values, 99)), "mean": float(values.mean())}
+
+
+def peak_rss_kb() -> int:
+    """This process's peak resident memory. Linux's VmHWM starts afresh at exec; getrusage's
+    ru_maxrss does not (it carries the forking parent's peak, here the whole build's)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS

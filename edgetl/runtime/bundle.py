@@ -8,6 +8,7 @@ the hash the build recorded. numpy-free, torch-free.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import shutil
@@ -43,7 +44,10 @@ def open_bundle(path: Path, unpack_to: Path | None = None) -> Bundle:
     """
     path = Path(path)
     if path.is_file():
-        folder = _unpack(path, Path(unpack_to) if unpack_to else Path(tempfile.mkdtemp(prefix="edgetl-bundle-")))
+        if unpack_to is None:
+            unpack_to = Path(tempfile.mkdtemp(prefix="edgetl-bundle-"))
+            atexit.register(shutil.rmtree, unpack_to, True)  # the engine holds the model in memory by then
+        folder = _unpack(path, Path(unpack_to))
     elif path.is_dir():
         folder = path
     else:

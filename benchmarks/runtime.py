@@ -1,0 +1,96 @@
+"""The device runtime on this machine: what decoding, preprocessing and postprocessing add to
+the bare model call, cold start, and the memory of a predicting process.
+
+Usage: python benchmarks/runtime.py BUNDLE [--image photo.jpg] [--runs 300]
+
+The default image is a real photo (sklearn's china.jpg) resized to 500×375 and saved as a
+JPEG in memory, so the end-to-end figure includes a real ~500 px JPEG decode. End-to-end
+(`Predictor.predict(jpeg_bytes)`) and bare (`session.run` on a ready tensor) calls are timed
+interleaved. Cold start and peak RSS come from a fresh process in which torch cannot be
+imported, as on a device. Results: benchmarks/results/runtime.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+# Runs in a fresh process: the device's view of a cold start, without torch.
+FRESH_PROCESS = """
+import json, sys, time
+for name in ("torch", "torchvision", "timm", "nncf"):
+    sys.modules[name] = None
+started = time.perf_counter()
+from edgetl.runtime.predictor import Predictor
+from edgetl.runtime.bench import peak_rss_kb
+imported = time.perf_counter()
+predictor = Predictor.load(sys.argv[1])
+image = open(sys.argv[2], "rb").read()
+predictor.predict(image)
+first = time.perf_counter()
+for _ in range(50):
+    predictor.predict(image)
+print(json.dumps({"import_seconds": imported - started, "cold_start_seconds": first - imported, "peak_rss_mb": peak_rss_kb() / 1024}))
+"""
+
+
+def photo_jpeg() -> bytes:
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    buffer = io.BytesIO()
+    Image.fromarray(load_sample_images().images[0]).resize((500, 375), Image.Resampling.LANCZOS).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--image", type=Path)
+    parser.add_argument("--runs", type=int, default=300)
+    args = parser.parse_args()
+
+    from edgetl.runtime.bench import interleaved_latency
+    from edgetl.runtime.predictor import Predictor
+    from edgetl.runtime.preprocess import preprocess
+
+    image = args.image.read_bytes() if args.image else photo_jpeg()
+    predictor = Predictor.load(args.bundle)
+    tensor = preprocess(image, predictor.bundle.preprocessing)
+    timings = interleaved_latency(
+        {"bare_model": lambda: predictor.engine.run(tensor), "end_to_end": lambda: predictor.predict(image)},
+        rounds=max(1, args.runs // 10), runs_per_round=10, warmup=20,
+    )
+    image_path = ROOT / "results" / ".runtime-bench.jpg"
+    image_path.parent.mkdir(exist_ok=True)
+    image_path.write_bytes(image)
+    try:
+        fresh = [json.loads(subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(args.bundle), str(image_path)], capture_output=True, text=True, check=True).stdout) for _ in range(3)]
+    finally:
+        image_path.unlink(missing_ok=True)
+    manifest = predictor.bundle.manifest
+    result = {
+        "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine()},
+        "bundle": {"variant": manifest.get("variant"), "runtime": manifest["runtime"], "precision": manifest.get("precision"), "input_size": predictor.bundle.preprocessing.input_size},
+        "image_bytes": len(image),
+        "latency_ms": {name: {k: round(v, 3) for k, v in t.items()} for name, t in timings.items()},
+        "pre_post_overhead": round(timings["end_to_end"]["p50"] / timings["bare_model"]["p50"] - 1, 3),
+        "fresh_process_runs": [{k: round(v, 3) for k, v in run.items()} for run in fresh],
+        "cold_start_seconds_median": round(sorted(r["cold_start_seconds"] for r in fresh)[1], 3),
+        "peak_rss_mb_max": round(max(r["peak_rss_mb"] for r in fresh), 1),
+    }
+    print(json.dumps(result, indent=2))
+    out = ROOT / "results" / "runtime.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
