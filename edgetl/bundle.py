@@ -22,8 +22,6 @@ from edgetl.fileio import atomic_dir, atomic_path
 from edgetl.runtime.bundle import MANIFEST, SUPPORTED_SCHEMA, sha256
 from edgetl.runtime.preprocess import Preprocessing
 
-BUNDLE_SCHEMA_VERSION = SUPPORTED_SCHEMA
-
 
 @dataclass(frozen=True)
 class BundleResult:
@@ -44,7 +42,7 @@ def run(name: str, variant: dict, file: Path, labels: tuple[str, ...], pre: Prep
             shutil.copyfile(source, staging / f"model{source.suffix}")
         model = staging / f"model{file.suffix}"
         manifest = {
-            "schema_version": BUNDLE_SCHEMA_VERSION,
+            "schema_version": SUPPORTED_SCHEMA,
             "name": name,
             "model": model.name,
             "runtime": variant["runtime"],

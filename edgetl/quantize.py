@@ -146,7 +146,8 @@ def _ort_quantize(fp32: Path, file: Path, calibration: list[np.ndarray], dataset
     ranges = file.with_name(f".{file.stem}.calibration.json")
     try:
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-        quantizer = _OrtQuantizer(prepared, calibration, variant.calibration_method, ranges, reduce_range=not has_vnni())
+        input_name = OnnxRuntimeEngine(prepared).input_name  # once: the ranking quantizes ~100 times
+        quantizer = _OrtQuantizer(prepared, calibration, variant.calibration_method, ranges, reduce_range=not has_vnni(), input_name=input_name)
         if quantizer.reduce_range:
             notes.append("7-bit weights (reduce_range): this CPU has no VNNI, where 8-bit weights saturate ONNX Runtime's int8 kernels")
         activation = variant.activation_type
@@ -171,6 +172,7 @@ class _OrtQuantizer:
     method: str
     ranges: Path  # ONNX Runtime's calibration cache: written by the first call, read by the rest
     reduce_range: bool  # 7-bit weights: ONNX Runtime's advice for u8s8 on CPUs without VNNI (see environment.has_vnni)
+    input_name: str
 
     def __call__(self, out: Path, activation: str, excluded: list[str]) -> Path:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -178,7 +180,7 @@ class _OrtQuantizer:
         methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
         with atomic_path(out) as tmp:
             quantize_static(
-                str(self.prepared), str(tmp), _Reader(self.calibration, OnnxRuntimeEngine(self.prepared).input_name), quant_format=QuantFormat.QDQ,
+                str(self.prepared), str(tmp), _Reader(self.calibration, self.input_name), quant_format=QuantFormat.QDQ,
                 per_channel=True, reduce_range=self.reduce_range, activation_type=QuantType.QUInt8 if activation == "uint8" else QuantType.QInt8,
                 weight_type=QuantType.QInt8, calibrate_method=methods[self.method], nodes_to_exclude=excluded,
                 calibration_cache_path=str(self.ranges),
