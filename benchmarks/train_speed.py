@@ -34,7 +34,7 @@ CIFAR = ROOT.parent.parent / "shared" / "datasets" / "cifar10-dev"
 STRATEGIES = {
     "linear_probe": ({"strategy": "linear_probe", "lr": 0.001}, "none"),
     "partial": ({"strategy": "partial", "unfreeze": 2, "lr": 0.003, "backbone_lr_mult": 0.3}, "none"),
-    "finetune": ({"strategy": "finetune", "lr": 0.002, "backbone_lr_mult": 0.5, "warmup_epochs": 0.5}, "default"),
+    "finetune": ({"strategy": "finetune", "lr": 0.001, "backbone_lr_mult": 0.3, "warmup_epochs": 0.5}, "default"),
 }
 
 
