@@ -88,7 +88,7 @@ def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = Fal
     recipe_hash = recipe.section_hash("seed", "data", "model", "train", "export")
     export_key = key(train_key, recipe.export.model_dump(mode="json"), runtimes)
     exported, parity = _export_stage(cache, export_key, trained, pre, dataset, recipe, runtimes, recipe_hash, timings)
-    quantized = [_quantize_stage(cache, key(export_key, v.model_dump(mode="json"), recipe.seed), v, exported, dataset, pre, recipe, timings) for v in variants]
+    quantized = [_quantize_stage(cache, key(export_key, v.model_dump(mode="json"), recipe.seed), v, exported, trained, dataset, pre, recipe, timings) for v in variants]
 
     fp32 = [validate.Artifact("onnx-fp32", "onnxruntime", "fp32", exported.onnx)]
     if exported.openvino is not None:
@@ -163,9 +163,9 @@ def _export_stage(cache: StageCache, stage_key: str, trained: _Trained, pre: Pre
     return export.ExportResult(folder / "model.onnx", xml if xml.is_file() else None, facts["node_count"], facts["opset"], facts["seconds"]), facts["parity"]
 
 
-def _quantize_stage(cache: StageCache, stage_key: str, variant: QuantVariant, exported: export.ExportResult, dataset: data.Dataset, pre: Preprocessing, recipe: Recipe, timings: dict) -> quantize.QuantizedArtifact:
+def _quantize_stage(cache: StageCache, stage_key: str, variant: QuantVariant, exported: export.ExportResult, trained: _Trained, dataset: data.Dataset, pre: Preprocessing, recipe: Recipe, timings: dict) -> quantize.QuantizedArtifact:
     def make(out: Path) -> None:
-        (made,) = quantize.run(exported, dataset, pre, [variant], out, recipe.seed, recipe.measure.threads)
+        (made,) = quantize.run(exported, dataset, pre, [variant], out, recipe.seed, recipe.measure.threads, trained.model if variant.method == "qat" else None)
         write_json(out / "quantize.json", {k: v for k, v in asdict(made).items() if k != "file"} | {"file": made.file.name})
 
     started = time.monotonic()

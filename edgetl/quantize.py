@@ -19,11 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from edgetl import qat
 from edgetl.data import Dataset
 from edgetl.environment import has_vnni
 from edgetl.errors import RecipeError
 from edgetl.export import ExportResult, save_openvino, to_openvino
 from edgetl.fileio import atomic_path
+from edgetl.models import TransferModel
 from edgetl.progress import track
 from edgetl.recipe import QuantVariant
 from edgetl.runtime.bench import interleaved_latency
@@ -45,8 +47,11 @@ class QuantizedArtifact:
     notes: list[str] = field(default_factory=list)
 
 
-def run(export: ExportResult, dataset: Dataset, pre: Preprocessing, variants: list[QuantVariant], out_dir: Path, seed: int, threads: int | None) -> list[QuantizedArtifact]:
+def run(export: ExportResult, dataset: Dataset, pre: Preprocessing, variants: list[QuantVariant], out_dir: Path, seed: int, threads: int | None,
+        model: TransferModel | None = None) -> list[QuantizedArtifact]:
     """Make every variant of the recipe's `quantize:` list into `out_dir/<name>.onnx|.xml`.
+
+    `model` (the trained PyTorch model) is needed by `method: qat` variants only.
 
     >>> run(export_result, dataset, pre, recipe.quantize, run_dir / "quantize", seed=0, threads=None)[0].file
     """
@@ -62,7 +67,10 @@ def run(export: ExportResult, dataset: Dataset, pre: Preprocessing, variants: li
             results.append(QuantizedArtifact(variant.display_name, "openvino", "fp16", file, [], time.monotonic() - started, 0))
             continue
         calibration = _calibration_batches(dataset, pre, variant.calibration_images, seed, variant.display_name, notes)
-        if variant.quantizer == "onnxruntime":
+        if variant.method == "qat":
+            file, qat_notes = qat.run(model, dataset, pre, variant, calibration, out_dir, seed)
+            notes.extend(qat_notes)
+        elif variant.quantizer == "onnxruntime":
             file = _ort_quantize(export.onnx, out_dir / f"{variant.display_name}.onnx", calibration, dataset, pre, variant, threads, notes)
         else:
             file = _nncf_quantize(export, out_dir, calibration, dataset, pre, variant)

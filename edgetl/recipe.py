@@ -32,6 +32,10 @@ def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
     return (Path(base) / value).resolve()
 
 
+def _resolve_weights(value: str, info: ValidationInfo) -> str:
+    return value if value in ("pretrained", "none") else str(_resolve(Path(value), info))
+
+
 class DataConfig(_Section):
     path: Path | None = Field(None, description="ImageFolder root: <root>/<class>/* or <root>/{train,val|validation,test}/<class>/*")
     builtin: Literal["digits"] | None = Field(None, description="A bundled offline dataset, instead of `path`.")
@@ -57,12 +61,7 @@ class ModelConfig(_Section):
     weights: str = Field("pretrained", description="pretrained | none | path to a .pth / .safetensors state dict of the backbone.")
     dropout: float = Field(0.2, ge=0, lt=1, description="Dropout before the classification head.")
 
-    @field_validator("weights")
-    @classmethod
-    def _resolve_weights(cls, value: str, info: ValidationInfo) -> str:
-        if value in ("pretrained", "none"):
-            return value
-        return str(_resolve(Path(value), info))
+    _resolve_weights = field_validator("weights")(_resolve_weights)
 
 
 class TrainConfig(_Section):
@@ -90,6 +89,9 @@ class QuantVariant(_Section):
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Default: <runtime>-<precision>.")
     runtime: Literal["onnxruntime", "openvino"]
     precision: Literal["int8", "fp16"] = "int8"
+    method: Literal["ptq", "qat"] = Field("ptq", description="ptq: post-training quantization; qat: NNCF quantization-aware fine-tuning of the trained model (runtime openvino).")
+    qat_epochs: int = Field(2, ge=1, le=100, description="qat: fine-tuning epochs with fake quantization.")
+    qat_lr: float = Field(1e-5, gt=0, le=1, description="qat: learning rate (AdamW); QAT needs a small one.")
     engine: Literal["nncf", "onnxruntime"] | None = Field(None, description="int8 quantizer. Default: onnxruntime's quantize_static for runtime onnxruntime (NNCF's QDQ graphs ran 2-3× slower than FP32 in ONNX Runtime on our AVX2 CPUs), nncf for openvino.")
     calibration_images: int = Field(300, ge=1, description="Real training images, through the eval preprocessing.")
     calibration_method: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="engine onnxruntime only.")
@@ -98,17 +100,19 @@ class QuantVariant(_Section):
 
     @property
     def display_name(self) -> str:
-        suffix = "-nncf" if self.runtime == "onnxruntime" and self.engine == "nncf" else ""
+        suffix = "-qat" if self.method == "qat" else "-nncf" if self.runtime == "onnxruntime" and self.engine == "nncf" else ""
         return self.name or f"{'ort' if self.runtime == 'onnxruntime' else 'ov'}-{self.precision}{suffix}"
 
     @property
     def quantizer(self) -> str:
-        return self.engine or ("onnxruntime" if self.runtime == "onnxruntime" else "nncf")
+        return "nncf" if self.method == "qat" else self.engine or ("onnxruntime" if self.runtime == "onnxruntime" else "nncf")
 
     @model_validator(mode="after")
     def _consistent(self) -> QuantVariant:
         if self.precision == "fp16" and self.runtime != "openvino":
             raise ValueError("precision fp16 is an OpenVINO IR variant; use runtime: openvino")
+        if self.method == "qat" and (self.runtime != "openvino" or self.precision != "int8" or self.engine is not None or self.max_accuracy_drop is not None):
+            raise ValueError("method qat makes an int8 OpenVINO IR with NNCF (its QDQ ONNX kept float weights and ran 2x slower than FP32 in ONNX Runtime); use runtime: openvino and drop `precision`, `engine` and `max_accuracy_drop`")
         if self.engine == "onnxruntime" and self.runtime != "onnxruntime":
             raise ValueError("engine onnxruntime quantizes for runtime onnxruntime only; use engine: nncf for openvino")
         if self.quantizer == "nncf" and (self.calibration_method != "minmax" or self.activation_type != "auto"):

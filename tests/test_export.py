@@ -154,3 +154,20 @@ def test_a_missing_runtime_is_skipped_with_a_line_unless_the_recipe_asks_for_it(
 
     asked = subprocess.run([sys.executable, "-c", BLOCK_OPENVINO, "build", str(trained.recipe_path), "-o", str(tmp_path / "asked"), "--set", "export.runtimes=[openvino]"], capture_output=True, text=True)
     assert asked.returncode == 2 and "export.runtimes" in asked.stderr and "Traceback" not in asked.stderr
+
+
+def test_qat_variant_fine_tunes_with_fake_quantization_and_exports_an_int8_ir(trained: Trained, tmp_path: Path) -> None:
+    pre = trained.checkpoint.preprocessing
+    variant = QuantVariant(runtime="openvino", method="qat", qat_epochs=1, qat_lr=1e-4, calibration_images=16)
+    (made,) = quantize.run(trained.exported, trained.dataset, pre, [variant], tmp_path, seed=0, threads=None, model=trained.checkpoint.model)
+    assert made.name == "ov-int8-qat" and made.file.suffix == ".xml"
+    assert not made.float_layers, "every conv of the QAT model must carry int8 weights"
+    assert any(note.startswith("QAT: val accuracy") for note in made.notes)
+    logits = open_engine(made.file, "openvino", None).run(normalize(trained.dataset.test.images, pre))
+    reference = predict_logits(trained.checkpoint.model, trained.dataset.test.images, pre)
+    assert (logits.argmax(1) == reference.argmax(1)).mean() >= 0.75
+
+
+def test_qat_is_an_openvino_variant() -> None:
+    with pytest.raises(ValueError, match="method qat makes an int8 OpenVINO IR"):
+        QuantVariant(runtime="onnxruntime", method="qat")
