@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
 import warnings
 from pathlib import Path
@@ -105,4 +104,3 @@ def _use_native_quantize_functions() -> None:
 
     if getattr(extensions.QuantizedFunctionsCPU, "_loaded_namespace", "missing") is None:
         extensions.QuantizedFunctionsCPU._loaded_namespace = ReferenceQuantizedFunctions
-    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")  # in case a future NNCF moves the attribute
