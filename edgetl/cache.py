@@ -25,6 +25,12 @@ def key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def file_digest(path: Path) -> str:
+    """A short hash of a file's bytes (another run's checkpoint, for instance)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()[:16]
+
+
 class StageCache:
     """Folders under `root`, one per (stage, key); `status` says which were reused or built."""
 

@@ -42,6 +42,12 @@ class Split:
     def class_counts(self, num_classes: int) -> list[int]:
         return np.bincount(self.labels, minlength=num_classes).tolist()
 
+    def fingerprint(self) -> str:
+        """A short hash of the pixels and labels: stages that learn from this split key on it."""
+        digest = hashlib.sha256(self.labels.tobytes())
+        digest.update(np.ascontiguousarray(self.images).tobytes())
+        return digest.hexdigest()[:16]
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -90,6 +96,30 @@ def run(config: DataConfig, pre: Preprocessing, seed: int) -> Dataset:
     if skipped:
         log.warning("skipped %d unreadable file(s); they are listed in metrics.json", len(skipped))
     return Dataset(classes, splits["train"], splits["val"], splits["test"], tuple(skipped), _content_hash(classes, splits), origin)
+
+
+def load_unlabeled(folder: Path, pre: Preprocessing, on_bad_image: str, field: str) -> Split:
+    """Every image file under `folder` (any layout), decoded once; labels are -1."""
+    if not folder.is_dir():
+        raise DataError(f"`{field}` {folder} is not a folder. Point it at a folder of images from the deployment domain.")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    split = _decode([(path, -1, str(path)) for path in files], pre, field, [], on_bad_image)
+    if not len(split.labels):
+        raise DataError(f"`{field}` {folder} has no readable images. Add images from the deployment domain.")
+    return split
+
+
+def load_labeled(folder: Path, classes: tuple[str, ...], pre: Preprocessing, on_bad_image: str, field: str) -> Split:
+    """<folder>/<class>/* with the training classes (some may be absent), decoded once."""
+    if not folder.is_dir():
+        raise DataError(f"`{field}` {folder} is not a folder. Lay it out as <root>/<class>/<image> with the training classes.")
+    extra = sorted(set(_class_names(folder, need_two=False)) - set(classes))
+    if extra:
+        raise DataError(f"`{field}` {folder} has class folder(s) {extra} that the training data lacks; use the training classes {list(classes)}.")
+    split = _decode(_list_files(folder, classes, allow_empty=True), pre, field, [], on_bad_image)
+    if not len(split.labels):
+        raise DataError(f"`{field}` {folder} has no readable images in any class folder.")
+    return split
 
 
 def _digits_listing(config: DataConfig, seed: int) -> tuple[tuple[str, ...], _Listing, str]:

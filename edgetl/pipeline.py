@@ -21,10 +21,12 @@ import numpy as np
 import torch
 
 from edgetl import __version__, bundle, data, environment, export, gates, models, quantize, report, train, validate
-from edgetl.cache import StageCache, key
+from edgetl.adapt import DomainAdversary, adabn
+from edgetl.cache import StageCache, file_digest, key
+from edgetl.distill import Distiller, Teacher
 from edgetl.errors import GateFailure, RecipeError
 from edgetl.fileio import atomic_path, write_json
-from edgetl.recipe import QuantVariant, Recipe
+from edgetl.recipe import QuantVariant, Recipe, TrainConfig
 from edgetl.runtime.engines import RUNTIMES, is_installed
 from edgetl.runtime.preprocess import Preprocessing
 
@@ -45,6 +47,7 @@ class _Trained:
 
     folder: Path
     summary: dict  # history, best_epoch, val/test accuracy, train_seconds, notes
+    key: str  # later stages key on it: a different model means a different export
 
     @cached_property
     def model(self) -> models.TransferModel:
@@ -76,8 +79,9 @@ def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = Fal
     log.info("data %s: %s images (train/val/test), %d classes, %d skipped", dataset.origin, "/".join(str(len(dataset.split(s).labels)) for s in data.SPLITS), len(dataset.classes), len(dataset.skipped))
 
     train_key = key(__version__, recipe.model_dump(mode="json", include={"seed", "model", "train"}), recipe.data.augment, dataset.content_hash)
-    trained = _train_stage(cache, train_key, recipe, spec, pre, dataset, run_dir, resume)
-    metrics = _metrics(recipe, spec, pre, dataset, trained.summary, started)
+    student = _TrainJob("train", spec, recipe.model.weights, recipe.model.dropout, recipe.train, pre, dataset)
+    trained, transfer = _transfer(cache, train_key, student, recipe, run_dir, resume)
+    metrics = _metrics(recipe, spec, pre, dataset, trained.summary, started) | {"transfer": transfer}
     write_json(run_dir / "metrics.json", metrics)
     with atomic_path(run_dir / "checkpoint.pt") as tmp:
         shutil.copyfile(trained.checkpoint, tmp)
@@ -86,7 +90,7 @@ def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = Fal
 
     timings: dict[str, float] = {}
     recipe_hash = recipe.section_hash("seed", "data", "model", "train", "export")
-    export_key = key(train_key, recipe.export.model_dump(mode="json"), runtimes)
+    export_key = key(trained.key, recipe.export.model_dump(mode="json"), runtimes)
     exported, parity = _export_stage(cache, export_key, trained, pre, dataset, recipe, runtimes, recipe_hash, timings)
     quantized = [_quantize_stage(cache, key(export_key, v.model_dump(mode="json"), recipe.seed), v, exported, trained, dataset, pre, recipe, timings) for v in variants]
 
@@ -107,6 +111,7 @@ def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = Fal
         "recipe": recipe.model_dump(mode="json"),
         "dataset": metrics["dataset"],
         "training": {"strategy": recipe.train.strategy, **trained.summary},
+        "transfer": transfer,
         "export": {"opset": exported.opset, "onnx_nodes": exported.node_count, "files": [a.file.name for a in fp32], "parity": parity},
         "quantize": [{k: v for k, v in asdict(q).items() if k != "file"} | {"file": q.file.name} for q in quantized],
         "variants": measured,
@@ -127,23 +132,133 @@ def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = Fal
     return BuildResult(run_dir, metrics, content)
 
 
-def _train_stage(cache: StageCache, stage_key: str, recipe: Recipe, spec: models.BackboneSpec, pre: Preprocessing, dataset: data.Dataset, run_dir: Path, resume: bool) -> _Trained:
-    state_path = run_dir / "state" / f"train-{stage_key}.pt"
+@dataclass(frozen=True)
+class _TrainJob:
+    """One model to train: the student, the student alone (for comparison) or the teacher."""
+
+    stage: str  # cache stage name: train | teacher
+    spec: models.BackboneSpec
+    weights: str
+    dropout: float
+    config: TrainConfig
+    pre: Preprocessing
+    dataset: data.Dataset
+
+
+def _train_stage(cache: StageCache, stage_key: str, job: _TrainJob, recipe: Recipe, run_dir: Path, resume: bool,
+                 distiller: Distiller | None = None, target: data.Split | None = None) -> _Trained:
+    state_path = run_dir / "state" / f"{job.stage}-{stage_key}.pt"
     if resume and not state_path.is_file():
-        log.warning("--resume: no interrupted training of this recipe and data in %s; starting from epoch 1", run_dir)
+        log.warning("--resume: no interrupted %s stage of this recipe and data in %s; starting from epoch 1", job.stage, run_dir)
 
     def make(out: Path) -> None:
         _seed_everything(recipe.seed)  # the head's init must not depend on how much data loading drew
-        model = models.build(spec, recipe.model.weights, len(dataset.classes), recipe.model.dropout)
-        result = train.run(model, dataset, recipe.train, pre, recipe.data.augment, recipe.seed, state_path, resume)
-        log.info("best epoch %d: val accuracy %.4f, test accuracy %.4f (%.1fs)", result.best_epoch, result.val_accuracy, result.test_accuracy, result.seconds)
-        models.save_checkpoint(out / "checkpoint.pt", result.model, spec, pre, dataset.classes, recipe)
+        model = models.build(job.spec, job.weights, len(job.dataset.classes), job.dropout)
+        adversary = None
+        if target is not None:
+            adversary = DomainAdversary(model.head.in_features, recipe.adapt.domain_hidden, recipe.adapt.dann_weight, target.images)
+        result = train.run(model, job.dataset, job.config, job.pre, recipe.data.augment, recipe.seed, state_path, resume, distiller, adversary)
+        log.info("%s %s: best epoch %d, val accuracy %.4f, test accuracy %.4f (%.1fs)", job.stage, job.spec.name, result.best_epoch, result.val_accuracy, result.test_accuracy, result.seconds)
+        models.save_checkpoint(out / "checkpoint.pt", result.model, job.spec, job.pre, job.dataset.classes, recipe)
         summary = {"history": result.history, "best_epoch": result.best_epoch, "val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy, "train_seconds": round(result.seconds, 2), "notes": result.notes}
         write_json(out / "train.json", summary)
 
-    folder = cache.run("train", stage_key, make)
+    role = " distilled" * (distiller is not None) + " with DANN" * (target is not None)
+    folder = cache.run(job.stage, stage_key, make, label=f"{job.stage} {job.spec.name}{role}")
     state_path.unlink(missing_ok=True)  # the finished stage supersedes the resumable snapshot
-    return _Trained(folder, json.loads((folder / "train.json").read_text()))
+    return _Trained(folder, json.loads((folder / "train.json").read_text()), stage_key)
+
+
+def _transfer(cache: StageCache, train_key: str, student: _TrainJob, recipe: Recipe, run_dir: Path, resume: bool) -> tuple[_Trained, dict]:
+    """Train the student, with distillation and domain adaptation when the recipe asks for them.
+
+    Returns the model the later stages ship, and the report's `transfer` section: the
+    teacher, student-alone and distilled student side by side, and source-only vs adapted
+    accuracy on the target domain. The student alone is the plain train stage, so a build
+    without `distill`/`adapt` reuses it from the cache.
+    """
+    distill, adapt = recipe.distill, recipe.adapt
+    target = data.load_unlabeled(adapt.target, student.pre, recipe.data.on_bad_image, "adapt.target") if adapt else None
+    dann = target if adapt and adapt.method == "dann" else None
+    section: dict = {}
+    distiller = None
+    transfer_key = train_key
+    if distill:
+        teacher, teacher_key, section["distillation"] = _teacher(cache, recipe, student, run_dir, resume)
+        distiller = Distiller(teacher, student.pre, distill.temperature, distill.alpha)
+        transfer_key = key(transfer_key, distill.model_dump(mode="json", exclude={"compare", "teacher"}), teacher_key)
+    if dann is not None:
+        transfer_key = key(transfer_key, adapt.model_dump(mode="json", include={"method", "dann_weight", "domain_hidden"}), dann.fingerprint())
+    needs_alone = (distill and distill.compare) or (adapt and adapt.target_labeled and dann is not None)
+    alone = _train_stage(cache, train_key, student, recipe, run_dir, resume) if needs_alone or transfer_key == train_key else None
+    trained = alone if transfer_key == train_key else _train_stage(cache, transfer_key, student, recipe, run_dir, resume, distiller, dann)
+    if distill:
+        section["distillation"] |= {
+            "student": student.spec.name, "input_size": student.pre.input_size, "temperature": distill.temperature, "alpha": distill.alpha,
+            "teacher_logits": "cached" if train.caches_inputs(recipe.train, recipe.data.augment) else "online",
+            "student_alone": _accuracies(alone) if distill.compare else None, "student_distilled": _accuracies(trained),
+        }
+    if adapt:
+        source_only = trained if adapt.method == "adabn" else alone  # dann: the student trained without the adversary
+        if adapt.method == "adabn":
+            trained = _adabn_stage(cache, key(trained.key, "adabn", target.fingerprint()), trained, target, student, recipe)
+        section["adaptation"] = {"method": adapt.method, "target_images": len(target.labels), "source_test_accuracy": {"source_only": source_only.summary["test_accuracy"] if source_only else None, "adapted": trained.summary["test_accuracy"]}}
+        if adapt.target_labeled:
+            labeled = data.load_labeled(adapt.target_labeled, student.dataset.classes, student.pre, recipe.data.on_bad_image, "adapt.target_labeled")
+            section["adaptation"]["target_accuracy"] = {"images": len(labeled.labels), "source_only": _mean_correct(source_only.model, labeled, student.pre), "adapted": _mean_correct(trained.model, labeled, student.pre)}
+        log.info("adaptation %s: %s", adapt.method, section["adaptation"])
+    return trained, section
+
+
+def _teacher(cache: StageCache, recipe: Recipe, student: _TrainJob, run_dir: Path, resume: bool) -> tuple[Teacher, str, dict]:
+    """The teacher model, its own preprocessing of the student's training images, its cache key and its report line."""
+    config = recipe.distill.teacher
+    if config.checkpoint is not None:
+        loaded = models.load_checkpoint(config.checkpoint)
+        if tuple(loaded.labels) != student.dataset.classes:
+            raise RecipeError(f"`distill.teacher.checkpoint` {config.checkpoint} predicts classes {list(loaded.labels)}, but the data has {list(student.dataset.classes)}; use a teacher trained on these classes.")
+        spec, pre, model = loaded.spec, loaded.preprocessing, loaded.model
+        teacher_data = _teacher_data(recipe, pre, student.dataset)
+        teacher_key = key(file_digest(config.checkpoint), recipe.seed, teacher_data.content_hash)
+        line = {"source": str(config.checkpoint), "val_accuracy": _mean_correct(model, teacher_data.val, pre), "test_accuracy": _mean_correct(model, teacher_data.test, pre)}
+    else:
+        spec = models.REGISTRY.get(config.backbone)
+        pre = spec.preprocessing(config.image_size)
+        teacher_data = _teacher_data(recipe, pre, student.dataset)
+        job = _TrainJob("teacher", spec, config.weights, recipe.model.dropout, config.train, pre, teacher_data)
+        teacher_key = key(__version__, config.model_dump(mode="json"), recipe.seed, recipe.data.augment, teacher_data.content_hash)
+        trained = _train_stage(cache, teacher_key, job, recipe, run_dir, resume)
+        model = trained.model
+        line = {"source": "trained in this build", **_accuracies(trained), "train_seconds": trained.summary["train_seconds"]}
+    log.info("teacher %s at %d px: test accuracy %.4f", spec.name, pre.input_size, line["test_accuracy"])
+    return Teacher(model.eval(), pre, teacher_data.train.images), teacher_key, {"teacher": {"backbone": spec.name, "input_size": pre.input_size, **line}}
+
+
+def _teacher_data(recipe: Recipe, pre: Preprocessing, student_data: data.Dataset) -> data.Dataset:
+    """The same splits at the teacher's size; the same seed and listing give the same images in the same order."""
+    teacher_data = data.run(recipe.data, pre, recipe.seed)
+    if teacher_data.train.sources != student_data.train.sources:
+        raise RecipeError("The teacher's and the student's training images differ (an image decoded at one size but not the other); fix or remove the unreadable images listed above.")
+    return teacher_data
+
+
+def _adabn_stage(cache: StageCache, stage_key: str, trained: _Trained, target: data.Split, student: _TrainJob, recipe: Recipe) -> _Trained:
+    def make(out: Path) -> None:
+        adapted = adabn(trained.model, target.images, student.pre)
+        models.save_checkpoint(out / "checkpoint.pt", adapted, student.spec, student.pre, student.dataset.classes, recipe)
+        summary = trained.summary | {"val_accuracy": _mean_correct(adapted, student.dataset.val, student.pre), "test_accuracy": _mean_correct(adapted, student.dataset.test, student.pre)}
+        write_json(out / "train.json", summary)
+
+    folder = cache.run("adabn", stage_key, make, label="adapt BatchNorm statistics")
+    return _Trained(folder, json.loads((folder / "train.json").read_text()), stage_key)
+
+
+def _accuracies(trained: _Trained) -> dict:
+    return {"val_accuracy": trained.summary["val_accuracy"], "test_accuracy": trained.summary["test_accuracy"]}
+
+
+def _mean_correct(model: models.TransferModel, split: data.Split, pre: Preprocessing) -> float:
+    return float((train.predict_logits(model, split.images, pre).argmax(1) == split.labels).mean())
 
 
 def _export_stage(cache: StageCache, stage_key: str, trained: _Trained, pre: Preprocessing, dataset: data.Dataset, recipe: Recipe, runtimes: list[str], recipe_hash: str, timings: dict) -> tuple[export.ExportResult, list[dict]]:

@@ -85,6 +85,42 @@ class ExportConfig(_Section):
     parity_tolerance: float = Field(1e-3, gt=0, description="Max |Δlogit| allowed between PyTorch and each FP32 runtime on every validation image.")
 
 
+class TeacherConfig(_Section):
+    """The bigger model the student learns from: trained in this build, or another run's checkpoint."""
+
+    backbone: str | None = Field(None, description="A registry backbone trained first in this build (with `train` below).")
+    checkpoint: Path | None = Field(None, description="Instead of `backbone`: another run's checkpoint.pt (its own preprocessing).")
+    weights: str = Field("pretrained", description="backbone: pretrained | none | path to a state dict.")
+    image_size: int | None = Field(None, ge=16, le=1024, description="backbone: its input size; default: its native size.")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(strategy="partial"), description="backbone: how the teacher trains.")
+
+    _resolve_checkpoint = field_validator("checkpoint")(_resolve)
+    _resolve_weights = field_validator("weights")(_resolve_weights)
+
+    @model_validator(mode="after")
+    def _one_teacher(self) -> TeacherConfig:
+        if (self.backbone is None) == (self.checkpoint is None):
+            raise ValueError("set exactly one of `distill.teacher.backbone` (trained in this build) or `distill.teacher.checkpoint` (another run's checkpoint.pt)")
+        return self
+
+
+class DistillConfig(_Section):
+    teacher: TeacherConfig
+    temperature: float = Field(4.0, gt=0, description="Softens both logits before the KL term.")
+    alpha: float = Field(0.7, ge=0, le=1, description="Weight of the distillation loss; 1 - alpha weighs the label loss.")
+    compare: bool = Field(True, description="Also train the student alone (same epochs), for the report's side-by-side.")
+
+
+class AdaptConfig(_Section):
+    target: Path = Field(..., description="Unlabeled images from the deployment domain (any folder layout).")
+    method: Literal["adabn", "dann"] = Field("adabn", description="adabn: recompute BatchNorm statistics on target images (no training); dann: domain-adversarial training.")
+    target_labeled: Path | None = Field(None, description="<root>/<class>/* of the target domain, used only to measure source-only vs adapted accuracy.")
+    dann_weight: float = Field(1.0, gt=0, le=10, description="dann: final weight of the reversed domain gradient (ramped up from 0).")
+    domain_hidden: int = Field(256, ge=8, description="dann: hidden units of the domain classifier.")
+
+    _resolve_paths = field_validator("target", "target_labeled")(_resolve)
+
+
 class QuantVariant(_Section):
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Default: <runtime>-<precision>.")
     runtime: Literal["onnxruntime", "openvino"]
@@ -152,6 +188,8 @@ class Recipe(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     export: ExportConfig = ExportConfig()
+    distill: DistillConfig | None = Field(None, description="Knowledge distillation from a bigger teacher.")
+    adapt: AdaptConfig | None = Field(None, description="Unsupervised domain adaptation to unlabeled target images.")
     quantize: list[QuantVariant] = Field(default_factory=_default_variants, description="Quantized variants to make and validate; [] for none.")
     measure: MeasureConfig = MeasureConfig()
     gates: GatesConfig = GatesConfig()

@@ -29,6 +29,7 @@ from edgetl.report_content import (
     run_summary,
     run_variants,
     stage_summary,
+    transfer_tables,
 )
 from edgetl.report_html import build_page, compare_page
 
@@ -91,6 +92,8 @@ def build_markdown(report: dict) -> str:
     else:
         lines += ["", "**Selected:** none; no variant passes every gate."]
     lines += ["", f"**Pareto front** (fastest first): {_front_names([('', v) for v in variants])}"]
+    for table in transfer_tables(report):
+        lines += ["", f"**{table.title}**", ""] + _markdown_table(table.headers, table.rows, [False] + [True] * (len(table.headers) - 1))
     lines += ["", f"**Stages:** {stage_summary(report)}", ""]
     return "\n".join(lines)
 

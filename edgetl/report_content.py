@@ -215,3 +215,37 @@ def run_summary(run: Run) -> dict[str, str]:
 def run_variants(runs: Sequence[Run]) -> list[tuple[str, dict]]:
     """Every variant of every run, with its run's label, in run order."""
     return [(run.label, variant) for run in runs for variant in run.report.get("variants") or []]
+
+
+@dataclass(frozen=True)
+class TransferTable:
+    """A side-by-side comparison from report["transfer"]: distillation or domain adaptation."""
+
+    title: str
+    headers: tuple[str, ...]  # the first column names the model, the others are accuracies
+    rows: tuple[tuple[str, ...], ...]
+
+
+def transfer_tables(report: dict) -> list[TransferTable]:
+    """Teacher vs student alone vs distilled student; source-only vs adapted on both domains."""
+    transfer = report.get("transfer") or {}
+    tables = []
+    distill = transfer.get("distillation")
+    if distill:
+        teacher, alone, distilled = distill["teacher"], distill.get("student_alone") or {}, distill["student_distilled"]
+        student = f"{distill['student']} @ {distill['input_size']} px"
+        rows = [
+            (f"teacher {teacher['backbone']} @ {teacher['input_size']} px", pct(teacher["val_accuracy"]), pct(teacher["test_accuracy"])),
+            (f"student alone {student}", pct(alone.get("val_accuracy")), pct(alone.get("test_accuracy"))),
+            (f"student distilled {student}", pct(distilled["val_accuracy"]), pct(distilled["test_accuracy"])),
+        ]
+        title = f"Distillation (T = {distill['temperature']}, alpha = {distill['alpha']}, teacher logits {distill['teacher_logits']})"
+        tables.append(TransferTable(title, ("model", "val accuracy", "test accuracy"), tuple(rows)))
+    adapt = transfer.get("adaptation")
+    if adapt:
+        target = adapt.get("target_accuracy") or {}
+        source = adapt["source_test_accuracy"]
+        rows = [(name, pct(target.get(field)), pct(source.get(field))) for name, field in (("source only", "source_only"), (f"adapted ({adapt['method']})", "adapted"))]
+        title = f"Domain adaptation ({adapt['method']}, {adapt['target_images']} unlabeled target images, {target.get('images', 0)} labeled)"
+        tables.append(TransferTable(title, ("model", "target accuracy", "source test accuracy"), tuple(rows)))
+    return tables

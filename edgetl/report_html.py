@@ -27,6 +27,7 @@ from edgetl.report_content import (
     run_summary,
     run_variants,
     stage_summary,
+    transfer_tables,
 )
 
 _CSS = """
@@ -70,6 +71,7 @@ def build_page(report: dict) -> str:
         _section("Gates", _gate_table(report)),
         _focus_section(report),
         _training_section(report.get("training") or {}),
+        *(_section(t.title, _table(t.headers, [[(row[0], False)] + [(c, True) for c in row[1:]] for row in t.rows], [None] * len(t.rows))) for t in transfer_tables(report)),
         _dataset_section(report.get("dataset") or {}),
         _build_section(report),
     ]

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgetl.adapt import DomainAdversary
 from edgetl.data import Dataset
+from edgetl.distill import Distiller
 from edgetl.errors import RecipeError
 from edgetl.fileio import atomic_path
 from edgetl.models import TransferModel
@@ -66,11 +68,13 @@ def predict_logits(model: TransferModel, images: np.ndarray, pre: Preprocessing,
     return torch.cat(outputs).numpy() if outputs else np.zeros((0, model.head.out_features), np.float32)
 
 
-def run(model: TransferModel, dataset: Dataset, config: TrainConfig, pre: Preprocessing, augment: str, seed: int, state_path: Path | None = None, resume: bool = False) -> TrainResult:
+def run(model: TransferModel, dataset: Dataset, config: TrainConfig, pre: Preprocessing, augment: str, seed: int, state_path: Path | None = None, resume: bool = False,
+        distiller: Distiller | None = None, adversary: DomainAdversary | None = None) -> TrainResult:
     """Train `model` on `dataset` with the recipe's strategy; keep the best epoch by val accuracy.
 
     `state_path` gets a resumable snapshot after every epoch; with `resume`, training
-    continues from it and ends where an uninterrupted run would have.
+    continues from it and ends where an uninterrupted run would have. `distiller` mixes a
+    teacher's soft targets into the loss; `adversary` adds DANN's domain loss on its target images.
     """
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     started = time.monotonic()
@@ -81,15 +85,18 @@ def run(model: TransferModel, dataset: Dataset, config: TrainConfig, pre: Prepro
     if config.strategy == "linear_probe" and augment != "none":
         notes.append(f"data.augment={augment} was not applied: linear_probe computes features once per image. Use strategy partial or finetune to train with augmentation.")
         log.warning(notes[-1])
-    cache = config.strategy == "linear_probe" or (config.strategy == "partial" and augment == "none")
+    cache = caches_inputs(config, augment)
     inputs = _prepare_inputs(model, dataset, pre, frozen if cache else 0, cache)
+    if distiller is not None and inputs.cached:
+        distiller.cache_logits()
+    target = _prepare_split(model, adversary.target_images, pre, inputs.start, "target") if adversary is not None and inputs.cached else None
     train_labels = torch.from_numpy(dataset.train.labels)
     val_labels = torch.from_numpy(dataset.val.labels)
     num_classes = len(dataset.classes)
 
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(train_labels) / config.batch_size)
-    optimizer = _optimizer(model, config)
+    optimizer = _optimizer(model, config, adversary)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch))
     criterion = nn.CrossEntropyLoss(weight=_class_weights(train_labels, num_classes) if config.class_balance == "weighted_loss" else None, label_smoothing=config.label_smoothing)
     augmenter = _augmenter(augment, pre.input_size) if not inputs.cached else None
@@ -100,6 +107,8 @@ def run(model: TransferModel, dataset: Dataset, config: TrainConfig, pre: Prepro
     if resume and state_path is not None and state_path.is_file():
         snapshot = torch.load(state_path, map_location="cpu", weights_only=False)
         model.load_state_dict(snapshot["model"])
+        if adversary is not None:
+            adversary.load_state_dict(snapshot["adversary"])
         optimizer.load_state_dict(snapshot["optimizer"])
         schedule.load_state_dict(snapshot["schedule"])
         generator.set_state(snapshot["generator"])
@@ -114,12 +123,23 @@ def run(model: TransferModel, dataset: Dataset, config: TrainConfig, pre: Prepro
             break
         epoch_start = time.monotonic()
         model.train()
+        if adversary is not None:
+            adversary.train()
         order = _epoch_order(train_labels, config.class_balance, generator, num_classes)
         total_loss = 0.0
         batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-        for index in track(batches, total=len(batches), description=f"epoch {epoch}/{config.epochs}"):
+        for step, index in enumerate(track(batches, total=len(batches), description=f"epoch {epoch}/{config.epochs}")):
             x = _model_input(inputs.train[index], inputs, pre, augmenter)
-            loss = criterion(model.head(model.dropout(model.features(x, inputs.start))), train_labels[index])
+            features = model.features(x, inputs.start)
+            logits = model.head(model.dropout(features))
+            loss = criterion(logits, train_labels[index])
+            if distiller is not None:
+                loss = distiller.loss(loss, logits, index, None if inputs.cached else x)
+            if adversary is not None:
+                progress = ((epoch - 1) * len(batches) + step) / (config.epochs * len(batches))
+                pick = torch.randint(len(adversary.target_images), (len(index),), generator=generator)
+                source = target[pick] if target is not None else torch.from_numpy(adversary.target_images[pick.numpy()])
+                loss = loss + adversary.loss(features, model.features(_model_input(source, inputs, pre, augmenter), inputs.start), progress)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -132,13 +152,18 @@ def run(model: TransferModel, dataset: Dataset, config: TrainConfig, pre: Prepro
         history.append({"epoch": epoch, "train_loss": total_loss / len(order), "val_accuracy": val_accuracy, "lr": schedule.get_last_lr()[0], "seconds": round(time.monotonic() - epoch_start, 3)})
         log.info("epoch %d/%d  loss %.4f  val_acc %.4f%s  (%.1fs)", epoch, config.epochs, history[-1]["train_loss"], val_accuracy, "  best" if improved else "", history[-1]["seconds"])
         if state_path is not None:
-            _snapshot(state_path, model, optimizer, schedule, generator, history, best, epoch)
+            _snapshot(state_path, model, optimizer, schedule, generator, history, best, epoch, adversary)
 
     model.load_state_dict(best["state"])
     model.to(memory_format=torch.contiguous_format)
     model.eval()
     test_accuracy = _accuracy(model, inputs.test, torch.from_numpy(dataset.test.labels), inputs, pre)
     return TrainResult(model, history, best["epoch"], best["accuracy"], test_accuracy, time.monotonic() - started, notes)
+
+
+def caches_inputs(config: TrainConfig, augment: str) -> bool:
+    """Whether training runs on cached frozen-prefix outputs (fixed inputs: teacher logits can be cached too)."""
+    return config.strategy == "linear_probe" or (config.strategy == "partial" and augment == "none")
 
 
 def _frozen_stage_count(model: TransferModel, config: TrainConfig) -> int:
@@ -155,16 +180,18 @@ def _frozen_stage_count(model: TransferModel, config: TrainConfig) -> int:
 def _prepare_inputs(model: TransferModel, dataset: Dataset, pre: Preprocessing, stop: int, cache: bool) -> _Inputs:
     if not cache:
         return _Inputs(*(torch.from_numpy(dataset.split(s).images) for s in ("train", "val", "test")), start=0, cached=False)
-    model.eval()
-    cached = []
-    for split in ("train", "val", "test"):
-        images = dataset.split(split).images
-        outputs = []
-        with torch.inference_mode():
-            for i in track(range(0, len(images), EVAL_BATCH), total=math.ceil(len(images) / EVAL_BATCH), description=f"frozen features {split}"):
-                outputs.append(model.features(torch.from_numpy(normalize(images[i : i + EVAL_BATCH], pre)), 0, stop))
-        cached.append(torch.cat(outputs).clone())  # clone: leave inference mode so autograd can use them
+    cached = [_prepare_split(model, dataset.split(split).images, pre, stop, split) for split in ("train", "val", "test")]
     return _Inputs(*cached, start=stop, cached=True)
+
+
+def _prepare_split(model: TransferModel, images: np.ndarray, pre: Preprocessing, stop: int, name: str) -> torch.Tensor:
+    """The frozen prefix's outputs for uint8 images, computed once."""
+    model.eval()
+    outputs = []
+    with torch.inference_mode():
+        for i in track(range(0, len(images), EVAL_BATCH), total=math.ceil(len(images) / EVAL_BATCH), description=f"frozen features {name}"):
+            outputs.append(model.features(torch.from_numpy(normalize(images[i : i + EVAL_BATCH], pre)), 0, stop))
+    return torch.cat(outputs).clone()  # clone: leave inference mode so autograd can use them
 
 
 def _augmenter(augment: str, size: int):
@@ -180,11 +207,15 @@ def _augmenter(augment: str, size: int):
 
 def _model_input(batch: torch.Tensor, inputs: _Inputs, pre: Preprocessing, augmenter) -> torch.Tensor:
     if inputs.cached:
-        return batch.contiguous(memory_format=torch.channels_last) if batch.dim() == 4 else batch
+        return _as_input(batch)
     images = batch.permute(0, 3, 1, 2)  # (N, 3, S, S) uint8
     if augmenter is not None:
         images = torch.stack([augmenter(image) for image in images])
     return torch.from_numpy(normalize(images.permute(0, 2, 3, 1).numpy(), pre)).contiguous(memory_format=torch.channels_last)
+
+
+def _as_input(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 def _accuracy(model: TransferModel, data: torch.Tensor, labels: torch.Tensor, inputs: _Inputs, pre: Preprocessing) -> float:
@@ -197,9 +228,9 @@ def _accuracy(model: TransferModel, data: torch.Tensor, labels: torch.Tensor, in
     return correct / max(len(labels), 1)
 
 
-def _optimizer(model: TransferModel, config: TrainConfig) -> torch.optim.Optimizer:
+def _optimizer(model: TransferModel, config: TrainConfig, adversary: DomainAdversary | None) -> torch.optim.Optimizer:
     backbone = [p for p in model.stages.parameters() if p.requires_grad]
-    groups = [{"params": list(model.head.parameters()), "lr": config.lr}]
+    groups = [{"params": list(model.head.parameters()) + (list(adversary.parameters()) if adversary is not None else []), "lr": config.lr}]
     if backbone:
         groups.append({"params": backbone, "lr": config.lr * config.backbone_lr_mult})
     return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
@@ -227,7 +258,7 @@ def _epoch_order(labels: torch.Tensor, balance: str, generator: torch.Generator,
     return torch.randperm(len(labels), generator=generator)
 
 
-def _snapshot(path: Path, model, optimizer, schedule, generator, history, best, epoch: int) -> None:
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history, "best": best, "epoch": epoch}
+def _snapshot(path: Path, model, optimizer, schedule, generator, history, best, epoch: int, adversary: DomainAdversary | None) -> None:
+    state = {"model": model.state_dict(), "adversary": adversary.state_dict() if adversary is not None else None, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history, "best": best, "epoch": epoch}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)

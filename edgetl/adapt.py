@@ -1,0 +1,70 @@
+"""Unsupervised domain adaptation to unlabeled images from the deployment domain.
+
+- AdaBN (Li et al. 2016): BatchNorm statistics carry much of a domain's look (contrast,
+  colour, sensor noise); recomputing them on target images adapts the model with no training.
+- DANN (Ganin et al. 2016): a domain classifier learns to tell source from target features
+  while a gradient-reversal layer trains the backbone to make them indistinguishable. The
+  reversal weight ramps up as 2/(1 + exp(−10 p)) − 1 over training progress p, so the
+  domain signal does not swamp the label signal before the features mean anything.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgetl.models import TransferModel
+from edgetl.runtime.preprocess import Preprocessing, normalize
+
+ADABN_BATCH = 64
+
+
+def adabn(model: TransferModel, target_images: np.ndarray, pre: Preprocessing) -> TransferModel:
+    """A copy of `model` whose BatchNorm statistics are the target images' (cumulative average over all of them)."""
+    adapted = copy.deepcopy(model)
+    norms = [m for m in adapted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    adapted.eval()
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative moving average: every target batch counts equally
+        norm.train()
+    with torch.no_grad():
+        for i in range(0, len(target_images), ADABN_BATCH):
+            adapted(torch.from_numpy(normalize(target_images[i : i + ADABN_BATCH], pre)))
+    for norm in norms:
+        norm.momentum = 0.1
+    return adapted.eval()
+
+
+class _ReverseGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: float) -> torch.Tensor:
+        ctx.weight = weight
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return -ctx.weight * grad, None
+
+
+class DomainAdversary(nn.Module):
+    """The DANN domain classifier on pooled features, behind a gradient-reversal layer."""
+
+    def __init__(self, num_features: int, hidden: int, weight: float, target_images: np.ndarray) -> None:
+        super().__init__()
+        self.classifier = nn.Sequential(nn.Linear(num_features, hidden), nn.ReLU(), nn.Dropout(0.5), nn.Linear(hidden, 1))
+        self.weight = weight
+        self.target_images = target_images  # uint8 (N, S, S, 3): the train loop prepares them like its own inputs
+
+    def reversal_weight(self, progress: float) -> float:
+        return self.weight * (2.0 / (1.0 + math.exp(-10.0 * progress)) - 1.0)
+
+    def loss(self, source_features: torch.Tensor, target_features: torch.Tensor, progress: float) -> torch.Tensor:
+        """Binary domain loss (source 0, target 1); its gradient reaches the backbone reversed."""
+        features = _ReverseGradient.apply(torch.cat([source_features, target_features]), self.reversal_weight(progress))
+        domains = torch.cat([torch.zeros(len(source_features)), torch.ones(len(target_features))])
+        return nn.functional.binary_cross_entropy_with_logits(self.classifier(features).squeeze(1), domains)
