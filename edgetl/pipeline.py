@@ -79,7 +79,7 @@ def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = Fal
     log.info("data %s: %s images (train/val/test), %d classes, %d skipped", dataset.origin, "/".join(str(len(dataset.split(s).labels)) for s in data.SPLITS), len(dataset.classes), len(dataset.skipped))
 
     train_key = key(__version__, recipe.model_dump(mode="json", include={"seed", "model", "train"}), recipe.data.augment, dataset.content_hash)
-    student = _TrainJob("train", spec, recipe.model.weights, recipe.model.dropout, recipe.train, pre, dataset)
+    student = _TrainJob("train", spec, recipe.model.weights, recipe.model.dropout, recipe.train, recipe.data.augment, pre, dataset)
     trained, transfer = _transfer(cache, train_key, student, recipe, run_dir, resume)
     metrics = _metrics(recipe, spec, pre, dataset, trained.summary, started) | {"transfer": transfer}
     write_json(run_dir / "metrics.json", metrics)
@@ -141,6 +141,7 @@ class _TrainJob:
     weights: str
     dropout: float
     config: TrainConfig
+    augment: str
     pre: Preprocessing
     dataset: data.Dataset
 
@@ -157,7 +158,7 @@ def _train_stage(cache: StageCache, stage_key: str, job: _TrainJob, recipe: Reci
         adversary = None
         if target is not None:
             adversary = DomainAdversary(model.head.in_features, recipe.adapt.domain_hidden, recipe.adapt.dann_weight, target.images)
-        result = train.run(model, job.dataset, job.config, job.pre, recipe.data.augment, recipe.seed, state_path, resume, distiller, adversary)
+        result = train.run(model, job.dataset, job.config, job.pre, job.augment, recipe.seed, state_path, resume, distiller, adversary)
         log.info("%s %s: best epoch %d, val accuracy %.4f, test accuracy %.4f (%.1fs)", job.stage, job.spec.name, result.best_epoch, result.val_accuracy, result.test_accuracy, result.seconds)
         models.save_checkpoint(out / "checkpoint.pt", result.model, job.spec, job.pre, job.dataset.classes, recipe)
         summary = {"history": result.history, "best_epoch": result.best_epoch, "val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy, "train_seconds": round(result.seconds, 2), "notes": result.notes}
@@ -225,8 +226,9 @@ def _teacher(cache: StageCache, recipe: Recipe, student: _TrainJob, run_dir: Pat
         spec = models.REGISTRY.get(config.backbone)
         pre = spec.preprocessing(config.image_size)
         teacher_data = _teacher_data(recipe, pre, student.dataset)
-        job = _TrainJob("teacher", spec, config.weights, recipe.model.dropout, config.train, pre, teacher_data)
-        teacher_key = key(__version__, config.model_dump(mode="json"), recipe.seed, recipe.data.augment, teacher_data.content_hash)
+        augment = config.augment or recipe.data.augment
+        job = _TrainJob("teacher", spec, config.weights, recipe.model.dropout, config.train, augment, pre, teacher_data)
+        teacher_key = key(__version__, config.model_dump(mode="json", exclude={"augment"}), recipe.seed, augment, teacher_data.content_hash)
         trained = _train_stage(cache, teacher_key, job, recipe, run_dir, resume)
         model = trained.model
         line = {"source": "trained in this build", **_accuracies(trained), "train_seconds": trained.summary["train_seconds"]}

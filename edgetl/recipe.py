@@ -93,6 +93,7 @@ class TeacherConfig(_Section):
     weights: str = Field("pretrained", description="backbone: pretrained | none | path to a state dict.")
     image_size: int | None = Field(None, ge=16, le=1024, description="backbone: its input size; default: its native size.")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(strategy="partial"), description="backbone: how the teacher trains.")
+    augment: Literal["none", "default", "strong"] | None = Field(None, description="backbone: the teacher's augmentation; default: `data.augment`.")
 
     _resolve_checkpoint = field_validator("checkpoint")(_resolve)
     _resolve_weights = field_validator("weights")(_resolve_weights)

@@ -130,16 +130,19 @@ def run(model: TransferModel, dataset: Dataset, config: TrainConfig, pre: Prepro
         batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
         for step, index in enumerate(track(batches, total=len(batches), description=f"epoch {epoch}/{config.epochs}")):
             x = _model_input(inputs.train[index], inputs, pre, augmenter)
-            features = model.features(x, inputs.start)
+            if adversary is None:
+                features = model.features(x, inputs.start)
+            else:  # one pass over source and target: BatchNorm sees (and keeps) the statistics of both domains at once
+                pick = torch.randint(len(adversary.target_images), (len(index),), generator=generator)
+                raw_target = target[pick] if target is not None else torch.from_numpy(adversary.target_images[pick.numpy()])
+                features, target_features = model.features(torch.cat([x, _model_input(raw_target, inputs, pre, augmenter)]), inputs.start).split(len(index))
             logits = model.head(model.dropout(features))
             loss = criterion(logits, train_labels[index])
             if distiller is not None:
                 loss = distiller.loss(loss, logits, index, None if inputs.cached else x)
             if adversary is not None:
                 progress = ((epoch - 1) * len(batches) + step) / (config.epochs * len(batches))
-                pick = torch.randint(len(adversary.target_images), (len(index),), generator=generator)
-                source = target[pick] if target is not None else torch.from_numpy(adversary.target_images[pick.numpy()])
-                loss = loss + adversary.loss(features, model.features(_model_input(source, inputs, pre, augmenter), inputs.start), progress)
+                loss = loss + adversary.loss(features, target_features, progress)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
