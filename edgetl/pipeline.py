@@ -89,7 +89,8 @@ def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = Fal
         return BuildResult(run_dir, metrics, {})
 
     timings: dict[str, float] = {}
-    recipe_hash = recipe.section_hash("seed", "data", "model", "train", "export")
+    transfer_sections = [name for name in ("distill", "adapt") if getattr(recipe, name) is not None]  # unset: the hash of a plain recipe stays as it was
+    recipe_hash = recipe.section_hash("seed", "data", "model", "train", "export", *transfer_sections)
     export_key = key(trained.key, recipe.export.model_dump(mode="json"), runtimes)
     exported, parity = _export_stage(cache, export_key, trained, pre, dataset, recipe, runtimes, recipe_hash, timings)
     quantized = [_quantize_stage(cache, key(export_key, v.model_dump(mode="json"), recipe.seed), v, exported, trained, dataset, pre, recipe, timings) for v in variants]
@@ -164,8 +165,8 @@ def _train_stage(cache: StageCache, stage_key: str, job: _TrainJob, recipe: Reci
         summary = {"history": result.history, "best_epoch": result.best_epoch, "val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy, "train_seconds": round(result.seconds, 2), "notes": result.notes}
         write_json(out / "train.json", summary)
 
-    role = " distilled" * (distiller is not None) + " with DANN" * (target is not None)
-    folder = cache.run(job.stage, stage_key, make, label=f"{job.stage} {job.spec.name}{role}")
+    label = job.stage + f" {job.spec.name}" * (job.stage == "teacher") + " distilled" * (distiller is not None) + " with DANN" * (target is not None)
+    folder = cache.run(job.stage, stage_key, make, label=label)
     state_path.unlink(missing_ok=True)  # the finished stage supersedes the resumable snapshot
     return _Trained(folder, json.loads((folder / "train.json").read_text()), stage_key)
 

@@ -57,7 +57,7 @@ def test_distillation_trains_the_teacher_first_and_reports_teacher_alone_and_dis
     assert distill["teacher_logits"] == "cached"  # linear probe: fixed inputs, one teacher pass
     assert set(distill["student_alone"]) == set(distill["student_distilled"]) == {"val_accuracy", "test_accuracy"}
     stages = result.report["stages"]
-    assert stages["teacher efficientnet_lite0"] == stages["train efficientnet_lite0"] == stages["train efficientnet_lite0 distilled"] == "built"
+    assert stages["teacher efficientnet_lite0"] == stages["train"] == stages["train distilled"] == "built"
     teacher_checkpoint, = (tmp_path / "run" / "stages").glob("teacher-*/checkpoint.pt")
     alone_checkpoint = next(p for p in (tmp_path / "run" / "stages").glob("train-*/checkpoint.pt") if not torch.equal(_head(p), _head(tmp_path / "run" / "checkpoint.pt")))
     assert alone_checkpoint.is_file()  # the shipped student is the distilled one, not the student alone

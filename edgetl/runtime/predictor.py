@@ -86,7 +86,10 @@ class Predictor:
 
     def classify(self, crops: np.ndarray, top_k: int = 5) -> list[Prediction]:
         """uint8 (N, S, S, 3) crops → N predictions with softmax scores."""
-        logits = self.engine.run(normalize(crops, self.bundle.preprocessing))  # (N, classes)
+        return self.predictions(self.engine.run(normalize(crops, self.bundle.preprocessing)), top_k)
+
+    def predictions(self, logits: np.ndarray, top_k: int = 5) -> list[Prediction]:
+        """(N, classes) logits → N top-k predictions with softmax scores."""
         shifted = logits - logits.max(axis=1, keepdims=True)
         probabilities = np.exp(shifted)
         probabilities /= probabilities.sum(axis=1, keepdims=True)
