@@ -27,6 +27,7 @@ def adabn(model: TransferModel, target_images: np.ndarray, pre: Preprocessing) -
     """A copy of `model` whose BatchNorm statistics are the target images' (cumulative average over all of them)."""
     adapted = copy.deepcopy(model)
     norms = [m for m in adapted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [norm.momentum for norm in norms]  # not all backbones use 0.1 (torchvision's MobileNetV3: 0.01)
     adapted.eval()
     for norm in norms:
         norm.reset_running_stats()
@@ -35,8 +36,8 @@ def adabn(model: TransferModel, target_images: np.ndarray, pre: Preprocessing) -
     with torch.no_grad():
         for i in range(0, len(target_images), ADABN_BATCH):
             adapted(torch.from_numpy(normalize(target_images[i : i + ADABN_BATCH], pre)))
-    for norm in norms:
-        norm.momentum = 0.1
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
     return adapted.eval()
 
 

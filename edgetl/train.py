@@ -210,15 +210,11 @@ def _augmenter(augment: str, size: int):
 
 def _model_input(batch: torch.Tensor, inputs: _Inputs, pre: Preprocessing, augmenter) -> torch.Tensor:
     if inputs.cached:
-        return _as_input(batch)
+        return batch.contiguous(memory_format=torch.channels_last) if batch.dim() == 4 else batch
     images = batch.permute(0, 3, 1, 2)  # (N, 3, S, S) uint8
     if augmenter is not None:
         images = torch.stack([augmenter(image) for image in images])
     return torch.from_numpy(normalize(images.permute(0, 2, 3, 1).numpy(), pre)).contiguous(memory_format=torch.channels_last)
-
-
-def _as_input(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 def _accuracy(model: TransferModel, data: torch.Tensor, labels: torch.Tensor, inputs: _Inputs, pre: Preprocessing) -> float:
