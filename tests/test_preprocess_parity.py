@@ -17,7 +17,7 @@ from torchvision import transforms
 from edgetl import export
 from edgetl.models import REGISTRY, build, remap_lite_keys
 from edgetl.runtime.engines import open_engine
-from edgetl.runtime.preprocess import Preprocessing, preprocess
+from edgetl.runtime.preprocess import Preprocessing, normalize, preprocess
 
 SPEC = REGISTRY.get("efficientnet_lite0")
 PRE = SPEC.preprocessing()  # 224 px, resize 256, bicubic, mean = std = 0.5
@@ -118,3 +118,13 @@ def test_exif_rotation_is_applied_before_cropping() -> None:
     x = preprocess(buffer.getvalue(), Preprocessing(32, 32, "bilinear", (0.0,) * 3, (1.0,) * 3))[0]  # (3, 32, 32) in [0, 1]
     assert x[0, 2, 16] > 0.8 and x[2, 2, 16] < 0.2  # upright: red on top
     assert x[2, 29, 16] > 0.8 and x[0, 29, 16] < 0.2  # blue at the bottom
+
+
+def test_normalize_maps_every_pixel_value_of_every_channel_by_its_own_mean_and_std() -> None:
+    pre = Preprocessing(16, 16, "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    batch = np.stack([values, 255 - values, values.T], axis=-1)[None]  # each channel a different layout
+    expected = (batch.transpose(0, 3, 1, 2) / 255.0 - np.array(pre.mean).reshape(1, 3, 1, 1)) / np.array(pre.std).reshape(1, 3, 1, 1)
+    x = normalize(batch, pre)
+    assert x.dtype == np.float32 and x.flags.c_contiguous
+    np.testing.assert_allclose(x, expected, rtol=0, atol=1e-6)
