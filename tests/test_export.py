@@ -17,7 +17,7 @@ import onnx
 import pytest
 
 from edgetl import data, export, quantize, validate
-from edgetl.errors import ExportError
+from edgetl.errors import ExportError, RecipeError
 from edgetl.models import Checkpoint, load_checkpoint
 from edgetl.pipeline import build
 from edgetl.recipe import MeasureConfig, QuantVariant, load_recipe
@@ -99,7 +99,8 @@ def test_quantized_variants_are_calibrated_on_real_images_and_measured(trained: 
     assert ort.calibration_images == len(trained.dataset.train.labels) and "asked for 1000 calibration images" in ort.notes[0]
     assert ov.calibration_images == 16
     graph = onnx.load(str(ort.file)).graph
-    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 20 and ort.float_layers == []
+    first_conv = next(n.name for n in onnx.load(str(trained.exported.onnx)).graph.node if n.op_type == "Conv")
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 20 and ort.float_layers == [first_conv]  # keep_float's default
     assert len(ov.float_layers) <= 1  # NNCF may keep the 3-channel stem in float; the rest is int8
 
     artifacts = [validate.Artifact(m.name, m.runtime, m.precision, m.file, m.float_layers, m.notes) for m in made]
@@ -117,6 +118,38 @@ def test_quantized_variants_are_calibrated_on_real_images_and_measured(trained: 
         assert row["latency_ms"]["p50"] <= row["latency_ms"]["p90"] <= row["latency_ms"]["p99"]
         assert row["throughput_ips"] > 0 and row["peak_rss_mb"] > 10 and row["load_seconds"] > 0
     assert by_name["pytorch-fp32"]["agreement"] == 1.0 and by_name["pytorch-fp32"]["accuracy"] == pytest.approx(float(np.mean(reference == trained.dataset.test.labels)))
+
+
+def test_keep_float_names_the_float_layers_and_rejects_unknown_nodes(trained: Trained, tmp_path: Path) -> None:
+    pre = trained.checkpoint.preprocessing
+    (everything,) = quantize.run(trained.exported, trained.dataset, pre, [QuantVariant(runtime="onnxruntime", activation_type="uint8", keep_float=[])], tmp_path, seed=0, threads=None)
+    assert everything.float_layers == []
+    with pytest.raises(RecipeError, match=r"keep_float names \['/no/such/Conv'\].*its convolutions are"):
+        quantize.run(trained.exported, trained.dataset, pre, [QuantVariant(runtime="onnxruntime", activation_type="uint8", keep_float=["/no/such/Conv"])], tmp_path, seed=0, threads=None)
+
+
+def test_bias_correction_measures_the_mean_output_shift_of_rounded_weights(tmp_path: Path) -> None:
+    """A 1×1 grouped conv has no padding border: the predicted shift must equal the measured one."""
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(6, 2, 1, 1)).astype(np.float32)
+    weight[:, :, 0, 0] *= np.array([[1.0, 0.01]], dtype=np.float32)  # a large and a small weight per channel: coarse steps
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", group=2)], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 4, 5, 5])], [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(weight, "w"), onnx.numpy_helper.from_array(np.zeros(6, np.float32), "b")],
+    )
+    path = tmp_path / "conv.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=10), str(path))
+    calibration = [(rng.normal(size=(1, 4, 5, 5)) + np.arange(1, 5).reshape(1, 4, 1, 1)).astype(np.float32) for _ in range(8)]
+    bias, shift = quantize._weight_rounding_errors(path, calibration, reduce_range=True, input_name="x")["conv"]
+    from onnxruntime.quantization.quant_utils import quantize_data
+
+    rounded = np.stack([quantize._dequantized(quantize_data(w.ravel(), onnx.TensorProto.INT8, True, True)).reshape(w.shape) for w in weight])
+    x = np.concatenate(calibration).astype(np.float64)
+    groups = x.reshape(8, 2, 2, 5, 5)  # (N, group, in per group, H, W)
+    measured = np.einsum("ngihw,goi->ngo", groups, (rounded - weight)[:, :, 0, 0].reshape(2, 3, 2)).reshape(8, 6).mean(0) / 25  # mean over the 5×5 positions
+    assert bias == "b" and np.abs(shift).max() > 1e-4
+    np.testing.assert_allclose(shift, measured, rtol=1e-6, atol=1e-9)
 
 
 def test_accuracy_control_keeps_the_val_drop_within_the_bound(trained: Trained, tmp_path: Path) -> None:
