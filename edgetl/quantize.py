@@ -174,10 +174,12 @@ def _ort_quantize(fp32: Path, file: Path, calibration: list[np.ndarray], dataset
         activation = variant.activation_type
         if activation == "auto":
             activation = _faster_activation_type(quantizer, file, calibration[0], kept, threads, notes)
-        excluded = kept
+        else:
+            quantizer(file, activation, kept)
         if variant.max_accuracy_drop is not None:
             excluded = _exclude_sensitive_nodes(quantizer, file, activation, kept, dataset, pre, variant.max_accuracy_drop, threads, notes)
-        quantizer(file, activation, excluded)
+            if excluded != kept:
+                quantizer(file, activation, excluded)
     finally:
         prepared.unlink(missing_ok=True)
         ranges.unlink(missing_ok=True)
@@ -285,15 +287,16 @@ def _correct_biases(prepared: Path, out: Path, errors: dict[str, tuple[str, np.n
 
 
 def _faster_activation_type(quantizer: _OrtQuantizer, file: Path, example: np.ndarray, kept: list[str], threads: int | None, notes: list[str]) -> str:
-    """Quantize with uint8 and int8 activations and keep the faster here (FACTS.md: no VNNI → uint8)."""
+    """Quantize with uint8 and int8 activations and keep the faster here, at `file` (FACTS.md: no VNNI → uint8)."""
     trials = {a: file.with_name(f".{file.stem}.{a}.onnx") for a in ("uint8", "int8")}
     try:
         engines = {a: open_engine(quantizer(path, a, kept), "onnxruntime", threads, spinning=False) for a, path in trials.items()}
         timings = interleaved_latency({a: (lambda e=e: e.run(example)) for a, e in engines.items()}, rounds=5, runs_per_round=10, warmup=5)
+        chosen = min(timings, key=lambda a: timings[a]["p50"])
+        trials[chosen].replace(file)
     finally:
         for path in trials.values():
             path.unlink(missing_ok=True)
-    chosen = min(timings, key=lambda a: timings[a]["p50"])
     notes.append("activation type measured: " + ", ".join(f"{a} {t['p50']:.2f} ms" for a, t in timings.items()) + f"; kept {chosen}")
     return chosen
 
