@@ -14,7 +14,8 @@ ONNX Runtime's INT8 gets two corrections NNCF already applies on its side. Its w
 quantized conv's bias absorbs that shift, measured on the calibration images (bias
 correction). And the first convolution stays in float by default (`keep_float`).
 Measured on the fine-tuned cifar lite0 (1,000 test images, FP32 0.776): plain 0.719,
-bias-corrected 0.742, bias-corrected with the first conv in float 0.782.
+first conv in float 0.764, bias-corrected 0.742, both 0.774 (agreement 0.805 → 0.911),
+and keeping that conv in float cost no measurable latency.
 """
 
 from __future__ import annotations
