@@ -57,6 +57,12 @@ class _Trained:
     def checkpoint(self) -> Path:
         return self.folder / "checkpoint.pt"
 
+    @property
+    def test_logits(self) -> np.ndarray | None:
+        """The model's PyTorch logits on the test split, saved by the stage that made it."""
+        file = self.folder / "test_logits.npy"
+        return np.load(file) if file.is_file() else None
+
 
 def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = False, train_only: bool = False) -> BuildResult:
     """Run every stage of `recipe` into `run_dir`; raise GateFailure (after writing the report) when no variant passes the gates.
@@ -162,6 +168,7 @@ def _train_stage(cache: StageCache, stage_key: str, job: _TrainJob, recipe: Reci
         result = train.run(model, job.dataset, job.config, job.pre, job.augment, recipe.seed, state_path, resume, distiller, adversary)
         log.info("%s %s: best epoch %d, val accuracy %.4f, test accuracy %.4f (%.1fs)", job.stage, job.spec.name, result.best_epoch, result.val_accuracy, result.test_accuracy, result.seconds)
         models.save_checkpoint(out / "checkpoint.pt", result.model, job.spec, job.pre, job.dataset.classes, recipe)
+        np.save(out / "test_logits.npy", result.test_logits)
         summary = {"history": result.history, "best_epoch": result.best_epoch, "val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy, "train_seconds": round(result.seconds, 2), "notes": result.notes}
         write_json(out / "train.json", summary)
 
@@ -249,7 +256,10 @@ def _adabn_stage(cache: StageCache, stage_key: str, trained: _Trained, target: d
     def make(out: Path) -> None:
         adapted = adabn(trained.model, target.images, student.pre)
         models.save_checkpoint(out / "checkpoint.pt", adapted, student.spec, student.pre, student.dataset.classes, recipe)
-        summary = trained.summary | {"val_accuracy": _mean_correct(adapted, student.dataset.val, student.pre), "test_accuracy": _mean_correct(adapted, student.dataset.test, student.pre)}
+        test_logits = train.predict_logits(adapted, student.dataset.test.images, student.pre)
+        np.save(out / "test_logits.npy", test_logits)
+        test_accuracy = float((test_logits.argmax(1) == student.dataset.test.labels).mean())
+        summary = trained.summary | {"val_accuracy": _mean_correct(adapted, student.dataset.val, student.pre), "test_accuracy": test_accuracy}
         write_json(out / "train.json", summary)
 
     folder = cache.run("adabn", stage_key, make, label="adapt BatchNorm statistics")
@@ -295,7 +305,7 @@ def _quantize_stage(cache: StageCache, stage_key: str, variant: QuantVariant, ex
 
 def _validate_stage(cache: StageCache, stage_key: str, trained: _Trained, artifacts: list[validate.Artifact], dataset: data.Dataset, pre: Preprocessing, recipe: Recipe, timings: dict) -> list[dict]:
     def make(out: Path) -> None:
-        write_json(out / "variants.json", validate.run(trained.model, artifacts, dataset.test, pre, recipe.measure, trained.checkpoint))
+        write_json(out / "variants.json", validate.run(trained.model, artifacts, dataset.test, pre, recipe.measure, trained.checkpoint, trained.test_logits))
 
     started = time.monotonic()
     folder = cache.run("validate", stage_key, make)

@@ -42,6 +42,7 @@ class TrainResult:
     test_accuracy: float
     seconds: float
     notes: list[str] = field(default_factory=list)
+    test_logits: np.ndarray | None = None  # the best model's, reused as validation's PyTorch reference
 
 
 @dataclass(frozen=True)
@@ -163,8 +164,9 @@ def run(model: TransferModel, dataset: Dataset, config: TrainConfig, pre: Prepro
     model.load_state_dict(best["state"])
     model.to(memory_format=torch.contiguous_format)
     model.eval()
-    test_accuracy = _accuracy(model, inputs.test, torch.from_numpy(dataset.test.labels), inputs, pre)
-    return TrainResult(model, history, best["epoch"], best["accuracy"], test_accuracy, time.monotonic() - started, notes)
+    test_logits = _logits(model, inputs.test, inputs, pre)
+    test_accuracy = float((test_logits.argmax(1) == dataset.test.labels).mean()) if len(test_logits) else 0.0
+    return TrainResult(model, history, best["epoch"], best["accuracy"], test_accuracy, time.monotonic() - started, notes, test_logits)
 
 
 def caches_inputs(config: TrainConfig, augment: str) -> bool:
@@ -221,13 +223,16 @@ def _model_input(batch: torch.Tensor, inputs: _Inputs, pre: Preprocessing, augme
 
 
 def _accuracy(model: TransferModel, data: torch.Tensor, labels: torch.Tensor, inputs: _Inputs, pre: Preprocessing) -> float:
+    return float((_logits(model, data, inputs, pre).argmax(1) == labels.numpy()).sum()) / max(len(labels), 1)
+
+
+def _logits(model: TransferModel, data: torch.Tensor, inputs: _Inputs, pre: Preprocessing) -> np.ndarray:
     model.eval()
-    correct = 0
+    outputs = []
     with torch.inference_mode():
         for i in range(0, len(data), EVAL_BATCH):
-            x = _model_input(data[i : i + EVAL_BATCH], inputs, pre, None)
-            correct += (model.head(model.features(x, inputs.start)).argmax(1) == labels[i : i + EVAL_BATCH]).sum().item()
-    return correct / max(len(labels), 1)
+            outputs.append(model.head(model.features(_model_input(data[i : i + EVAL_BATCH], inputs, pre, None), inputs.start)))
+    return torch.cat(outputs).numpy() if outputs else np.zeros((0, model.head.out_features), np.float32)
 
 
 def _optimizer(model: TransferModel, config: TrainConfig, adversary: DomainAdversary | None) -> torch.optim.Optimizer:

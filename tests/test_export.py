@@ -204,3 +204,15 @@ def test_qat_variant_fine_tunes_with_fake_quantization_and_exports_an_int8_ir(tr
 def test_qat_is_an_openvino_variant() -> None:
     with pytest.raises(ValueError, match="method qat makes an int8 OpenVINO IR"):
         QuantVariant(runtime="onnxruntime", method="qat")
+
+
+def test_the_baseline_reuses_training_logits_only_when_they_match_the_model(trained: Trained, caplog: pytest.LogCaptureFixture) -> None:
+    model, test, pre = trained.checkpoint.model, trained.dataset.test, trained.checkpoint.preprocessing
+    fresh = predict_logits(model, test.images, pre)
+    marked = fresh + np.float32(1e-6)  # within tolerance: these very arrays come back
+    assert validate._baseline_logits(model, test, pre, marked) is marked
+    stale = fresh.copy()
+    stale[:, 0] += 5.0  # another model's logits
+    recomputed = validate._baseline_logits(model, test, pre, stale)
+    np.testing.assert_allclose(recomputed, fresh, atol=1e-5)
+    assert "do not match the model" in caplog.text
