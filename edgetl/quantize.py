@@ -24,6 +24,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -39,6 +40,9 @@ from edgetl.recipe import QuantVariant
 from edgetl.runtime.bench import interleaved_latency
 from edgetl.runtime.engines import OnnxRuntimeEngine, open_engine
 from edgetl.runtime.preprocess import Preprocessing, normalize
+
+if TYPE_CHECKING:
+    import onnx
 
 log = logging.getLogger(__name__)
 
@@ -156,20 +160,22 @@ def _ort_quantize(fp32: Path, file: Path, calibration: list[np.ndarray], dataset
     Calibration runs once; every trial below (activation type, layers left in float)
     reuses its ranges through ONNX Runtime's calibration cache.
     """
+    import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = file.with_name(f".{file.stem}.prepared.onnx")
     ranges = file.with_name(f".{file.stem}.calibration.json")
     try:
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-        input_name = OnnxRuntimeEngine(prepared).input_name  # once: the ranking quantizes ~100 times
+        float_model = onnx.load(str(prepared))  # parsed once: the ranking quantizes ~100 times
+        input_name = float_model.graph.input[0].name
         reduce_range = not has_vnni()
-        kept = _kept_in_float(prepared, variant.keep_float, variant.display_name)
+        kept = _kept_in_float(float_model.graph, variant.keep_float, variant.display_name)
         if kept:
             notes.append(f"kept in float (keep_float): {', '.join(kept)}")
-        errors = _weight_rounding_errors(prepared, calibration, reduce_range, input_name)
+        errors = _weight_rounding_errors(float_model, calibration, reduce_range, input_name)
         notes.append(f"bias correction: {len(errors)} conv(s) absorb the mean output shift of their rounded weights")
-        quantizer = _OrtQuantizer(prepared, calibration, variant.calibration_method, ranges, reduce_range, input_name, errors)
+        quantizer = _OrtQuantizer(prepared, float_model, calibration, variant.calibration_method, ranges, reduce_range, input_name, errors)
         if quantizer.reduce_range:
             notes.append("7-bit weights (reduce_range): this CPU has no VNNI, where 8-bit weights saturate ONNX Runtime's int8 kernels")
         activation = variant.activation_type
@@ -192,6 +198,7 @@ class _OrtQuantizer:
     """`quantize_static` of one prepared model with one calibration, callable per trial."""
 
     prepared: Path
+    float_model: onnx.ModelProto  # `prepared`, parsed
     calibration: list[np.ndarray]
     method: str
     ranges: Path  # ONNX Runtime's calibration cache: written by the first call, read by the rest
@@ -205,7 +212,7 @@ class _OrtQuantizer:
         methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
         corrected = out.with_name(f".{out.stem}.corrected.onnx")
         try:
-            _correct_biases(self.prepared, corrected, {node: error for node, error in self.bias_errors.items() if node not in excluded})
+            _correct_biases(self.float_model, corrected, {node: error for node, error in self.bias_errors.items() if node not in excluded})
             with atomic_path(out) as tmp:
                 quantize_static(
                     str(corrected), str(tmp), _Reader(self.calibration, self.input_name), quant_format=QuantFormat.QDQ,
@@ -218,11 +225,8 @@ class _OrtQuantizer:
         return out
 
 
-def _kept_in_float(prepared: Path, keep_float: list[str] | None, name: str) -> list[str]:
+def _kept_in_float(graph: onnx.GraphProto, keep_float: list[str] | None, name: str) -> list[str]:
     """The recipe's `keep_float` nodes, checked against the graph; by default the first convolution."""
-    import onnx
-
-    graph = onnx.load(str(prepared)).graph
     convs = [node.name for node in graph.node if node.op_type == "Conv"]
     if keep_float is None:
         return convs[:1]
@@ -232,7 +236,7 @@ def _kept_in_float(prepared: Path, keep_float: list[str] | None, name: str) -> l
     return list(keep_float)
 
 
-def _weight_rounding_errors(prepared: Path, calibration: list[np.ndarray], reduce_range: bool, input_name: str) -> dict[str, tuple[str, np.ndarray]]:
+def _weight_rounding_errors(float_model: onnx.ModelProto, calibration: list[np.ndarray], reduce_range: bool, input_name: str) -> dict[str, tuple[str, np.ndarray]]:
     """Per conv with a bias: E[(W_q − W) ∗ x], the mean output shift its quantized weights cause.
 
     W_q comes from ONNX Runtime's own per-channel symmetric weight quantizer, and E[x] is each
@@ -246,7 +250,8 @@ def _weight_rounding_errors(prepared: Path, calibration: list[np.ndarray], reduc
     from onnx import TensorProto, numpy_helper
     from onnxruntime.quantization.quant_utils import quantize_data
 
-    model = onnx.load(str(prepared))
+    model = onnx.ModelProto()
+    model.CopyFrom(float_model)  # its outputs are replaced below
     weights = {init.name: init for init in model.graph.initializer}
     convs = [n for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 2 and n.input[1] in weights and n.input[2] in weights]
     inputs = sorted({n.input[0] for n in convs})
@@ -275,11 +280,12 @@ def _dequantized(quantized: tuple) -> np.ndarray:
     return (values.astype(np.float64) - float(zero_point)) * float(scale)
 
 
-def _correct_biases(prepared: Path, out: Path, errors: dict[str, tuple[str, np.ndarray]]) -> None:
+def _correct_biases(float_model: onnx.ModelProto, out: Path, errors: dict[str, tuple[str, np.ndarray]]) -> None:
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(prepared))
+    model = onnx.ModelProto()
+    model.CopyFrom(float_model)
     by_name = {init.name: init for init in model.graph.initializer}
     for bias, error in errors.values():
         corrected = numpy_helper.to_array(by_name[bias]).astype(np.float64) - error

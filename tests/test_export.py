@@ -141,7 +141,7 @@ def test_bias_correction_measures_the_mean_output_shift_of_rounded_weights(tmp_p
     path = tmp_path / "conv.onnx"
     onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=10), str(path))
     calibration = [(rng.normal(size=(1, 4, 5, 5)) + np.arange(1, 5).reshape(1, 4, 1, 1)).astype(np.float32) for _ in range(8)]
-    bias, shift = quantize._weight_rounding_errors(path, calibration, reduce_range=True, input_name="x")["conv"]
+    bias, shift = quantize._weight_rounding_errors(onnx.load(str(path)), calibration, reduce_range=True, input_name="x")["conv"]
     from onnxruntime.quantization.quant_utils import quantize_data
 
     rounded = np.stack([quantize._dequantized(quantize_data(w.ravel(), onnx.TensorProto.INT8, True, True)).reshape(w.shape) for w in weight])
