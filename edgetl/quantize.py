@@ -297,7 +297,7 @@ def _faster_activation_type(quantizer: _OrtQuantizer, file: Path, example: np.nd
     """Quantize with uint8 and int8 activations and keep the faster here, at `file` (FACTS.md: no VNNI → uint8)."""
     trials = {a: file.with_name(f".{file.stem}.{a}.onnx") for a in ("uint8", "int8")}
     try:
-        engines = {a: open_engine(quantizer(path, a, kept), "onnxruntime", threads, spinning=False) for a, path in trials.items()}
+        engines = {a: open_engine(quantizer(path, a, kept), "onnxruntime", threads) for a, path in trials.items()}
         timings = interleaved_latency({a: (lambda e=e: e.run(example)) for a, e in engines.items()}, rounds=5, runs_per_round=10, warmup=5)
         chosen = min(timings, key=lambda a: timings[a]["p50"])
         trials[chosen].replace(file)

@@ -129,7 +129,7 @@ _CHECKED = 16  # images on which saved logits must match the model
 def open_checked(artifact: Artifact, threads: int | None) -> Engine:
     """Open an artifact; a file the runtime cannot load or run becomes an ExportError naming it."""
     try:
-        engine = open_engine(artifact.file, artifact.runtime, threads, spinning=False)  # many engines, timed side by side
+        engine = open_engine(artifact.file, artifact.runtime, threads)
     except Exception as exc:  # runtimes raise their own exception types; the message names op and node
         raise ExportError(f"{artifact.runtime} cannot load {artifact.file} ({artifact.name}): {exc}") from None
     return engine
