@@ -57,10 +57,9 @@ class _Trained:
     def checkpoint(self) -> Path:
         return self.folder / "checkpoint.pt"
 
-    @property
-    def test_logits(self) -> np.ndarray | None:
-        """The model's PyTorch logits on the test split, saved by the stage that made it."""
-        file = self.folder / "test_logits.npy"
+    def saved_logits(self, split: str) -> np.ndarray | None:
+        """The model's PyTorch logits on `split` (val, test), saved by the stage that made it."""
+        file = self.folder / f"{split}_logits.npy"
         return np.load(file) if file.is_file() else None
 
 
@@ -169,6 +168,8 @@ def _train_stage(cache: StageCache, stage_key: str, job: _TrainJob, recipe: Reci
         log.info("%s %s: best epoch %d, val accuracy %.4f, test accuracy %.4f (%.1fs)", job.stage, job.spec.name, result.best_epoch, result.val_accuracy, result.test_accuracy, result.seconds)
         models.save_checkpoint(out / "checkpoint.pt", result.model, job.spec, job.pre, job.dataset.classes, recipe)
         np.save(out / "test_logits.npy", result.test_logits)
+        if result.val_logits is not None:  # None after resuming a snapshot written before they were kept
+            np.save(out / "val_logits.npy", result.val_logits)
         summary = {"history": result.history, "best_epoch": result.best_epoch, "val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy, "train_seconds": round(result.seconds, 2), "notes": result.notes}
         write_json(out / "train.json", summary)
 
@@ -256,10 +257,12 @@ def _adabn_stage(cache: StageCache, stage_key: str, trained: _Trained, target: d
     def make(out: Path) -> None:
         adapted = adabn(trained.model, target.images, student.pre)
         models.save_checkpoint(out / "checkpoint.pt", adapted, student.spec, student.pre, student.dataset.classes, recipe)
-        test_logits = train.predict_logits(adapted, student.dataset.test.images, student.pre)
-        np.save(out / "test_logits.npy", test_logits)
-        test_accuracy = float((test_logits.argmax(1) == student.dataset.test.labels).mean())
-        summary = trained.summary | {"val_accuracy": _mean_correct(adapted, student.dataset.val, student.pre), "test_accuracy": test_accuracy}
+        accuracy = {}
+        for split in ("val", "test"):
+            logits = train.predict_logits(adapted, student.dataset.split(split).images, student.pre)
+            np.save(out / f"{split}_logits.npy", logits)
+            accuracy[f"{split}_accuracy"] = float((logits.argmax(1) == student.dataset.split(split).labels).mean())
+        summary = trained.summary | accuracy
         write_json(out / "train.json", summary)
 
     folder = cache.run("adabn", stage_key, make, label="adapt BatchNorm statistics")
@@ -280,7 +283,7 @@ def _export_stage(cache: StageCache, stage_key: str, trained: _Trained, pre: Pre
         fp32 = [validate.Artifact("onnx-fp32", "onnxruntime", "fp32", result.onnx)]
         if result.openvino is not None:
             fp32.append(validate.Artifact("ov-fp32", "openvino", "fp32", result.openvino))
-        parity = validate.parity(trained.model, fp32, dataset.val, pre, recipe.export.parity_tolerance, recipe.measure.threads)
+        parity = validate.parity(trained.model, fp32, dataset.val, pre, recipe.export.parity_tolerance, recipe.measure.threads, trained.saved_logits("val"))
         write_json(out / "export.json", {"opset": result.opset, "node_count": result.node_count, "seconds": round(result.seconds, 2), "parity": parity})
 
     started = time.monotonic()
@@ -305,7 +308,7 @@ def _quantize_stage(cache: StageCache, stage_key: str, variant: QuantVariant, ex
 
 def _validate_stage(cache: StageCache, stage_key: str, trained: _Trained, artifacts: list[validate.Artifact], dataset: data.Dataset, pre: Preprocessing, recipe: Recipe, timings: dict) -> list[dict]:
     def make(out: Path) -> None:
-        write_json(out / "variants.json", validate.run(trained.model, artifacts, dataset.test, pre, recipe.measure, trained.checkpoint, trained.test_logits))
+        write_json(out / "variants.json", validate.run(trained.model, artifacts, dataset.test, pre, recipe.measure, trained.checkpoint, trained.saved_logits("test")))
 
     started = time.monotonic()
     folder = cache.run("validate", stage_key, make)

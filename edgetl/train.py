@@ -43,6 +43,7 @@ class TrainResult:
     seconds: float
     notes: list[str] = field(default_factory=list)
     test_logits: np.ndarray | None = None  # the best model's, reused as validation's PyTorch reference
+    val_logits: np.ndarray | None = None  # the best epoch's, reused as the export parity check's reference
 
 
 @dataclass(frozen=True)
@@ -152,10 +153,11 @@ def run(model: TransferModel, dataset: Dataset, config: TrainConfig, pre: Prepro
             optimizer.step()
             schedule.step()
             total_loss += loss.item() * len(index)
-        val_accuracy = _accuracy(model, inputs.val, val_labels, inputs, pre)
+        val_logits = _logits(model, inputs.val, inputs, pre)
+        val_accuracy = float((val_logits.argmax(1) == dataset.val.labels).sum()) / max(len(val_labels), 1)
         improved = val_accuracy > best["accuracy"]
         if improved:
-            best = {"epoch": epoch, "accuracy": val_accuracy, "state": copy.deepcopy(model.state_dict())}
+            best = {"epoch": epoch, "accuracy": val_accuracy, "state": copy.deepcopy(model.state_dict()), "val_logits": val_logits}
         history.append({"epoch": epoch, "train_loss": total_loss / len(order), "val_accuracy": val_accuracy, "lr": schedule.get_last_lr()[0], "seconds": round(time.monotonic() - epoch_start, 3)})
         log.info("epoch %d/%d  loss %.4f  val_acc %.4f%s  (%.1fs)", epoch, config.epochs, history[-1]["train_loss"], val_accuracy, "  best" if improved else "", history[-1]["seconds"])
         if state_path is not None:
@@ -166,7 +168,7 @@ def run(model: TransferModel, dataset: Dataset, config: TrainConfig, pre: Prepro
     model.eval()
     test_logits = _logits(model, inputs.test, inputs, pre)
     test_accuracy = float((test_logits.argmax(1) == dataset.test.labels).mean()) if len(test_logits) else 0.0
-    return TrainResult(model, history, best["epoch"], best["accuracy"], test_accuracy, time.monotonic() - started, notes, test_logits)
+    return TrainResult(model, history, best["epoch"], best["accuracy"], test_accuracy, time.monotonic() - started, notes, test_logits, best.get("val_logits"))
 
 
 def caches_inputs(config: TrainConfig, augment: str) -> bool:
@@ -220,10 +222,6 @@ def _model_input(batch: torch.Tensor, inputs: _Inputs, pre: Preprocessing, augme
     if augmenter is not None:
         images = torch.stack([augmenter(image) for image in images])
     return torch.from_numpy(normalize(images.permute(0, 2, 3, 1).numpy(), pre)).contiguous(memory_format=torch.channels_last)
-
-
-def _accuracy(model: TransferModel, data: torch.Tensor, labels: torch.Tensor, inputs: _Inputs, pre: Preprocessing) -> float:
-    return float((_logits(model, data, inputs, pre).argmax(1) == labels.numpy()).sum()) / max(len(labels), 1)
 
 
 def _logits(model: TransferModel, data: torch.Tensor, inputs: _Inputs, pre: Preprocessing) -> np.ndarray:

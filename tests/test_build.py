@@ -40,6 +40,10 @@ def test_build_writes_a_checkpoint_that_reproduces_its_metrics(tiny_recipe: Path
     predictions = predict_logits(checkpoint.model, dataset.test.images, checkpoint.preprocessing).argmax(1)
     assert np.mean(predictions == dataset.test.labels) == pytest.approx(metrics["test_accuracy"])
     assert checkpoint.labels == ("china", "flower")
+    stage = next((tmp_path / "run" / "stages").glob("train-*"))
+    for split in ("val", "test"):  # the export parity check and validation reuse them as PyTorch's logits
+        expected = predict_logits(checkpoint.model, dataset.split(split).images, checkpoint.preprocessing)
+        np.testing.assert_allclose(np.load(stage / f"{split}_logits.npy"), expected, atol=1e-4)
 
 
 def test_same_seed_same_data_gives_same_metrics(tiny_recipe: Path, tmp_path: Path) -> None:

@@ -206,13 +206,13 @@ def test_qat_is_an_openvino_variant() -> None:
         QuantVariant(runtime="onnxruntime", method="qat")
 
 
-def test_the_baseline_reuses_training_logits_only_when_they_match_the_model(trained: Trained, caplog: pytest.LogCaptureFixture) -> None:
+def test_saved_training_logits_are_reused_only_when_they_match_the_model(trained: Trained, caplog: pytest.LogCaptureFixture) -> None:
     model, test, pre = trained.checkpoint.model, trained.dataset.test, trained.checkpoint.preprocessing
     fresh = predict_logits(model, test.images, pre)
     marked = fresh + np.float32(1e-6)  # within tolerance: these very arrays come back
-    assert validate._baseline_logits(model, test, pre, marked) is marked
+    assert validate._saved_or_computed_logits(model, test, pre, marked) is marked
     stale = fresh.copy()
     stale[:, 0] += 5.0  # another model's logits
-    recomputed = validate._baseline_logits(model, test, pre, stale)
+    recomputed = validate._saved_or_computed_logits(model, test, pre, stale)
     np.testing.assert_allclose(recomputed, fresh, atol=1e-5)
     assert "do not match the model" in caplog.text
