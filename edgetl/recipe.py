@@ -134,7 +134,7 @@ class QuantVariant(_Section):
     calibration_method: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="engine onnxruntime only.")
     activation_type: Literal["auto", "uint8", "int8"] = Field("auto", description="engine onnxruntime only; auto keeps the faster on this CPU.")
     max_accuracy_drop: float | None = Field(None, gt=0, lt=1, description="Accuracy control: keep the val accuracy drop within this (0.01 = 1 point) by leaving the most sensitive layers in float.")
-    keep_float: list[str] | None = Field(None, description="engine onnxruntime only: ONNX node names left in float. Default: the first convolution (its 7-bit weights cost 4.5 points on a fine-tuned cifar lite0). [] quantizes everything.")
+    keep_float: list[str] | None = Field(None, description="engine onnxruntime only: ONNX node names left in float. Default: the first convolution and the first depthwise one (on a fine-tuned cifar lite0, INT8 agreement with FP32 0.805 → 0.954 with bias correction, at no latency cost). [] quantizes everything.")
 
     @property
     def display_name(self) -> str:

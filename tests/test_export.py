@@ -99,8 +99,9 @@ def test_quantized_variants_are_calibrated_on_real_images_and_measured(trained: 
     assert ort.calibration_images == len(trained.dataset.train.labels) and "asked for 1000 calibration images" in ort.notes[0]
     assert ov.calibration_images == 16
     graph = onnx.load(str(ort.file)).graph
-    first_conv = next(n.name for n in onnx.load(str(trained.exported.onnx)).graph.node if n.op_type == "Conv")
-    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 20 and ort.float_layers == [first_conv]  # keep_float's default
+    convs = [n for n in onnx.load(str(trained.exported.onnx)).graph.node if n.op_type == "Conv"]
+    first_depthwise = next(n.name for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute))
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 20 and ort.float_layers == [convs[0].name, first_depthwise]  # keep_float's default
     assert len(ov.float_layers) <= 1  # NNCF may keep the 3-channel stem in float; the rest is int8
 
     artifacts = [validate.Artifact(m.name, m.runtime, m.precision, m.file, m.float_layers, m.notes) for m in made]
