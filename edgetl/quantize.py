@@ -229,13 +229,13 @@ class _OrtQuantizer:
 def _kept_in_float(graph: onnx.GraphProto, keep_float: list[str] | None, name: str) -> list[str]:
     """The recipe's `keep_float` nodes, checked against the graph; by default the first
     convolution and the first depthwise one (where there is one: not in a ResNet)."""
-    convs = [node.name for node in graph.node if node.op_type == "Conv"]
+    convs = [node for node in graph.node if node.op_type == "Conv"]
     if keep_float is None:
-        depthwise = [node.name for node in graph.node if node.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in node.attribute)]
-        return convs[:1] + [n for n in depthwise[:1] if n not in convs[:1]]
+        depthwise = [node.name for node in convs[1:] if any(a.name == "group" and a.i > 1 for a in node.attribute)]
+        return [node.name for node in convs[:1]] + depthwise[:1]
     unknown = sorted(set(keep_float) - {node.name for node in graph.node})
     if unknown:
-        raise RecipeError(f"quantize variant {name}: keep_float names {unknown}, which are not nodes of the exported model; its convolutions are {convs[:4]} … (report.json lists every variant's float layers)")
+        raise RecipeError(f"quantize variant {name}: keep_float names {unknown}, which are not nodes of the exported model; its convolutions are {[node.name for node in convs[:4]]} … (report.json lists every variant's float layers)")
     return list(keep_float)
 
 

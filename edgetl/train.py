@@ -96,7 +96,6 @@ def run(model: TransferModel, dataset: Dataset, config: TrainConfig, pre: Prepro
         distiller.cache_logits()
     target = _prepare_split(model, adversary.target_images, pre, inputs.start, "target") if adversary is not None and inputs.cached else None
     train_labels = torch.from_numpy(dataset.train.labels)
-    val_labels = torch.from_numpy(dataset.val.labels)
     num_classes = len(dataset.classes)
 
     generator = torch.Generator().manual_seed(seed)
@@ -154,7 +153,7 @@ def run(model: TransferModel, dataset: Dataset, config: TrainConfig, pre: Prepro
             schedule.step()
             total_loss += loss.item() * len(index)
         val_logits = _logits(model, inputs.val, inputs, pre)
-        val_accuracy = float((val_logits.argmax(1) == dataset.val.labels).sum()) / max(len(val_labels), 1)
+        val_accuracy = float((val_logits.argmax(1) == dataset.val.labels).mean()) if len(val_logits) else 0.0
         improved = val_accuracy > best["accuracy"]
         if improved:
             best = {"epoch": epoch, "accuracy": val_accuracy, "state": copy.deepcopy(model.state_dict()), "val_logits": val_logits}
