@@ -158,7 +158,7 @@ def _run_batches(engine: Engine, images: np.ndarray, pre: Preprocessing, artifac
 
 def _batch_seconds(engines: dict[str, Engine], passes: dict[str, tuple[np.ndarray, list[float]]], test: Split, pre: Preprocessing, batch: int) -> dict[str, list[float]]:
     """Seconds per full batch for each engine, for its throughput. The test pass's batches
-    when there are enough of them (30 at 1,000 test images: a steadier median than timing
+    when there are enough of them (31 of 32 images at 1,000 test images: a steadier median than timing
     extra batches, and no extra time); otherwise, and for PyTorch, whose logits training
     saved, a warm-up and three timed batches."""
     timed = {name: p[1] for name, p in passes.items() if len(p[1]) >= _TIMED_BATCHES}
