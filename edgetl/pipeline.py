@@ -257,12 +257,13 @@ def _adabn_stage(cache: StageCache, stage_key: str, trained: _Trained, target: d
     def make(out: Path) -> None:
         adapted = adabn(trained.model, target.images, student.pre)
         models.save_checkpoint(out / "checkpoint.pt", adapted, student.spec, student.pre, student.dataset.classes, recipe)
-        accuracy = {}
-        for split in ("val", "test"):
-            logits = train.predict_logits(adapted, student.dataset.split(split).images, student.pre)
-            np.save(out / f"{split}_logits.npy", logits)
-            accuracy[f"{split}_accuracy"] = float((logits.argmax(1) == student.dataset.split(split).labels).mean())
-        summary = trained.summary | accuracy
+        accuracies = {}
+        for name in ("val", "test"):
+            split = student.dataset.split(name)
+            logits = train.predict_logits(adapted, split.images, student.pre)
+            np.save(out / f"{name}_logits.npy", logits)
+            accuracies[f"{name}_accuracy"] = train.accuracy(logits, split.labels)
+        summary = trained.summary | accuracies
         write_json(out / "train.json", summary)
 
     folder = cache.run("adabn", stage_key, make, label="adapt BatchNorm statistics")
@@ -274,7 +275,7 @@ def _accuracies(trained: _Trained) -> dict:
 
 
 def _mean_correct(model: models.TransferModel, split: data.Split, pre: Preprocessing) -> float:
-    return float((train.predict_logits(model, split.images, pre).argmax(1) == split.labels).mean())
+    return train.accuracy(train.predict_logits(model, split.images, pre), split.labels)
 
 
 def _export_stage(cache: StageCache, stage_key: str, trained: _Trained, pre: Preprocessing, dataset: data.Dataset, recipe: Recipe, runtimes: list[str], recipe_hash: str, timings: dict) -> tuple[export.ExportResult, list[dict]]:

@@ -41,6 +41,7 @@ from edgetl.recipe import QuantVariant
 from edgetl.runtime.bench import interleaved_latency
 from edgetl.runtime.engines import OnnxRuntimeEngine, open_engine
 from edgetl.runtime.preprocess import Preprocessing, normalize
+from edgetl.train import accuracy
 
 if TYPE_CHECKING:
     import onnx
@@ -315,12 +316,12 @@ def _exclude_sensitive_nodes(quantizer: _OrtQuantizer, file: Path, activation: s
     """Beyond `kept`, leave the most sensitive nodes in float, 1, 2, 4, … of them, until the val drop is within `max_drop`."""
     val_x, val_y = normalize(dataset.val.images, pre), dataset.val.labels
     float_logits = _logits(OnnxRuntimeEngine(quantizer.prepared, threads), val_x)
-    float_accuracy = float((float_logits.argmax(1) == val_y).mean())
+    float_accuracy = accuracy(float_logits, val_y)
     trial = file.with_name(f".{file.stem}.trial.onnx")
 
     def drop_with(excluded: list[str]) -> float:
         quantizer(trial, activation, excluded)
-        return float_accuracy - float((_logits(OnnxRuntimeEngine(trial, threads), val_x).argmax(1) == val_y).mean())
+        return float_accuracy - accuracy(_logits(OnnxRuntimeEngine(trial, threads), val_x), val_y)
 
     try:
         drop = drop_with(kept)

@@ -57,6 +57,11 @@ class _Inputs:
     cached: bool
 
 
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of (N, classes) logits; 0.0 for no images."""
+    return float((logits.argmax(1) == labels).mean()) if len(logits) else 0.0
+
+
 def predict_logits(model: TransferModel, images: np.ndarray, pre: Preprocessing, batch_size: int = EVAL_BATCH) -> np.ndarray:
     """Eval-mode logits for uint8 (N, S, S, 3) crops, through the shared preprocessing.
 
@@ -153,7 +158,7 @@ def run(model: TransferModel, dataset: Dataset, config: TrainConfig, pre: Prepro
             schedule.step()
             total_loss += loss.item() * len(index)
         val_logits = _logits(model, inputs.val, inputs, pre)
-        val_accuracy = float((val_logits.argmax(1) == dataset.val.labels).mean()) if len(val_logits) else 0.0
+        val_accuracy = accuracy(val_logits, dataset.val.labels)
         improved = val_accuracy > best["accuracy"]
         if improved:
             best = {"epoch": epoch, "accuracy": val_accuracy, "state": copy.deepcopy(model.state_dict()), "val_logits": val_logits}
@@ -166,7 +171,7 @@ def run(model: TransferModel, dataset: Dataset, config: TrainConfig, pre: Prepro
     model.to(memory_format=torch.contiguous_format)
     model.eval()
     test_logits = _logits(model, inputs.test, inputs, pre)
-    test_accuracy = float((test_logits.argmax(1) == dataset.test.labels).mean()) if len(test_logits) else 0.0
+    test_accuracy = accuracy(test_logits, dataset.test.labels)
     return TrainResult(model, history, best["epoch"], best["accuracy"], test_accuracy, time.monotonic() - started, notes, test_logits, best.get("val_logits"))
 
 
