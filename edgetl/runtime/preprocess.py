@@ -15,6 +15,8 @@ from typing import Any, Literal, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from edgetl.runtime.resize import resized_crop
+
 ImageSource = Union[str, Path, bytes, Image.Image, np.ndarray]
 Interpolation = Literal["nearest", "bilinear", "bicubic"]
 _RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
@@ -117,11 +119,9 @@ def crop_uint8(image: Image.Image, pre: Preprocessing) -> np.ndarray:
     short, long = min(width, height), max(width, height)
     new_long = max(pre.input_size, int(pre.resize_size * long / short))
     new_size = (pre.resize_size, new_long) if width <= height else (new_long, pre.resize_size)
-    resized = image.resize(new_size, _RESAMPLE[pre.interpolation], reducing_gap=None)
     left = int(round((new_size[0] - pre.input_size) / 2.0))
     top = int(round((new_size[1] - pre.input_size) / 2.0))
-    cropped = resized.crop((left, top, left + pre.input_size, top + pre.input_size))
-    return np.asarray(cropped, dtype=np.uint8)
+    return resized_crop(image, new_size, (left, top), pre.input_size, _RESAMPLE[pre.interpolation])
 
 
 def normalize(batch: np.ndarray, pre: Preprocessing) -> np.ndarray:

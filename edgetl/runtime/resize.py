@@ -1,0 +1,89 @@
+"""Resize-then-center-crop at about half the cost, within one 8-bit level of Pillow's full resize.
+
+The contract resizes the whole image and keeps the center crop, so a 500×375 photo is
+resized to 341×256 and a third of that work is thrown away. Here each half of the crop's
+rows resamples only the source it needs, on its own thread (Pillow releases the GIL while
+resampling): 2.5 → 1.3 ms at 500×375 → 224 px bicubic on 2 cores, 72 → 36 ms from 4000×3000.
+
+Pillow resizes in two 8-bit passes, horizontal and vertical, and recent Pillow (13 here) picks
+their order from the sizes; the two orders round differently (up to 20 levels on noise,
+9 on photos). So the passes run here explicitly, in the order the full resize would run
+them (`_vertical_first`), the first one over the full extent of its axis exactly as Pillow
+does, and only the second with a fractional box, whose float32 coordinates move a
+pixel by at most one level. numpy and Pillow only: this runs on the device.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+
+_SUPPORT = {Image.Resampling.BILINEAR: 1.0, Image.Resampling.BICUBIC: 2.0}  # Pillow's filter radii
+_SPLIT_FROM_SIZE = 128  # smaller crops resample in ~0.1 ms, what handing half to a thread costs
+
+
+def resized_crop(image: Image.Image, new_size: tuple[int, int], corner: tuple[int, int], size: int, resample: Image.Resampling) -> np.ndarray:
+    """`image.resize(new_size, resample).crop((x, y, x + size, y + size))` as uint8 (size, size, 3),
+    for `corner` = (x, y). NEAREST and a resize to the same size take that path as it is
+    (there are no passes to save)."""
+    left, top = corner
+    if resample not in _SUPPORT or new_size == image.size:
+        return np.asarray(image.resize(new_size, resample).crop((left, top, left + size, top + size)), dtype=np.uint8)
+    vertical_first = _vertical_first(image.size, new_size, resample)
+    if size < _SPLIT_FROM_SIZE or (os.cpu_count() or 1) < 2:
+        return _part(image, new_size, corner, (size, size), resample, vertical_first)
+    halves = [(corner, (size, size // 2)), ((left, top + size // 2), (size, size - size // 2))]
+    parts = _pool().map(lambda half: _part(image, new_size, half[0], half[1], resample, vertical_first), halves)
+    return np.concatenate(list(parts))
+
+
+def _part(image: Image.Image, new_size: tuple[int, int], corner: tuple[int, int], out: tuple[int, int], resample: Image.Resampling, vertical_first: bool) -> np.ndarray:
+    """The `out`-sized block at `corner` of the resized image: the first pass exact over the
+    source lines the second one reads, the second pass only over the block."""
+    width, height = image.size
+    (left, top), (out_w, out_h) = corner, out
+    if vertical_first:
+        first, last = _source_span(left, left + out_w, new_size[0], width, resample)
+        columns = image.crop((first, 0, last, height)).resize((last - first, new_size[1]), resample, reducing_gap=None)
+        block = columns.crop((0, top, last - first, top + out_h))
+        scale = width / new_size[0]
+        return np.asarray(block.resize(out, resample, box=(left * scale - first, 0, (left + out_w) * scale - first, out_h), reducing_gap=None), dtype=np.uint8)
+    first, last = _source_span(top, top + out_h, new_size[1], height, resample)
+    rows = image.crop((0, first, width, last)).resize((new_size[0], last - first), resample, reducing_gap=None)
+    block = rows.crop((left, 0, left + out_w, last - first))
+    scale = height / new_size[1]
+    return np.asarray(block.resize(out, resample, box=(0, top * scale - first, out_w, (top + out_h) * scale - first), reducing_gap=None), dtype=np.uint8)
+
+
+def _source_span(start: int, stop: int, new_length: int, length: int, resample: Image.Resampling) -> tuple[int, int]:
+    """The source lines that output lines [start, stop) of a resize to `new_length` read, with a
+    line to spare on each side (at the image's edges Pillow renormalizes; in between it must not)."""
+    scale = length / new_length
+    reach = _SUPPORT[resample] * max(scale, 1.0) + 1
+    return max(0, math.floor(start * scale - reach)), min(length, math.ceil(stop * scale + reach))
+
+
+@lru_cache(maxsize=256)
+def _vertical_first(size: tuple[int, int], new_size: tuple[int, int], resample: Image.Resampling) -> bool:
+    """Whether Pillow's resize from `size` to `new_size` runs its vertical pass first: tried once
+    per size on a noise image (one grayscale resize, ~1 ms at 500 px), because the rule is
+    Pillow's own and changes between versions."""
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0]), dtype=np.uint8))
+    full = noise.resize(new_size, resample, reducing_gap=None)
+    horizontal_first = noise.resize((new_size[0], size[1]), resample, reducing_gap=None).resize(new_size, resample, reducing_gap=None)
+    return full.tobytes() != horizontal_first.tobytes()
+
+
+@lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    """One thread per core: the data stage resizes on every core at once and must not queue here."""
+    return ThreadPoolExecutor(max_workers=os.cpu_count(), thread_name_prefix="edgetl-resize")
+
+
+if hasattr(os, "register_at_fork"):  # POSIX: a forked child inherits the pool's queue but not its threads
+    os.register_at_fork(after_in_child=_pool.cache_clear)
