@@ -39,10 +39,11 @@ class BackboneSpec:
     weights: str  # where `weights: pretrained` comes from, for people
     pretrained_state: Callable[[], dict[str, torch.Tensor]] | None = field(default=None, repr=False, compare=False)
 
-    def preprocessing(self, image_size: int | None = None) -> Preprocessing:
-        """The contract for an input of `image_size` px (default: native), keeping the crop ratio."""
+    def preprocessing(self, image_size: int | None = None, crop_pct: float | None = None) -> Preprocessing:
+        """The contract for an input of `image_size` px (default: native) and the center crop's
+        share `crop_pct` of the resized shorter side (default: the backbone's)."""
         size = image_size or self.native_size
-        return Preprocessing(size, int(math.floor(size / self.crop_pct)), self.interpolation, self.mean, self.std)
+        return Preprocessing(size, int(math.floor(size / (crop_pct or self.crop_pct))), self.interpolation, self.mean, self.std)
 
 
 class Registry:

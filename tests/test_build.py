@@ -54,6 +54,12 @@ def test_same_seed_same_data_gives_same_metrics(tiny_recipe: Path, tmp_path: Pat
     assert first["test_accuracy"] == second["test_accuracy"]
 
 
+def test_data_crop_pct_sets_the_contract_the_checkpoint_carries(tiny_recipe: Path, tmp_path: Path) -> None:
+    assert REGISTRY.get("efficientnet_lite0").preprocessing(32).resize_size == 36  # the backbone's 0.875 crop
+    pipeline.build(load_recipe(tiny_recipe, ["data.crop_pct=1.0", "train.epochs=1"]), tmp_path / "run", train_only=True)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt").preprocessing.resize_size == 32  # the whole frame
+
+
 def _without_timing(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in epoch.items() if k != "seconds"} for epoch in history]
 
