@@ -93,6 +93,8 @@ def run(model: TransferModel, artifacts: list[Artifact], test: Split, pre: Prepr
     logits = {baseline.name: _saved_or_computed_logits(model, test, pre, test_logits)} | {name: p[0] for name, p in passes.items()}
     reference = logits[baseline.name].argmax(1)
     one = normalize(test.images[:1], pre)
+    # After the batches above (PyTorch's included): glibc then keeps PyTorch's activations
+    # mapped between calls; before, each batch-1 forward page-faults them in (19 vs 24-27 ms).
     latency = interleaved_latency({n: (lambda e=e: e.run(one)) for n, e in engines.items()}, config.latency_rounds, config.latency_runs, config.warmup)
     throughput = {name: config.throughput_batch / float(np.median(seconds)) for name, seconds in _batch_seconds(engines, passes, test, pre, config.throughput_batch).items()}
     results = []
