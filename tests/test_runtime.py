@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 import tarfile
+import warnings
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +108,19 @@ def test_a_tampered_or_incomplete_bundle_is_refused_naming_the_file(bundle: Path
         Predictor.load(bundle)
     (bundle / "edgetl.json").unlink()
     with pytest.raises(BundleError, match="edgetl.json is missing"):
+        Predictor.load(bundle)
+
+
+def test_a_bundle_built_with_another_pillow_major_version_warns(bundle: Path) -> None:
+    manifest = json.loads((bundle / "edgetl.json").read_text())
+    manifest["versions"] = {"pillow": metadata.version("pillow")}
+    (bundle / "edgetl.json").write_text(json.dumps(manifest))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same version: silent
+        Predictor.load(bundle)
+    manifest["versions"] = {"pillow": "9.5.0"}
+    (bundle / "edgetl.json").write_text(json.dumps(manifest))
+    with pytest.warns(RuntimeWarning, match=r"validated with Pillow 9\.5\.0.*pip install 'pillow==9\.5\.0'"):
         Predictor.load(bundle)
 
 

@@ -7,7 +7,9 @@ the build measured. numpy, Pillow and the runtime only.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Sequence
 
@@ -54,6 +56,7 @@ class Predictor:
         ONNX Runtime cannot run an OpenVINO IR.
         """
         opened = open_bundle(Path(bundle))
+        _warn_if_pillow_differs(opened.manifest, bundle)
         chosen = opened.manifest["runtime"] if runtime == "auto" else runtime
         if chosen not in RUNTIMES:
             raise BundleError(f"runtime {runtime!r} is not one of auto, {', '.join(RUNTIMES)}.")
@@ -96,3 +99,12 @@ class Predictor:
         k = max(1, min(top_k, probabilities.shape[1]))
         order = np.argsort(-probabilities, axis=1)[:, :k]
         return [Prediction([self.labels[i] for i in row], [float(p[i]) for i in row]) for p, row in zip(probabilities, order)]
+
+
+def _warn_if_pillow_differs(manifest: dict, bundle: str | Path) -> None:
+    """Pillow's resize rounding is part of the pixels the build validated, and it changes
+    between major versions (which of the two passes runs first moves photos by up to 9
+    levels at some sizes): say so when the device's major version is not the build's."""
+    built, here = manifest.get("versions", {}).get("pillow"), metadata.version("pillow")
+    if built and built.split(".")[0] != here.split(".")[0]:
+        warnings.warn(f"{bundle} was validated with Pillow {built}, this device has Pillow {here}: resizing may round some image sizes differently, by a few 8-bit levels. For the validated pixels: pip install 'pillow=={built}'.", RuntimeWarning, stacklevel=3)
