@@ -147,6 +147,8 @@ def info(args: argparse.Namespace) -> int:
     print(f"preprocessing: resize {pre.resize_size} {pre.interpolation}, center crop {pre.input_size}, mean {list(pre.mean)}, std {list(pre.std)}")
     if metrics:
         print(f"measured at build: accuracy {metrics['accuracy']:.4f}, agreement {metrics['agreement']:.4f}, p50 {metrics['latency_ms']['p50']:.2f} ms, {metrics['size_mb']:.2f} MB")
+    if manifest.get("versions"):
+        print("built with: " + ", ".join(f"{package} {version}" for package, version in manifest["versions"].items() if version))
     for name, digest in manifest["files"].items():
         print(f"sha256 {digest}  {name}")
     return 0
