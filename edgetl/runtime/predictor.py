@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import PIL
 
 from edgetl.errors import BundleError
 from edgetl.runtime.bundle import Bundle, open_bundle
@@ -105,6 +105,6 @@ def _warn_if_pillow_differs(manifest: dict, bundle: str | Path) -> None:
     """Pillow's resize rounding is part of the pixels the build validated, and it changes
     between major versions (which of the two passes runs first moves photos by up to 9
     levels at some sizes): say so when the device's major version is not the build's."""
-    built, here = manifest.get("versions", {}).get("pillow"), metadata.version("pillow")
+    built, here = manifest.get("versions", {}).get("pillow"), PIL.__version__
     if built and built.split(".")[0] != here.split(".")[0]:
         warnings.warn(f"{bundle} was validated with Pillow {built}, this device has Pillow {here}: resizing may round some image sizes differently, by a few 8-bit levels. For the validated pixels: pip install 'pillow=={built}'.", RuntimeWarning, stacklevel=3)
