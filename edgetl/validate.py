@@ -96,7 +96,7 @@ def run(model: TransferModel, artifacts: list[Artifact], test: Split, pre: Prepr
     # After the batches above (PyTorch's included): glibc then keeps PyTorch's activations
     # mapped between calls; before, each batch-1 forward page-faults them in (19 vs 24-27 ms).
     latency = interleaved_latency({n: (lambda e=e: e.run(one)) for n, e in engines.items()}, config.latency_rounds, config.latency_runs, config.warmup)
-    throughput = {name: config.throughput_batch / float(np.median(seconds)) for name, seconds in _batch_seconds(engines, passes, test, pre, config.throughput_batch).items()}
+    throughput = {name: config.throughput_batch / seconds for name, seconds in _batch_seconds(engines, passes, test, pre, config.throughput_batch).items()}
     results = []
     for artifact in rows:
         predicted = logits[artifact.name].argmax(1)
@@ -158,22 +158,16 @@ def _run_batches(engine: Engine, images: np.ndarray, pre: Preprocessing, artifac
     return np.concatenate(outputs), seconds
 
 
-def _batch_seconds(engines: dict[str, Engine], passes: dict[str, tuple[np.ndarray, list[float]]], test: Split, pre: Preprocessing, batch: int) -> dict[str, list[float]]:
-    """Seconds per full batch for each engine, for its throughput. The test pass's batches
-    when there are enough of them (31 of 32 images at 1,000 test images: a steadier median than timing
-    extra batches, and no extra time); otherwise, and for PyTorch, whose logits training
-    saved, a warm-up and three timed batches."""
-    timed = {name: p[1] for name, p in passes.items() if len(p[1]) >= _TIMED_BATCHES}
+def _batch_seconds(engines: dict[str, Engine], passes: dict[str, tuple[np.ndarray, list[float]]], test: Split, pre: Preprocessing, batch: int) -> dict[str, float]:
+    """Median seconds per full batch for each engine, for its throughput. The test pass's
+    batches when there are enough of them (31 of 32 images at 1,000 test images: a steadier
+    median than timing extra batches, and no extra time); otherwise, and for PyTorch, whose
+    logits training saved, a warm-up and three timed batches."""
+    median = {name: float(np.median(p[1])) for name, p in passes.items() if len(p[1]) >= _TIMED_BATCHES}
     many = normalize(np.resize(test.images, (batch, *test.images.shape[1:])), pre)
-    for name, engine in engines.items():
-        if name not in timed:
-            engine.run(many)
-            timed[name] = []
-            for _ in range(_TIMED_BATCHES):
-                started = time.perf_counter()
-                engine.run(many)
-                timed[name].append(time.perf_counter() - started)
-    return timed
+    untimed = {name: (lambda e=e: e.run(many)) for name, e in engines.items() if name not in median}
+    timed = interleaved_latency(untimed, rounds=_TIMED_BATCHES, runs_per_round=1, warmup=1) if untimed else {}
+    return median | {name: t["p50"] / 1000.0 for name, t in timed.items()}
 
 
 _TIMED_BATCHES = 3
