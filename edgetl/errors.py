@@ -45,3 +45,9 @@ class GateFailure(EdgetlError):
     """A recipe gate was not met; the report is still written."""
 
     exit_code = 3
+
+
+class InferenceError(EdgetlError):
+    """A runtime cannot load or run a model file, or the model's outputs are not finite."""
+
+    exit_code = 4
