@@ -20,6 +20,7 @@ from edgetl.errors import DataError
 from edgetl.progress import track
 from edgetl.recipe import DataConfig
 from edgetl.runtime.preprocess import ImageDecodeError, Preprocessing, preprocess_uint8
+from edgetl.runtime.walk import candidate_files
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def run(config: DataConfig, pre: Preprocessing, seed: int) -> Dataset:
     else:
         classes, listing, origin = _folder_listing(Path(str(config.path)), config, seed)
     skipped: list[SkippedImage] = []
-    splits = {name: _decode(listing[name], pre, name, skipped, config.on_bad_image) for name in SPLITS}
+    splits = {name: _decode(listing[name], pre, name, skipped, config) for name in SPLITS}
     for name, split in splits.items():
         _require_every_class(split, classes, name, origin)
     if skipped:
@@ -98,25 +99,24 @@ def run(config: DataConfig, pre: Preprocessing, seed: int) -> Dataset:
     return Dataset(classes, splits["train"], splits["val"], splits["test"], tuple(skipped), _content_hash(classes, splits), origin)
 
 
-def load_unlabeled(folder: Path, pre: Preprocessing, on_bad_image: str, field: str) -> Split:
+def load_unlabeled(folder: Path, pre: Preprocessing, config: DataConfig, field: str) -> Split:
     """Every image file under `folder` (any layout), decoded once; labels are -1."""
     if not folder.is_dir():
         raise DataError(f"`{field}` {folder} is not a folder. Point it at a folder of images from the deployment domain.")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    split = _decode([(path, -1, str(path)) for path in files], pre, field, [], on_bad_image)
+    split = _decode([(path, -1, str(path)) for path in candidate_files(folder)], pre, field, [], config)
     if not len(split.labels):
         raise DataError(f"`{field}` {folder} has no readable images. Add images from the deployment domain.")
     return split
 
 
-def load_labeled(folder: Path, classes: tuple[str, ...], pre: Preprocessing, on_bad_image: str, field: str) -> Split:
+def load_labeled(folder: Path, classes: tuple[str, ...], pre: Preprocessing, config: DataConfig, field: str) -> Split:
     """<folder>/<class>/* with the training classes (some may be absent), decoded once."""
     if not folder.is_dir():
         raise DataError(f"`{field}` {folder} is not a folder. Lay it out as <root>/<class>/<image> with the training classes.")
     extra = sorted(set(_class_names(folder, need_two=False)) - set(classes))
     if extra:
         raise DataError(f"`{field}` {folder} has class folder(s) {extra} that the training data lacks; use the training classes {list(classes)}.")
-    split = _decode(_list_files(folder, classes, allow_empty=True), pre, field, [], on_bad_image)
+    split = _decode(_list_files(folder, classes, allow_empty=True), pre, field, [], config)
     if not len(split.labels):
         raise DataError(f"`{field}` {folder} has no readable images in any class folder.")
     return split
@@ -171,7 +171,7 @@ def _list_files(folder: Path, classes: tuple[str, ...], allow_empty: bool = Fals
     items = []
     for label, name in enumerate(classes):
         class_dir = folder / name
-        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)) if class_dir.is_dir() else []
+        files = candidate_files(class_dir) if class_dir.is_dir() else []
         if not files and not allow_empty:  # an empty val/test class is reported once decoding is done
             raise DataError(f"Class folder {class_dir} is empty. Add images of class '{name}' or remove the folder.")
         items.extend((path, label, str(path)) for path in files)
@@ -198,13 +198,13 @@ def _stratified(items, classes, config: DataConfig, seed: int, origin: str, only
     return {k: v for k, v in out.items() if k == "train" or k in only}
 
 
-def _decode(items, pre: Preprocessing, split: str, skipped: list[SkippedImage], on_bad_image: str) -> Split:
+def _decode(items, pre: Preprocessing, split: str, skipped: list[SkippedImage], config: DataConfig) -> Split:
     def one(item):
         source, label, name = item
         try:
-            return preprocess_uint8(source, pre, name), label, name
+            return preprocess_uint8(source, pre, name, config.max_image_pixels), label, name
         except ImageDecodeError as exc:
-            if on_bad_image == "error":
+            if config.on_bad_image == "error":
                 raise DataError(f"{exc}. Remove or replace it, or set `data.on_bad_image: skip` to skip unreadable images.") from None
             return SkippedImage(name, str(exc))
 

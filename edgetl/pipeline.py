@@ -188,7 +188,7 @@ def _transfer(cache: StageCache, train_key: str, student: _TrainJob, recipe: Rec
     without `distill`/`adapt` reuses it from the cache.
     """
     distill, adapt = recipe.distill, recipe.adapt
-    target = data.load_unlabeled(adapt.target, student.pre, recipe.data.on_bad_image, "adapt.target") if adapt else None
+    target = data.load_unlabeled(adapt.target, student.pre, recipe.data, "adapt.target") if adapt else None
     dann = target if adapt and adapt.method == "dann" else None
     section: dict = {}
     distiller = None
@@ -214,7 +214,7 @@ def _transfer(cache: StageCache, train_key: str, student: _TrainJob, recipe: Rec
             trained = _adabn_stage(cache, key(trained.key, "adabn", target.fingerprint()), trained, target, student, recipe)
         section["adaptation"] = {"method": adapt.method, "target_images": len(target.labels), "source_test_accuracy": {"source_only": source_only.summary["test_accuracy"] if source_only else None, "adapted": trained.summary["test_accuracy"]}}
         if adapt.target_labeled:
-            labeled = data.load_labeled(adapt.target_labeled, student.dataset.classes, student.pre, recipe.data.on_bad_image, "adapt.target_labeled")
+            labeled = data.load_labeled(adapt.target_labeled, student.dataset.classes, student.pre, recipe.data, "adapt.target_labeled")
             section["adaptation"]["target_accuracy"] = {"images": len(labeled.labels), "source_only": _mean_correct(source_only.model, labeled, student.pre), "adapted": _mean_correct(trained.model, labeled, student.pre)}
         log.info("adaptation %s: %s", adapt.method, section["adaptation"])
     return trained, section

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from edgetl.errors import RecipeError
+from edgetl.runtime.decode import DEFAULT_MAX_PIXELS
 
 BUILTIN_DATASETS = ("digits",)
 
@@ -45,6 +46,7 @@ class DataConfig(_Section):
     crop_pct: float | None = Field(None, ge=0.5, le=1, description="The center crop's share of the resized shorter side; 1.0 keeps the whole frame (small or tightly framed images). Default: the backbone's (0.875 for most).")
     augment: Literal["none", "default", "strong"] = Field("default", description="Training augmentation.")
     on_bad_image: Literal["skip", "error"] = Field("skip", description="skip: report and count unreadable images; error: fail the build.")
+    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Larger images are refused from their header, before decoding (reported like unreadable ones).")
 
     _resolve_path = field_validator("path")(_resolve)
 

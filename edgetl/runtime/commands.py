@@ -17,8 +17,9 @@ import numpy as np
 
 from edgetl.errors import DataError
 from edgetl.runtime.bench import interleaved_latency
-from edgetl.runtime.preprocess import ImageDecodeError
 from edgetl.runtime.predictor import Predictor
+from edgetl.runtime.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError
+from edgetl.runtime.walk import candidate_files
 
 PREDICT_BATCH = 16
 
@@ -34,8 +35,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser("bench", help="latency and throughput of a bundle on this device")
     _bundle_arguments(bench)
     bench.add_argument("--image", type=Path, help="an image for the end-to-end timing (default: a generated 640×480 JPEG)")
-    bench.add_argument("--runs", type=int, default=100, help="timed runs per measurement")
-    bench.add_argument("--batch", type=int, default=16, help="batch size for the throughput measurement")
+    bench.add_argument("--runs", type=_positive_int, default=100, help="timed runs per measurement")
+    bench.add_argument("--batch", type=_positive_int, default=16, help="batch size for the throughput measurement")
     bench.add_argument("--json", action="store_true")
 
     info = commands.add_parser("info", help="a bundle's labels, preprocessing, metrics and hashes")
@@ -53,12 +54,24 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 def _bundle_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", type=Path, help="a bundle folder or its .tar.gz")
     parser.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "openvino"])
-    parser.add_argument("--threads", type=int, help="inference threads (default: all cores)")
+    parser.add_argument("--threads", type=_positive_int, help="inference threads (default: all cores)")
+    parser.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
+                        help=f"refuse larger images from their header, before decoding (default {DEFAULT_MAX_PIXELS})")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer ≥ 1; got {text!r}")
+    return value
 
 
 def predict(args: argparse.Namespace) -> int:
-    predictor = Predictor.load(args.bundle, args.runtime, args.threads)
-    files = _image_files(args.paths)
+    files = _image_files(args.paths)  # before loading the model: a wrong path fails at once
+    predictor = Predictor.load(args.bundle, args.runtime, args.threads, args.max_pixels)
     results, errors = [], []
     for start in range(0, len(files), PREDICT_BATCH):
         chunk, crops = [], []
@@ -80,11 +93,16 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def _image_files(paths: list[Path]) -> list[Path]:
+    """The files to classify: each file as given, each folder walked (symbolic links followed).
+    Broken links and non-regular entries stay in the list: decoding reports each as skipped."""
     files = []
     for path in paths:
         if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)))
-        elif path.exists():
+            found = candidate_files(path)
+            if not found:
+                raise DataError(f"folder {path} has no files to classify; pass a folder with images in it.")
+            files.extend(found)
+        elif path.exists() or path.is_symlink():
             files.append(path)
         else:
             raise DataError(f"{path} does not exist; pass image files or folders.")
@@ -93,8 +111,8 @@ def _image_files(paths: list[Path]) -> list[Path]:
 
 def bench(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    predictor = Predictor.load(args.bundle, args.runtime, args.threads)
-    image = args.image.read_bytes() if args.image else _generated_jpeg()
+    predictor = Predictor.load(args.bundle, args.runtime, args.threads, args.max_pixels)
+    image = _bench_image(args.image, predictor)
     predictor.predict(image)
     cold_start = time.perf_counter() - started
     size = predictor.bundle.preprocessing.input_size
@@ -118,6 +136,14 @@ def bench(args: argparse.Namespace) -> int:
             print(f"{name:11s} p50 {t['p50']:.2f} ms  p90 {t['p90']:.2f} ms  p99 {t['p99']:.2f} ms")
         print(f"throughput  {result['throughput_ips']:.1f} images/s at batch {args.batch}; cold start {cold_start:.3f} s")
     return 0
+
+
+def _bench_image(path: Path | None, predictor: Predictor) -> bytes:
+    """The bytes `--image` names, checked to decode (an error names the file), or a generated JPEG."""
+    if path is None:
+        return _generated_jpeg()
+    predictor.crop(path, str(path))  # ImageDecodeError naming the file: missing, a folder, not an image, too large
+    return path.read_bytes()
 
 
 def _generated_jpeg() -> bytes:
@@ -157,7 +183,7 @@ def info(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace) -> int:
     from edgetl.runtime.server import run_server
 
-    predictor = Predictor.load(args.bundle, args.runtime, args.threads)
+    predictor = Predictor.load(args.bundle, args.runtime, args.threads, args.max_pixels)
     run_server(predictor, args.host, args.port, max_body_bytes=int(args.max_body_mb * 1024 * 1024), concurrency=args.concurrency)
     return 0
 

@@ -18,7 +18,7 @@ import PIL
 from edgetl.errors import BundleError
 from edgetl.runtime.bundle import Bundle, open_bundle
 from edgetl.runtime.engines import RUNTIMES, Engine, RuntimeMissing, is_installed, open_engine
-from edgetl.runtime.preprocess import ImageSource, normalize, preprocess_uint8
+from edgetl.runtime.preprocess import DEFAULT_MAX_PIXELS, ImageSource, normalize, preprocess_uint8
 
 
 @dataclass(frozen=True)
@@ -44,16 +44,18 @@ class Predictor:
     '7'
     """
 
-    def __init__(self, bundle: Bundle, engine: Engine) -> None:
+    def __init__(self, bundle: Bundle, engine: Engine, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.bundle = bundle
         self.engine = engine
+        self.max_pixels = max_pixels
 
     @classmethod
-    def load(cls, bundle: str | Path, runtime: str = "auto", threads: int | None = None) -> Predictor:
+    def load(cls, bundle: str | Path, runtime: str = "auto", threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Predictor:
         """Open and verify a bundle (folder or .tar.gz) and load its model on `runtime`.
 
         `auto` is the runtime the build selected. OpenVINO also runs a bundle's ONNX model;
-        ONNX Runtime cannot run an OpenVINO IR.
+        ONNX Runtime cannot run an OpenVINO IR. Images over `max_pixels` are refused from
+        their header (ImageTooLarge), before decoding.
         """
         opened = open_bundle(Path(bundle))
         _warn_if_pillow_differs(opened.manifest, bundle)
@@ -69,7 +71,7 @@ class Predictor:
             engine = open_engine(opened.model, chosen, threads)
         except RuntimeMissing as exc:
             raise BundleError(str(exc)) from None
-        return cls(opened, engine)
+        return cls(opened, engine, max_pixels)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -85,7 +87,7 @@ class Predictor:
 
     def crop(self, image: ImageSource, name: str | None = None) -> np.ndarray:
         """Decode and crop one image as the contract says: uint8 (S, S, 3)."""
-        return preprocess_uint8(image, self.bundle.preprocessing, name)
+        return preprocess_uint8(image, self.bundle.preprocessing, name, self.max_pixels)
 
     def classify(self, crops: np.ndarray, top_k: int = 5) -> list[Prediction]:
         """uint8 (N, S, S, 3) crops → N predictions with softmax scores."""

@@ -7,25 +7,19 @@ this module runs on the device.
 
 from __future__ import annotations
 
-import io
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
+from edgetl.runtime.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageSource, ImageTooLarge, load_rgb
 from edgetl.runtime.resize import resized_crop
 
-ImageSource = Union[str, Path, bytes, Image.Image, np.ndarray]
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageDecodeError", "ImageSource", "ImageTooLarge", "Preprocessing", "crop_uint8", "load_rgb", "normalize",
+           "preprocess", "preprocess_uint8"]
 Interpolation = Literal["nearest", "bilinear", "bicubic"]
 _RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
-_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
-
-
-class ImageDecodeError(ValueError):
-    """An input is not a readable image; the message names it and says why."""
-
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -64,53 +58,6 @@ class Preprocessing:
         )
 
 
-def load_rgb(source: ImageSource, name: str | None = None) -> Image.Image:
-    """Decode any supported input to an upright 8-bit RGB image.
-
-    Applies EXIF orientation; maps grayscale, palette, CMYK and 16-bit images to RGB and
-    composites transparency onto white. JPEGs decode at full scale: Pillow's reduced-scale
-    `draft` decoding is ~4× faster on large photos but moved pixels by up to 14 levels
-    against a full decode, and the contract promises the pixels torchvision would see.
-    """
-    label = name or (str(source) if isinstance(source, (str, Path)) else type(source).__name__)
-    if isinstance(source, np.ndarray):
-        return _array_to_rgb(source, label)
-    try:
-        if isinstance(source, Image.Image):
-            image = source
-        else:
-            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-            image.load()
-        image = ImageOps.exif_transpose(image)
-        return _to_rgb(image)
-    except UnidentifiedImageError:
-        raise ImageDecodeError(f"{label} is not an image file Pillow can read") from None
-    except FileNotFoundError:
-        raise ImageDecodeError(f"{label} does not exist") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageDecodeError(f"{label} is corrupt or truncated ({exc})") from None
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in _SIXTEEN_BIT_MODES:
-        # 16-bit grayscale: Pillow's convert("L") clips at 255; scale the full range instead.
-        wide = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def _array_to_rgb(array: np.ndarray, label: str) -> Image.Image:
-    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
-        raise ImageDecodeError(f"{label}: arrays must be uint8 (H, W), (H, W, 1), (H, W, 3) RGB or (H, W, 4) RGBA; got {array.dtype} {array.shape}")
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[:, :, 0]
-    return _to_rgb(Image.fromarray(array))
-
-
 def crop_uint8(image: Image.Image, pre: Preprocessing) -> np.ndarray:
     """Resize the shorter side, center-crop: the model's input as uint8 (H, W, 3)."""
     width, height = image.size
@@ -140,11 +87,14 @@ def normalize(batch: np.ndarray, pre: Preprocessing) -> np.ndarray:
     return out
 
 
-def preprocess_uint8(source: ImageSource, pre: Preprocessing, name: str | None = None) -> np.ndarray:
-    """One input → its uint8 (S, S, 3) crop. The training data cache stores exactly this."""
-    return crop_uint8(load_rgb(source, name), pre)
+def preprocess_uint8(source: ImageSource, pre: Preprocessing, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """One input → its uint8 (S, S, 3) crop. The training data cache stores exactly this.
+
+    Raises ImageDecodeError naming the input (ImageTooLarge over `max_pixels`); see `edgetl.runtime.decode`.
+    """
+    return crop_uint8(load_rgb(source, name, max_pixels), pre)
 
 
-def preprocess(source: ImageSource, pre: Preprocessing, name: str | None = None) -> np.ndarray:
+def preprocess(source: ImageSource, pre: Preprocessing, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """One input → the model's float32 (1, 3, S, S) tensor."""
-    return normalize(preprocess_uint8(source, pre, name)[None], pre)
+    return normalize(preprocess_uint8(source, pre, name, max_pixels)[None], pre)

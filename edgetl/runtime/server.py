@@ -26,7 +26,7 @@ from starlette.routing import Route
 
 from edgetl.errors import EdgetlError
 from edgetl.runtime.predictor import Prediction, Predictor
-from edgetl.runtime.preprocess import ImageDecodeError
+from edgetl.runtime.preprocess import ImageDecodeError, ImageTooLarge
 
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 DEFAULT_TOP_K = 5
@@ -89,6 +89,8 @@ def create_app(predictor: Predictor, max_body_bytes: int, concurrency: int) -> S
         async with slots:
             try:
                 prediction, elapsed_ms = await run_in_threadpool(work, image, name, top_k)
+            except ImageTooLarge as exc:  # refused from its header: the decoded image would not fit
+                return _error(413, str(exc))
             except ImageDecodeError as exc:
                 return _error(400, str(exc))
         return JSONResponse({**prediction.to_dict(), "elapsed_ms": round(elapsed_ms, 3)})
