@@ -12,13 +12,17 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
+
+from PIL.Image import DecompressionBombWarning
 
 from edgetl import __version__
 from edgetl.errors import EdgetlError
 from edgetl.runtime.commands import COMMANDS as DEVICE_COMMANDS
 from edgetl.runtime.commands import add_commands as add_device_commands
 from edgetl.runtime.preprocess import ImageDecodeError
+from edgetl.runtime.warnlog import route_warnings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     # chatter on the root logger) only at WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("edgetl").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    route_warnings(logging.getLogger("edgetl.warnings"))
+    # edgetl refuses images over its own, lower pixel limit with a message of its own.
+    warnings.filterwarnings("ignore", category=DecompressionBombWarning)
     try:
         return _COMMANDS[args.command](args)
     except EdgetlError as exc:

@@ -9,6 +9,7 @@ text (`svg.fonttype: none`): the page is smaller, its labels searchable.
 from __future__ import annotations
 
 import io
+import warnings
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
@@ -176,7 +177,12 @@ def _figure(size: tuple[float, float], columns: int = 1) -> tuple[Figure, Axes]:
 def _svg(fig: Figure) -> str:
     """The figure as an `<svg>` element, without the XML prolog that HTML does not want."""
     buffer = io.StringIO()
-    fig.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
+    with warnings.catch_warnings():
+        # Text stays text in the SVG (`svg.fonttype: none`) with a sans-serif fallback, so the
+        # browser draws a class name's emoji or CJK glyphs with its own fonts; matplotlib only
+        # measures them, and warns that its DejaVu Sans lacks them.
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", category=UserWarning)
+        fig.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
     text = buffer.getvalue()
     return text[text.index("<svg") :]
 
