@@ -38,9 +38,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--batch", type=int, default=16, help="batch size for the throughput measurement")
     bench.add_argument("--json", action="store_true")
 
-    info = commands.add_parser("info", help="a bundle's labels, preprocessing, metrics and hashes")
+    info = commands.add_parser("info", help="a bundle's labels, preprocessing, metrics, hashes and digest")
     info.add_argument("bundle", type=Path)
     info.add_argument("--json", action="store_true", help="print edgetl.json as is")
+    _pin_argument(info)
 
     serve = commands.add_parser("serve", help="an HTTP JSON API for a bundle")
     _bundle_arguments(serve)
@@ -54,10 +55,17 @@ def _bundle_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", type=Path, help="a bundle folder or its .tar.gz")
     parser.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "openvino"])
     parser.add_argument("--threads", type=int, help="inference threads (default: all cores)")
+    _pin_argument(parser)
+
+
+def _pin_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--expect-sha256", metavar="DIGEST", help="refuse any bundle but this one (its digest: sha256 of edgetl.json)"
+    )
 
 
 def predict(args: argparse.Namespace) -> int:
-    predictor = Predictor.load(args.bundle, args.runtime, args.threads)
+    predictor = Predictor.load(args.bundle, args.runtime, args.threads, args.expect_sha256)
     files = _image_files(args.paths)
     results, errors = [], []
     for start in range(0, len(files), PREDICT_BATCH):
@@ -93,7 +101,7 @@ def _image_files(paths: list[Path]) -> list[Path]:
 
 def bench(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    predictor = Predictor.load(args.bundle, args.runtime, args.threads)
+    predictor = Predictor.load(args.bundle, args.runtime, args.threads, args.expect_sha256)
     image = args.image.read_bytes() if args.image else _generated_jpeg()
     predictor.predict(image)
     cold_start = time.perf_counter() - started
@@ -135,7 +143,7 @@ def _generated_jpeg() -> bytes:
 def info(args: argparse.Namespace) -> int:
     from edgetl.runtime.bundle import open_bundle
 
-    opened = open_bundle(args.bundle)
+    opened = open_bundle(args.bundle, expected_sha256=args.expect_sha256)
     manifest = opened.manifest
     if args.json:
         print(json.dumps(manifest, indent=2))
@@ -151,13 +159,14 @@ def info(args: argparse.Namespace) -> int:
         print("built with: " + ", ".join(f"{package} {version}" for package, version in manifest["versions"].items() if version))
     for name, digest in manifest["files"].items():
         print(f"sha256 {digest}  {name}")
+    print(f"digest {opened.digest}  (sha256 of edgetl.json, which lists every file's; pin it with --expect-sha256)")
     return 0
 
 
 def serve(args: argparse.Namespace) -> int:
     from edgetl.runtime.server import run_server
 
-    predictor = Predictor.load(args.bundle, args.runtime, args.threads)
+    predictor = Predictor.load(args.bundle, args.runtime, args.threads, args.expect_sha256)
     run_server(predictor, args.host, args.port, max_body_bytes=int(args.max_body_mb * 1024 * 1024), concurrency=args.concurrency)
     return 0
 
