@@ -5,10 +5,15 @@
 sha256 of every file, the variant's measured metrics, the recipe, versions) and a short
 README. Both are written under temporary names and renamed into place, so a killed build
 never leaves a bundle that looks complete.
+
+`edgetl.json` records the sha256 and size of every other file, so the sha256 of its own
+bytes covers the whole bundle: `BundleResult.digest`, which a device pins with
+`--expect-sha256`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tarfile
@@ -28,6 +33,7 @@ class BundleResult:
     folder: Path
     archive: Path
     manifest: dict
+    digest: str  # sha256 of edgetl.json's bytes (the same in the folder and the archive): the bundle's digest
 
 
 def run(name: str, variant: dict, file: Path, labels: tuple[str, ...], pre: Preprocessing, recipe: dict, versions: dict, run_dir: Path) -> BundleResult:
@@ -57,12 +63,15 @@ def run(name: str, variant: dict, file: Path, labels: tuple[str, ...], pre: Prep
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         (staging / "README.md").write_text(_readme(manifest))
-        manifest["files"] = {p.name: sha256(p) for p in sorted(staging.iterdir())}  # every file but the manifest
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        files = sorted(staging.iterdir())  # every file but the manifest
+        manifest["files"] = {p.name: sha256(p) for p in files}
+        manifest["sizes"] = {p.name: p.stat().st_size for p in files}  # the device bounds each file before unpacking it
+        raw = (json.dumps(manifest, indent=2) + "\n").encode()
+        (staging / MANIFEST).write_bytes(raw)
         with atomic_path(archive) as tmp, tarfile.open(tmp, "w:gz") as tar:
             for path in sorted(staging.iterdir()):
                 tar.add(path, arcname=f"{name}/{path.name}")
-    return BundleResult(folder, archive, manifest)
+    return BundleResult(folder, archive, manifest, hashlib.sha256(raw).hexdigest())
 
 
 def _readme(manifest: dict) -> str:
@@ -77,5 +86,7 @@ The model takes `{manifest['input']['name']}`, float32 {manifest['input']['shape
 (`edgetl.runtime.preprocess.preprocess` applies it with numpy and Pillow only), and returns logits.
 
 `edgetl.json` holds the labels, the preprocessing contract (resize, crop, interpolation, mean,
-std) and the sha256 of every file; the runtime checks them on load.
+std) and the sha256 and size of every file; the runtime checks them, and the labels and contract
+stored inside the model file, on load. The sha256 of `edgetl.json` is the bundle's digest: pin it
+with `edgetl serve|predict|info BUNDLE --expect-sha256 DIGEST`.
 """

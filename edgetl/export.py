@@ -115,6 +115,13 @@ def metadata(pre: Preprocessing, labels: tuple[str, ...], recipe_hash: str) -> d
     }
 
 
+def onnx_metadata(path: Path) -> dict[str, str]:
+    """The metadata_props of an ONNX file (what `run` wrote), for artifacts made from the model rather than the file."""
+    import onnx
+
+    return {prop.key: prop.value for prop in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
 def to_openvino(onnx_path: Path, xml_path: Path, compress_to_fp16: bool) -> Path:
     """Convert ONNX → IR. `compress_to_fp16=False` keeps it exact (save_model defaults to FP16)."""
     import openvino as ov
@@ -122,10 +129,16 @@ def to_openvino(onnx_path: Path, xml_path: Path, compress_to_fp16: bool) -> Path
     return save_openvino(ov.convert_model(str(onnx_path)), xml_path, compress_to_fp16)
 
 
-def save_openvino(model, xml_path: Path, compress_to_fp16: bool) -> Path:
-    """Save an IR under staging names, then move it into place, the .xml last."""
+def save_openvino(model, xml_path: Path, compress_to_fp16: bool, metadata: dict[str, str] | None = None) -> Path:
+    """Save an IR under staging names, then move it into place, the .xml last.
+
+    `metadata` (`metadata()`'s strings) goes into the IR's rt_info "framework" section, where
+    OpenVINO's ONNX reader puts an ONNX file's metadata_props: the runtime reads one place.
+    """
     import openvino as ov
 
+    for key, value in (metadata or {}).items():
+        model.set_rt_info(value, ["framework", key])
     staging = xml_path.with_name(f".{xml_path.stem}.staging.xml")
     ov.save_model(model, str(staging), compress_to_fp16=compress_to_fp16)
     staging.with_suffix(".bin").replace(xml_path.with_suffix(".bin"))

@@ -33,8 +33,13 @@ log = logging.getLogger(__name__)
 BATCH = 32
 
 
-def run(model: TransferModel, dataset: Dataset, pre: Preprocessing, variant: QuantVariant, calibration: list[np.ndarray], out_dir: Path, seed: int) -> tuple[Path, list[str]]:
-    """Calibrate on `calibration` (real training images), fine-tune with fake quantization, export; returns the file and notes for the report."""
+def run(model: TransferModel, dataset: Dataset, pre: Preprocessing, variant: QuantVariant,
+        calibration: list[np.ndarray], out_dir: Path, seed: int, metadata: dict[str, str]) -> tuple[Path, list[str]]:
+    """Calibrate on `calibration` (real training images), fine-tune with fake quantization, export; returns the file and notes for the report.
+
+    `metadata` (the exported ONNX file's) goes into the IR, which, converted from PyTorch, would lack the
+    labels and contract the runtime checks edgetl.json against.
+    """
     import nncf
 
     _use_native_quantize_functions()
@@ -72,7 +77,8 @@ def run(model: TransferModel, dataset: Dataset, pre: Preprocessing, variant: Qua
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         converted = ov.convert_model(quantized, example_input=example)
-    return save_openvino(converted, out_dir / f"{variant.display_name}.xml", compress_to_fp16=False), notes
+    file = save_openvino(converted, out_dir / f"{variant.display_name}.xml", compress_to_fp16=False, metadata=metadata)
+    return file, notes
 
 
 def _train_mode_frozen_bn(model: nn.Module) -> None:

@@ -33,7 +33,7 @@ from edgetl import qat
 from edgetl.data import Dataset
 from edgetl.environment import has_vnni
 from edgetl.errors import RecipeError
-from edgetl.export import ExportResult, save_openvino, to_openvino
+from edgetl.export import ExportResult, onnx_metadata, save_openvino, to_openvino
 from edgetl.fileio import atomic_path
 from edgetl.models import TransferModel
 from edgetl.progress import track
@@ -82,7 +82,8 @@ def run(export: ExportResult, dataset: Dataset, pre: Preprocessing, variants: li
             continue
         calibration = _calibration_batches(dataset, pre, variant.calibration_images, seed, variant.display_name, notes)
         if variant.method == "qat":
-            file, qat_notes = qat.run(model, dataset, pre, variant, calibration, out_dir, seed)
+            metadata = onnx_metadata(export.onnx)  # the labels and contract, for the IR converted from PyTorch
+            file, qat_notes = qat.run(model, dataset, pre, variant, calibration, out_dir, seed, metadata)
             notes.extend(qat_notes)
         elif variant.quantizer == "onnxruntime":
             file = _ort_quantize(export.onnx, out_dir / f"{variant.display_name}.onnx", calibration, dataset, pre, variant, threads, notes)

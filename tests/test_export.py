@@ -197,9 +197,13 @@ def test_qat_variant_fine_tunes_with_fake_quantization_and_exports_an_int8_ir(tr
     assert made.name == "ov-int8-qat" and made.file.suffix == ".xml"
     assert not made.float_layers, "every conv of the QAT model must carry int8 weights"
     assert any(note.startswith("QAT: val accuracy") for note in made.notes)
-    logits = open_engine(made.file, "openvino", None).run(normalize(trained.dataset.test.images, pre))
+    engine = open_engine(made.file, "openvino", None)
+    logits = engine.run(normalize(trained.dataset.test.images, pre))
     reference = predict_logits(trained.checkpoint.model, trained.dataset.test.images, pre)
     assert (logits.argmax(1) == reference.argmax(1)).mean() >= 0.75
+    # converted from PyTorch, the IR still carries the labels and contract the runtime checks edgetl.json against
+    assert json.loads(engine.metadata["edgetl.labels"]) == list(trained.dataset.classes)
+    assert json.loads(engine.metadata["edgetl.preprocessing"]) == pre.to_dict()
 
 
 def test_qat_is_an_openvino_variant() -> None:

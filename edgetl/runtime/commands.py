@@ -39,9 +39,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--batch", type=_positive_int, default=16, help="batch size for the throughput measurement")
     bench.add_argument("--json", action="store_true")
 
-    info = commands.add_parser("info", help="a bundle's labels, preprocessing, metrics and hashes")
+    info = commands.add_parser("info", help="a bundle's labels, preprocessing, metrics, hashes and digest")
     info.add_argument("bundle", type=Path)
     info.add_argument("--json", action="store_true", help="print edgetl.json as is")
+    _pin_argument(info)
 
     serve = commands.add_parser("serve", help="an HTTP JSON API for a bundle")
     _bundle_arguments(serve)
@@ -57,6 +58,13 @@ def _bundle_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=_positive_int, help="inference threads (default: all cores)")
     parser.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
                         help=f"refuse larger images from their header, before decoding (default {DEFAULT_MAX_PIXELS})")
+    _pin_argument(parser)
+
+
+def _pin_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--expect-sha256", metavar="DIGEST", help="refuse any bundle but this one (its digest: sha256 of edgetl.json)"
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -69,9 +77,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _load(args: argparse.Namespace) -> Predictor:
+    return Predictor.load(args.bundle, args.runtime, args.threads, expected_sha256=args.expect_sha256, max_pixels=args.max_pixels)
+
+
 def predict(args: argparse.Namespace) -> int:
     files = _image_files(args.paths)  # before loading the model: a wrong path fails at once
-    predictor = Predictor.load(args.bundle, args.runtime, args.threads, args.max_pixels)
+    predictor = _load(args)
     results, errors = [], []
     for start in range(0, len(files), PREDICT_BATCH):
         chunk, crops = [], []
@@ -111,7 +123,7 @@ def _image_files(paths: list[Path]) -> list[Path]:
 
 def bench(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    predictor = Predictor.load(args.bundle, args.runtime, args.threads, args.max_pixels)
+    predictor = _load(args)
     image = _bench_image(args.image, predictor)
     predictor.predict(image)
     cold_start = time.perf_counter() - started
@@ -161,7 +173,7 @@ def _generated_jpeg() -> bytes:
 def info(args: argparse.Namespace) -> int:
     from edgetl.runtime.bundle import open_bundle
 
-    opened = open_bundle(args.bundle)
+    opened = open_bundle(args.bundle, expected_sha256=args.expect_sha256)
     manifest = opened.manifest
     if args.json:
         print(json.dumps(manifest, indent=2))
@@ -177,13 +189,14 @@ def info(args: argparse.Namespace) -> int:
         print("built with: " + ", ".join(f"{package} {version}" for package, version in manifest["versions"].items() if version))
     for name, digest in manifest["files"].items():
         print(f"sha256 {digest}  {name}")
+    print(f"digest {opened.digest}  (sha256 of edgetl.json, which lists every file's; pin it with --expect-sha256)")
     return 0
 
 
 def serve(args: argparse.Namespace) -> int:
     from edgetl.runtime.server import run_server
 
-    predictor = Predictor.load(args.bundle, args.runtime, args.threads, args.max_pixels)
+    predictor = _load(args)
     run_server(predictor, args.host, args.port, max_body_bytes=int(args.max_body_mb * 1024 * 1024), concurrency=args.concurrency)
     return 0
 

@@ -25,6 +25,9 @@ class Engine(Protocol):
     """Safe to call from several threads at once (the server runs predictions in a pool)."""
 
     runtime: str
+    metadata: dict[str, str]  # the file's own edgetl.* facts: ONNX metadata_props, or an IR's rt_info "framework"
+    input_shape: tuple[int | None, ...]  # None where a dimension is dynamic (the batch)
+    output_shape: tuple[int | None, ...]
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """float32 (N, 3, S, S) → float32 logits (N, classes)."""
@@ -56,6 +59,9 @@ class OnnxRuntimeEngine:
         options.add_session_config_entry("session.force_spinning_stop", "1")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.input_shape = _static(self.session.get_inputs()[0].shape)
+        self.output_shape = _static(self.session.get_outputs()[0].shape)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch})[0]
@@ -70,7 +76,14 @@ class OpenVinoEngine:
         import openvino as ov
 
         config = {"INFERENCE_NUM_THREADS": threads or os.cpu_count() or 1, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
-        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        core = ov.Core()
+        model = core.read_model(str(path))
+        # OpenVINO's ONNX reader puts metadata_props under "framework"; edgetl's IRs carry them there too
+        keys = model.get_rt_info()["framework"] if model.has_rt_info(["framework"]) else {}
+        self.metadata = {key: model.get_rt_info(["framework", key]).astype(str) for key in keys}
+        self.input_shape = _static(model.inputs[0].get_partial_shape())
+        self.output_shape = _static(model.outputs[0].get_partial_shape())
+        self.compiled = core.compile_model(model, "CPU", config)
         self._local = threading.local()  # an infer request serves one call at a time: one per thread
 
     def run(self, batch: np.ndarray) -> np.ndarray:
@@ -78,6 +91,11 @@ class OpenVinoEngine:
         if request is None:
             request = self._local.request = self.compiled.create_infer_request()
         return request.infer({0: batch})[0].copy()
+
+
+def _static(shape) -> tuple[int | None, ...]:
+    """ONNX Runtime's dimensions (an int, or a name or None when dynamic) or OpenVINO's → ints, None where dynamic."""
+    return tuple(d if isinstance(d, int) else d.get_length() if getattr(d, "is_static", False) else None for d in shape)
 
 
 _ENGINES = {"onnxruntime": OnnxRuntimeEngine, "openvino": OpenVinoEngine}

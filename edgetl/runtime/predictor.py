@@ -7,6 +7,7 @@ the build measured. numpy, Pillow and the runtime only.
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,10 @@ from typing import Sequence
 import numpy as np
 import PIL
 
-from edgetl.errors import BundleError
+from edgetl.errors import BundleError, InferenceError
 from edgetl.runtime.bundle import Bundle, open_bundle
 from edgetl.runtime.engines import RUNTIMES, Engine, RuntimeMissing, is_installed, open_engine
-from edgetl.runtime.preprocess import DEFAULT_MAX_PIXELS, ImageSource, normalize, preprocess_uint8
+from edgetl.runtime.preprocess import DEFAULT_MAX_PIXELS, ImageSource, Preprocessing, normalize, preprocess_uint8
 
 
 @dataclass(frozen=True)
@@ -50,14 +51,21 @@ class Predictor:
         self.max_pixels = max_pixels
 
     @classmethod
-    def load(cls, bundle: str | Path, runtime: str = "auto", threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Predictor:
+    def load(
+        cls, bundle: str | Path, runtime: str = "auto", threads: int | None = None, expected_sha256: str | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> Predictor:
         """Open and verify a bundle (folder or .tar.gz) and load its model on `runtime`.
 
         `auto` is the runtime the build selected. OpenVINO also runs a bundle's ONNX model;
-        ONNX Runtime cannot run an OpenVINO IR. Images over `max_pixels` are refused from
+        ONNX Runtime cannot run an OpenVINO IR. `expected_sha256` pins the bundle's digest
+        (the sha256 of its edgetl.json). Raises BundleError (exit 2) for a bundle that is not
+        the pinned one, breaks the manifest schema, was modified, or whose edgetl.json says
+        other labels, preprocessing or shapes than its model file; InferenceError (exit 4)
+        when the runtime cannot load the model file. Images over `max_pixels` are refused from
         their header (ImageTooLarge), before decoding.
         """
-        opened = open_bundle(Path(bundle))
+        opened = open_bundle(Path(bundle), expected_sha256=expected_sha256)
         _warn_if_pillow_differs(opened.manifest, bundle)
         chosen = opened.manifest["runtime"] if runtime == "auto" else runtime
         if chosen not in RUNTIMES:
@@ -71,6 +79,14 @@ class Predictor:
             engine = open_engine(opened.model, chosen, threads)
         except RuntimeMissing as exc:
             raise BundleError(str(exc)) from None
+        except Exception as exc:  # each runtime raises its own types for a bad file (InvalidProtobuf, RuntimeError…)
+            reason = " ".join(str(exc).split())
+            raise InferenceError(
+                f"{chosen} cannot load {opened.where(opened.manifest['model'])}: {reason}. The file has the sha256 its "
+                f"manifest records; if this {chosen} is older than the build's (`edgetl info` lists it), upgrade it, "
+                "else rebuild the bundle."
+            ) from None
+        _check_model_matches_manifest(opened, engine)
         return cls(opened, engine, max_pixels)
 
     @property
@@ -94,7 +110,23 @@ class Predictor:
         return self.predictions(self.engine.run(normalize(crops, self.bundle.preprocessing)), top_k)
 
     def predictions(self, logits: np.ndarray, top_k: int = 5) -> list[Prediction]:
-        """(N, classes) logits → N top-k predictions with softmax scores."""
+        """(N, classes) logits → N top-k predictions with softmax scores.
+
+        Raises InferenceError when the logits are not (N, labels) or hold NaN or inf: such a
+        model cannot predict, and a score must never be NaN.
+        """
+        model = self.bundle.where(self.bundle.manifest["model"])
+        if logits.ndim != 2 or logits.shape[1] != len(self.labels):
+            raise InferenceError(
+                f"{self.engine.runtime} returned outputs of shape {logits.shape} from {model}; "
+                f"its {len(self.labels)} labels need (N, {len(self.labels)}). Rebuild the bundle."
+            )
+        bad = logits.size - int(np.count_nonzero(np.isfinite(logits)))
+        if bad:
+            raise InferenceError(
+                f"{self.engine.runtime} returned {bad} non-finite value(s) (NaN or inf) in {logits.size} outputs "
+                f"of {model}: the model cannot predict. Rebuild it (check the training for a diverging loss)."
+            )
         shifted = logits - logits.max(axis=1, keepdims=True)
         probabilities = np.exp(shifted)
         probabilities /= probabilities.sum(axis=1, keepdims=True)
@@ -110,3 +142,53 @@ def _warn_if_pillow_differs(manifest: dict, bundle: str | Path) -> None:
     built, here = manifest.get("versions", {}).get("pillow"), PIL.__version__
     if built and built.split(".")[0] != here.split(".")[0]:
         warnings.warn(f"{bundle} was validated with Pillow {built}, this device has Pillow {here}: resizing may round some image sizes differently, by a few 8-bit levels. For the validated pixels: pip install 'pillow=={built}'.", RuntimeWarning, stacklevel=3)
+
+
+def _check_model_matches_manifest(bundle: Bundle, engine: Engine) -> None:
+    """The model file carries its own labels and preprocessing (written at export) and its shapes:
+    refuse an edgetl.json that says otherwise, naming the first field that differs."""
+    model, size, shape = bundle.where(bundle.manifest["model"]), bundle.preprocessing.input_size, engine.input_shape
+    if len(shape) != 4 or not {shape[1]} <= {3, None} or not set(shape[2:]) <= {size, None}:
+        raise BundleError(
+            f"{model} takes inputs of shape {_shape(shape)}, but its edgetl.json says "
+            f"`preprocessing.input_size` {size}, for (N, 3, {size}, {size}): edgetl.json does not describe this model."
+        )
+    classes = engine.output_shape[-1] if engine.output_shape else None
+    if classes is not None and classes != len(bundle.labels):
+        raise BundleError(
+            f"{model} outputs {classes} scores per image, but its edgetl.json has {len(bundle.labels)} `labels`: "
+            "edgetl.json does not describe this model."
+        )
+    try:
+        labels = json.loads(engine.metadata["edgetl.labels"])
+        pre = Preprocessing.from_dict(json.loads(engine.metadata["edgetl.preprocessing"])).to_dict()
+    except KeyError as exc:
+        raise BundleError(
+            f"{model} carries no {exc} metadata, so its edgetl.json cannot be checked against it; "
+            "rebuild the bundle with `edgetl build`."
+        ) from None
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise BundleError(f"{model}'s own edgetl metadata is not readable ({exc}); rebuild the bundle.") from None
+    found = _first_difference("labels", list(bundle.labels), labels) or _first_difference(
+        "preprocessing", bundle.preprocessing.to_dict(), pre
+    )
+    if found:
+        field, ours, theirs = found
+        raise BundleError(
+            f"`{field}` is {ours!r} in the edgetl.json of {bundle.source}, but {theirs!r} in {model} itself: "
+            "the manifest was modified or belongs to another build. Copy the bundle again from the build."
+        )
+
+
+def _first_difference(field: str, ours, theirs) -> tuple[str, object, object] | None:
+    """The first (field, ours, theirs) where two JSON values differ, descending into lists and mappings of one shape."""
+    if isinstance(ours, dict) and isinstance(theirs, dict) and ours.keys() == theirs.keys():
+        return next(filter(None, (_first_difference(f"{field}.{k}", ours[k], theirs[k]) for k in ours)), None)
+    if isinstance(ours, list) and isinstance(theirs, list) and len(ours) == len(theirs):
+        pairs = enumerate(zip(ours, theirs))
+        return next(filter(None, (_first_difference(f"{field}[{i}]", a, b) for i, (a, b) in pairs)), None)
+    return None if ours == theirs else (field, ours, theirs)
+
+
+def _shape(shape: tuple[int | None, ...]) -> str:
+    return "(" + ", ".join("N" if d is None else str(d) for d in shape) + ")"
