@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +47,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser("serve", help="an HTTP JSON API for a bundle")
     _bundle_arguments(serve)
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--max-body-mb", type=float, default=10.0, help="larger requests get 413")
-    serve.add_argument("--concurrency", type=int, default=4, help="requests predicted at once; more wait")
+    serve.add_argument("--port", type=port_number, default=8080, help="0 picks a free port (default 8080)")
+    serve.add_argument("--max-body-mb", type=positive_number, default=10.0, help="larger requests get 413")
+    serve.add_argument("--concurrency", type=positive_int, default=4, help="requests predicted at once; more wait")
+    serve.add_argument("--read-timeout", type=positive_number, default=10.0, metavar="SECONDS",
+                       help="seconds a client has to send its headers, and then its body, before it is cut off")
 
 
 def _bundle_arguments(parser: argparse.ArgumentParser) -> None:
@@ -155,11 +159,35 @@ def info(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from edgetl.runtime.server import run_server
+    from edgetl.runtime.server import run_server, sigterm_exits_cleanly
 
-    predictor = Predictor.load(args.bundle, args.runtime, args.threads)
-    run_server(predictor, args.host, args.port, max_body_bytes=int(args.max_body_mb * 1024 * 1024), concurrency=args.concurrency)
+    # From the start: a .tar.gz is unpacked into a temp folder that only a normal exit removes.
+    with sigterm_exits_cleanly():
+        predictor = Predictor.load(args.bundle, args.runtime, args.threads)
+        run_server(predictor, args.host, args.port, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+                   concurrency=args.concurrency, read_timeout=args.read_timeout)
     return 0
+
+
+def _checked(kind: type, rule: str, ok: Callable[[float], bool]) -> Callable[[str], float]:
+    """An argparse `type`: parse with `kind`, refuse a value that is not finite or not `ok` with
+    argparse's one-line error (exit 2) that states `rule` and the value given."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}; got {text!r}")
+        return value
+
+    return parse
+
+
+port_number = _checked(int, "a port number from 0 to 65535 (0 picks a free one)", lambda v: 0 <= v <= 65535)
+positive_int = _checked(int, "an integer ≥ 1", lambda v: v >= 1)
+positive_number = _checked(float, "a number > 0", lambda v: v > 0)
 
 
 COMMANDS = {"predict": predict, "bench": bench, "info": info, "serve": serve}
