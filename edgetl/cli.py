@@ -1,7 +1,8 @@
 """`edgetl` command line. Errors are caught here, once, and printed as one paragraph.
 
-Exit codes (documented in the README): 0 success; 2 recipe, data or model error;
-3 a gate failed; 4 export or parity failure; 1 an unexpected internal error; 130 interrupted.
+Exit codes (documented in the README): 0 success; 2 recipe, data, model or argument error;
+3 a gate failed; 4 export or parity failure; 5 `serve`'s port is in use; 1 an unexpected
+internal error; 130 interrupted; 141 stdout was closed (a pipe's reader stopped).
 Training-side imports (torch) happen inside the commands that need them; the device-side
 commands (`edgetl.runtime.commands`) import only the runtime, so they start without torch.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -58,7 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     # edgetl refuses images over its own, lower pixel limit with a message of its own.
     warnings.filterwarnings("ignore", category=DecompressionBombWarning)
     try:
-        return _COMMANDS[args.command](args)
+        code = _COMMANDS[args.command](args)
+        sys.stdout.flush()  # so a closed pipe shows here, not as a traceback when Python exits
+        return code
+    except BrokenPipeError:
+        # The reader went away (`edgetl predict ... | head -1`): stop quietly with the status a
+        # process killed by SIGPIPE gets, as `cat` would. Python flushes stdout again at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except EdgetlError as exc:
         print(f"edgetl: error: {exc}", file=sys.stderr)
         return exc.exit_code

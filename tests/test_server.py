@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import uvicorn
 from PIL import Image
 
 from edgetl.runtime.predictor import Predictor
@@ -38,19 +39,28 @@ def predictor(tmp_path_factory: pytest.TempPathFactory) -> Predictor:
 
 
 @contextmanager
-def serving(predictor: Predictor, max_body_bytes: int = LIMIT, concurrency: int = 2) -> Iterator[int]:
+def serving(
+    predictor: Predictor, max_body_bytes: int = LIMIT, concurrency: int = 2, read_timeout: float = 10.0
+) -> Iterator[int]:
     """Run the server in a thread until the block ends; yields its port."""
+    server = build_server(predictor, max_body_bytes=max_body_bytes, concurrency=concurrency, read_timeout=read_timeout)
+    with running(server) as port:
+        yield port
+
+
+@contextmanager
+def running(server: uvicorn.Server) -> Iterator[int]:
+    """Run `server` in a thread on a free loopback port until the block ends; yields the port."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = build_server(predictor, max_body_bytes=max_body_bytes, concurrency=concurrency)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     port = sock.getsockname()[1]
     deadline = time.monotonic() + 10
     while True:
         try:
-            if call(port, "GET", "/health")[0] == 200:
-                break
+            call(port, "GET", "/health")  # any answer (503 for a model that cannot predict) means it is up
+            break
         except OSError:
             if time.monotonic() > deadline:
                 raise
@@ -206,8 +216,8 @@ class RecordingEngine:
 
     runtime = "onnxruntime"
 
-    def __init__(self, inner: object, fail: bool = False) -> None:
-        self.inner, self.fail = inner, fail
+    def __init__(self, inner: object, fail: bool = False, delay: float = 0.05) -> None:
+        self.inner, self.fail, self.delay = inner, fail, delay
         self.lock = threading.Lock()
         self.active = self.most = self.runs = 0
 
@@ -217,7 +227,7 @@ class RecordingEngine:
         with self.lock:
             self.active += 1
             self.most = max(self.most, self.active)
-        time.sleep(0.05)
+        time.sleep(self.delay)
         try:
             return self.inner.run(batch)
         finally:
@@ -230,14 +240,17 @@ class RecordingEngine:
 def test_no_more_than_concurrency_predictions_run_at_once_and_the_rest_wait(predictor: Predictor, concurrency: int) -> None:
     engine = RecordingEngine(predictor.engine)
     with serving(Predictor(predictor.bundle, engine), concurrency=concurrency) as port:  # type: ignore[arg-type]
+        startup_runs = engine.runs  # the health check's
         with ThreadPoolExecutor(10) as pool:
             statuses = list(pool.map(lambda _: call(port, "POST", "/predict", image("red"))[0], range(10)))
-    assert statuses == [200] * 10 and engine.runs == 10
+    assert statuses == [200] * 10 and engine.runs - startup_runs == 10
     assert engine.most == concurrency  # never more; and reached, so the recorder does see overlap
 
 
 def test_an_unexpected_error_is_500_json_and_the_server_stays_up(predictor: Predictor) -> None:
-    with serving(Predictor(predictor.bundle, RecordingEngine(predictor.engine, fail=True))) as port:  # type: ignore[arg-type]
+    engine = RecordingEngine(predictor.engine)
+    with serving(Predictor(predictor.bundle, engine)) as port:  # type: ignore[arg-type]
+        engine.fail = True  # after the startup check, which a failing engine would (rightly) not pass
         assert call(port, "POST", "/predict", image("red")) == (500, {"error": "internal error: RuntimeError"})
         assert call(port, "GET", "/health") == (200, {"status": "ok"})
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +31,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     predict = commands.add_parser("predict", help="classify images with a bundle (torch-free)")
     _bundle_arguments(predict)
     predict.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="image files or folders (walked recursively)")
-    predict.add_argument("--top-k", type=int, default=1, help="labels per image (default 1)")
+    predict.add_argument("--top-k", type=positive_int, default=1, help="labels per image (default 1)")
     predict.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
     bench = commands.add_parser("bench", help="latency and throughput of a bundle on this device")
     _bundle_arguments(bench)
     bench.add_argument("--image", type=Path, help="an image for the end-to-end timing (default: a generated 640×480 JPEG)")
-    bench.add_argument("--runs", type=_positive_int, default=100, help="timed runs per measurement")
-    bench.add_argument("--batch", type=_positive_int, default=16, help="batch size for the throughput measurement")
+    bench.add_argument("--runs", type=positive_int, default=100, help="timed runs per measurement")
+    bench.add_argument("--batch", type=positive_int, default=16, help="batch size for the throughput measurement")
     bench.add_argument("--json", action="store_true")
 
     info = commands.add_parser("info", help="a bundle's labels, preprocessing, metrics, hashes and digest")
@@ -47,16 +49,18 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser("serve", help="an HTTP JSON API for a bundle")
     _bundle_arguments(serve)
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--max-body-mb", type=float, default=10.0, help="larger requests get 413")
-    serve.add_argument("--concurrency", type=int, default=4, help="requests predicted at once; more wait")
+    serve.add_argument("--port", type=port_number, default=8080, help="0 picks a free port (default 8080)")
+    serve.add_argument("--max-body-mb", type=positive_number, default=10.0, help="larger requests get 413")
+    serve.add_argument("--concurrency", type=positive_int, default=4, help="requests predicted at once; more wait")
+    serve.add_argument("--read-timeout", type=positive_number, default=10.0, metavar="SECONDS",
+                       help="seconds a client has to send its headers, and then its body, before it is cut off")
 
 
 def _bundle_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", type=Path, help="a bundle folder or its .tar.gz")
     parser.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "openvino"])
-    parser.add_argument("--threads", type=_positive_int, help="inference threads (default: all cores)")
-    parser.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
+    parser.add_argument("--threads", type=positive_int, help="inference threads (default: all cores)")
+    parser.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                         help=f"refuse larger images from their header, before decoding (default {DEFAULT_MAX_PIXELS})")
     _pin_argument(parser)
 
@@ -65,16 +69,6 @@ def _pin_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--expect-sha256", metavar="DIGEST", help="refuse any bundle but this one (its digest: sha256 of edgetl.json)"
     )
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer ≥ 1; got {text!r}")
-    return value
 
 
 def _load(args: argparse.Namespace) -> Predictor:
@@ -194,11 +188,35 @@ def info(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from edgetl.runtime.server import run_server
+    from edgetl.runtime.server import run_server, sigterm_exits_cleanly
 
-    predictor = _load(args)
-    run_server(predictor, args.host, args.port, max_body_bytes=int(args.max_body_mb * 1024 * 1024), concurrency=args.concurrency)
+    # From the start: a .tar.gz is unpacked into a temp folder that only a normal exit removes.
+    with sigterm_exits_cleanly():
+        predictor = _load(args)
+        run_server(predictor, args.host, args.port, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+                   concurrency=args.concurrency, read_timeout=args.read_timeout)
     return 0
+
+
+def _checked(kind: type, rule: str, ok: Callable[[float], bool]) -> Callable[[str], float]:
+    """An argparse `type`: parse with `kind`, refuse a value that is not finite or not `ok` with
+    argparse's one-line error (exit 2) that states `rule` and the value given."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}; got {text!r}")
+        return value
+
+    return parse
+
+
+port_number = _checked(int, "a port number from 0 to 65535 (0 picks a free one)", lambda v: 0 <= v <= 65535)
+positive_int = _checked(int, "an integer ≥ 1", lambda v: v >= 1)
+positive_number = _checked(float, "a number > 0", lambda v: v > 0)
 
 
 COMMANDS = {"predict": predict, "bench": bench, "info": info, "serve": serve}

@@ -2,42 +2,67 @@
 
 The device is small and shared, so every resource a client can spend is bounded: the
 body (checked against Content-Length up front and counted while streaming, so a chunked
-upload cannot exceed it either), and the number of predictions running at once (the rest
-wait their turn). Decoding and inference run in worker threads so the event loop keeps
-answering `/health` while the CPU is busy. torch-free: Starlette, uvicorn, python-multipart.
+upload cannot exceed it either), the time a client may take to send its headers and its
+body, and the number of predictions running at once (the rest wait their turn). Decoding
+and inference run in worker threads so the event loop keeps answering `/health` while the
+CPU is busy. On SIGTERM the predictions running finish and every other request gets a
+JSON 503. torch-free: Starlette, uvicorn (its h11 protocol), python-multipart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import functools
+import logging
+import signal
+import socket
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import TypeVar
 
+import h11
+import numpy as np
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from edgetl.errors import EdgetlError
+from edgetl.errors import EdgetlError, InferenceError
 from edgetl.runtime.predictor import Prediction, Predictor
 from edgetl.runtime.preprocess import ImageDecodeError, ImageTooLarge
 
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
+DEFAULT_READ_TIMEOUT_SECONDS = 10.0
 DEFAULT_TOP_K = 5
 FILE_FIELDS = ("file", "image")
 GRACEFUL_SHUTDOWN_SECONDS = 5
+SHUTTING_DOWN = "server is shutting down"
+
+# uvicorn's logger, so our lines read like its own ("INFO:     ...") in the same stream.
+log = logging.getLogger("uvicorn.error")
+T = TypeVar("T")
 
 
 class ServeError(EdgetlError):
     """`edgetl serve` was given settings it cannot serve with."""
 
     exit_code = 2
+
+
+class PortInUse(EdgetlError):
+    """Another process already listens on the host and port `edgetl serve` was given."""
+
+    exit_code = 5
 
 
 class RequestRejected(Exception):
@@ -48,8 +73,15 @@ class RequestRejected(Exception):
         self.status = status
 
 
-def create_app(predictor: Predictor, max_body_bytes: int, concurrency: int) -> Starlette:
+def create_app(
+    predictor: Predictor, max_body_bytes: int, concurrency: int,
+    read_timeout: float = DEFAULT_READ_TIMEOUT_SECONDS, closing: asyncio.Event | None = None,
+) -> Starlette:
     """The ASGI app: `GET /health`, `GET /metadata`, `POST /predict`.
+
+    `read_timeout` bounds the seconds a body may take to arrive (408 after); once `closing` is set,
+    requests not yet predicting get 503. Runs the model once on a blank crop: `/health` says 503
+    when it cannot predict. Raises ServeError for a limit below 1.
 
     >>> app = create_app(Predictor.load("model.tar.gz"), max_body_bytes=10 << 20, concurrency=4)
     >>> uvicorn.run(app, host="127.0.0.1", port=8080)
@@ -58,16 +90,14 @@ def create_app(predictor: Predictor, max_body_bytes: int, concurrency: int) -> S
         raise ServeError(f"the body limit (`--max-body-mb`) must allow at least one byte; got {max_body_bytes} bytes.")
     if concurrency < 1:
         raise ServeError(f"`--concurrency` must be an integer ≥ 1; got {concurrency}.")
+    closing = asyncio.Event() if closing is None else closing
     slots = asyncio.Semaphore(concurrency)
     labels = predictor.labels
-
-    def work(image: bytes, name: str, top_k: int) -> tuple[Prediction, float]:
-        started = time.perf_counter()
-        crop = predictor.crop(image, name)  # (S, S, 3) uint8
-        prediction = predictor.classify(crop[None], top_k)[0]
-        return prediction, (time.perf_counter() - started) * 1000.0
+    problem = _self_check(predictor)
 
     async def health(request: Request) -> JSONResponse:
+        if problem:
+            return JSONResponse({"status": "error", "error": problem}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def metadata(request: Request) -> JSONResponse:
@@ -81,52 +111,235 @@ def create_app(predictor: Predictor, max_body_bytes: int, concurrency: int) -> S
     async def predict(request: Request) -> JSONResponse:
         try:
             top_k = _top_k(request.query_params.get("top_k"), len(labels))
-            body = await _read_body(request, max_body_bytes)
+            body = await _unless_closing(_read_body(request, max_body_bytes, read_timeout), closing)
             image, name = await _image_from(request, body)
+            await _unless_closing(slots.acquire(), closing)
         except RequestRejected as exc:
-            # After a 413 the rest of the body is unread: close the connection rather than drain it.
-            return _error(exc.status, str(exc), {"Connection": "close"} if exc.status == 413 else None)
-        async with slots:
-            try:
-                prediction, elapsed_ms = await run_in_threadpool(work, image, name, top_k)
-            except ImageTooLarge as exc:  # refused from its header: the decoded image would not fit
-                return _error(413, str(exc))
-            except ImageDecodeError as exc:
-                return _error(400, str(exc))
+            # After a 408, 413 or 503 the rest of the body may be unread: close rather than drain it.
+            return _error(exc.status, str(exc), {"Connection": "close"} if exc.status in (408, 413, 503) else None)
+        except ClientDisconnect:
+            log.info("%s - POST /predict: the client went away before sending the whole body", _client(request))
+            return _error(400, "client disconnected")  # nobody reads it; uvicorn drops it
+        try:
+            prediction, elapsed_ms = await run_in_threadpool(_timed_prediction, predictor, image, name, top_k)
+        except ImageTooLarge as exc:  # refused from its header: the decoded image would not fit
+            return _error(413, str(exc))
+        except ImageDecodeError as exc:
+            return _error(400, str(exc))
+        except InferenceError as exc:
+            return _error(500, f"the model cannot predict: {exc}")
+        finally:
+            slots.release()
         return JSONResponse({**prediction.to_dict(), "elapsed_ms": round(elapsed_ms, 3)})
 
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return _error(exc.status_code, exc.detail, exc.headers)
-
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # uvicorn still logs the traceback; the client gets a short message, the server stays up.
-        return _error(500, f"internal error: {type(exc).__name__}")
-
-    routes = [Route("/health", health, methods=["GET"]), Route("/metadata", metadata, methods=["GET"]), Route("/predict", predict, methods=["POST"])]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: unexpected})
+    routes = [Route("/health", health, methods=["GET"]), Route("/metadata", metadata, methods=["GET"]),
+              Route("/predict", predict, methods=["POST"])]
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _unexpected})
 
 
-def build_server(predictor: Predictor, host: str = "127.0.0.1", port: int = 8080, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, concurrency: int = 4) -> uvicorn.Server:
-    """The configured uvicorn server, not yet started (`run_server` runs it; tests run it in a thread)."""
+def _timed_prediction(predictor: Predictor, image: bytes, name: str, top_k: int) -> tuple[Prediction, float]:
+    started = time.perf_counter()
+    crop = predictor.crop(image, name)  # (S, S, 3) uint8
+    prediction = predictor.classify(crop[None], top_k)[0]
+    return prediction, (time.perf_counter() - started) * 1000.0
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    return _error(exc.status_code, exc.detail, exc.headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # uvicorn still logs the traceback; the client gets a short message, the server stays up.
+    return _error(500, f"internal error: {type(exc).__name__}")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, which sets `closing` as its shutdown begins.
+
+    uvicorn waits up to the grace period for every open request, then cancels the rest and
+    answers them a plain-text 500; setting `closing` first lets the app answer each request
+    that is not yet predicting with a JSON 503 at once, so only predictions hold the grace period.
+    """
+
+    def __init__(self, config: uvicorn.Config, closing: asyncio.Event) -> None:
+        super().__init__(config)
+        self.closing = closing
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.closing.set()
+        await super().shutdown(sockets)
+
+
+class HeaderDeadlineProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request's headers.
+
+    uvicorn times out only idle keep-alive connections: a client that connects and sends its
+    headers a byte at a time would hold a connection (and a file descriptor) for ever. The
+    deadline starts when the connection opens or the next request's first bytes arrive.
+    """
+
+    def __init__(self, *args: object, header_timeout: float, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.header_timeout = header_timeout
+        self.header_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.header_deadline = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+
+    def data_received(self, data: bytes) -> None:
+        if self.header_deadline is None and self.conn.their_state is h11.IDLE:
+            self.header_deadline = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # the request line and headers are complete
+            self._cancel_header_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_deadline()
+        super().connection_lost(exc)
+
+    def _cancel_header_deadline(self) -> None:
+        if self.header_deadline is not None:
+            self.header_deadline.cancel()
+            self.header_deadline = None
+
+    def _headers_too_slow(self) -> None:
+        self.header_deadline = None
+        if not self.transport.is_closing():
+            peer = "%s:%d" % self.client if self.client else "a client"
+            log.info("%s - closed: no complete request headers within %g s (--read-timeout)", peer, self.header_timeout)
+            self.transport.close()
+
+
+def build_server(
+    predictor: Predictor, host: str = "127.0.0.1", port: int = 8080, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    concurrency: int = 4, read_timeout: float = DEFAULT_READ_TIMEOUT_SECONDS,
+) -> uvicorn.Server:
+    """The configured uvicorn server, not yet started (`run_server` runs it; tests run it in a thread).
+
+    Raises ServeError for a limit below 1 or a `read_timeout` that is not a positive number of seconds.
+    """
+    if not 0 < read_timeout < float("inf"):
+        raise ServeError(f"`--read-timeout` must be a number of seconds > 0; got {read_timeout}.")
+    closing = asyncio.Event()
     config = uvicorn.Config(
-        create_app(predictor, max_body_bytes, concurrency), host=host, port=port, access_log=False, log_level="info",
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS, server_header=False,
+        create_app(predictor, max_body_bytes, concurrency, read_timeout, closing), host=host, port=port,
+        access_log=False, log_level="info", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS, server_header=False,
+        http=functools.partial(HeaderDeadlineProtocol, header_timeout=read_timeout),  # type: ignore[arg-type]
     )
-    return uvicorn.Server(config)
+    return DrainingServer(config, closing)
 
 
-def run_server(predictor: Predictor, host: str = "127.0.0.1", port: int = 8080, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, concurrency: int = 4) -> None:
+def run_server(
+    predictor: Predictor, host: str = "127.0.0.1", port: int = 8080, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    concurrency: int = 4, read_timeout: float = DEFAULT_READ_TIMEOUT_SECONDS,
+) -> None:
     """Serve until SIGINT or SIGTERM, then finish in-flight requests (at most a few seconds).
 
     Binds loopback by default: expose it on purpose (`--host 0.0.0.0`) behind a firewall or proxy.
+    Port 0 picks a free port. Raises PortInUse when another process listens there, ServeError
+    when the address cannot be bound for another reason; both before anything is printed.
 
     >>> run_server(Predictor.load("model.tar.gz"), port=8080)
     """
-    shown = f"[{host}]" if ":" in host else host
-    manifest = predictor.bundle.manifest
-    print(f"edgetl: serving {manifest.get('name')} ({manifest.get('variant')} on {predictor.engine.runtime}) at http://{shown}:{port} "
-          f"— POST /predict, GET /metadata, GET /health; {concurrency} at once, bodies up to {max_body_bytes} bytes", file=sys.stderr, flush=True)
-    build_server(predictor, host, port, max_body_bytes, concurrency).run()
+    server = build_server(predictor, host, port, max_body_bytes, concurrency, read_timeout)
+    # Bound here and handed to uvicorn, so a busy port is a clear error before "serving"
+    # (uvicorn would log it and exit 1), with no window for another process to take it.
+    listener = bind(host, port)
+    try:
+        shown = f"[{host}]" if ":" in host else host
+        manifest = predictor.bundle.manifest
+        print(f"edgetl: serving {manifest.get('name')} ({manifest.get('variant')} on {predictor.engine.runtime}) at "
+              f"http://{shown}:{listener.getsockname()[1]} — POST /predict, GET /metadata, GET /health; "
+              f"{concurrency} at once, bodies up to {max_body_bytes} bytes, {read_timeout:g} s to send each",
+              file=sys.stderr, flush=True)
+        server.run(sockets=[listener])
+    finally:
+        listener.close()
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to `host:port` (not yet listening). Raises PortInUse or ServeError."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    # IPv4 unless the host is an IPv6 address, so `localhost` is 127.0.0.1 as clients expect.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        *_, address = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise ServeError(f"cannot listen on {where}: {exc.strerror}; "
+                         "give `--host` an address of this machine, e.g. 127.0.0.1 or 0.0.0.0.") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart while old connections linger
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(f"{where} is already in use by another process; "
+                            "stop it (`ss -ltnp` shows which) or choose another `--port`.") from None
+        if exc.errno == errno.EACCES:
+            hint = "ports below 1024 need root or CAP_NET_BIND_SERVICE"
+        else:
+            hint = "give `--host` an address of this machine"
+        raise ServeError(f"cannot listen on {where}: {exc.strerror}; {hint}.") from None
+    return sock
+
+
+@contextmanager
+def sigterm_exits_cleanly() -> Iterator[None]:
+    """Within the block, SIGTERM ends the process with exit 0 through a normal exit.
+
+    SIGTERM's default action kills the process on the spot, so atexit cleanup (the folder a
+    `.tar.gz` bundle was unpacked into) never runs; and uvicorn, after its graceful shutdown,
+    re-raises the signal it caught under the handler it found. This handler makes both a
+    SystemExit(0), which unwinds normally. Main thread only, as Python's signals are.
+    """
+    previous = signal.signal(signal.SIGTERM, _exit_cleanly)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
+def _self_check(predictor: Predictor) -> str | None:
+    """None when the model predicts a blank crop, else why it cannot (`classify` raises
+    InferenceError for NaN or infinite logits)."""
+    size = predictor.bundle.preprocessing.input_size
+    try:
+        predictor.classify(np.zeros((1, size, size, 3), np.uint8), 1)  # (1, S, S, 3)
+        return None
+    except Exception as exc:  # whatever the runtime raises, /health reports it rather than the server dying
+        why = exc if isinstance(exc, EdgetlError) else repr(exc)
+        reason = f"the model failed its startup check on a blank image: {why}"
+    log.error("%s; /health answers 503", reason)
+    return reason
+
+
+async def _unless_closing(work: Awaitable[T], closing: asyncio.Event) -> T:
+    """`work`'s result, or RequestRejected(503) as soon as `closing` is set (work is then cancelled)."""
+    task = asyncio.ensure_future(work)
+    stop = asyncio.ensure_future(closing.wait())
+    try:
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        # Judged by task.done(), not wait's `done` set: work that finished meanwhile (a slot
+        # acquired) must be returned, not dropped. A cancelled Semaphore.acquire hands on a
+        # slot it was just given to the next waiter.
+        cut_short = not task.done()
+        if cut_short:
+            task.cancel()
+    if cut_short:
+        raise RequestRejected(503, SHUTTING_DOWN)
+    return task.result()
+
+
+def _client(request: Request) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "a client"
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -145,16 +358,27 @@ def _top_k(raw: str | None, classes: int) -> int:
     return value
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refusing (413) as soon as it would pass `limit`; never holds more than `limit` bytes."""
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The whole body within `timeout` seconds (else 408), refusing (413) as soon as it would pass
+    `limit`; never holds more than `limit` bytes. Raises ClientDisconnect if the client goes away."""
     declared = request.headers.get("content-length", "")  # uvicorn has already refused a malformed one
     if declared.isdigit() and int(declared) > limit:
         raise RequestRejected(413, f"body of {declared} bytes is larger than the limit of {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        if len(body) + len(chunk) > limit:
-            raise RequestRejected(413, f"body is larger than the limit of {limit} bytes")
-        body.extend(chunk)
+
+    async def collect() -> bytearray:
+        body = bytearray()
+        async for chunk in request.stream():
+            if len(body) + len(chunk) > limit:
+                raise RequestRejected(413, f"body is larger than the limit of {limit} bytes")
+            body.extend(chunk)
+        return body
+
+    try:
+        body = await asyncio.wait_for(collect(), timeout)
+    except asyncio.TimeoutError:
+        raise RequestRejected(
+            408, f"the body did not arrive within {timeout:g} s; send it faster or ask for a longer --read-timeout"
+        ) from None
     if not body:
         raise RequestRejected(400, "empty body: send the image bytes, or a multipart form with a `file` field")
     return bytes(body)
