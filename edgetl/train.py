@@ -23,7 +23,7 @@ from edgetl.adapt import DomainAdversary
 from edgetl.data import Dataset
 from edgetl.distill import Distiller
 from edgetl.errors import RecipeError
-from edgetl.fileio import atomic_path
+from edgetl.fileio import save_torch
 from edgetl.models import TransferModel
 from edgetl.progress import track
 from edgetl.recipe import TrainConfig
@@ -269,5 +269,4 @@ def _epoch_order(labels: torch.Tensor, balance: str, generator: torch.Generator,
 
 def _snapshot(path: Path, model, optimizer, schedule, generator, history, best, epoch: int, adversary: DomainAdversary | None) -> None:
     state = {"model": model.state_dict(), "adversary": adversary.state_dict() if adversary is not None else None, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history, "best": best, "epoch": epoch}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_torch(state, path)
