@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
+    from edgetl.gates import install_command
     from edgetl.pipeline import build
     from edgetl.recipe import load_recipe
 
@@ -78,7 +79,8 @@ def _build(args: argparse.Namespace) -> int:
     print(
         f"{recipe.name}: selected {selected['name']} ({selected['runtime']} {selected['precision']}): accuracy {selected['accuracy']:.4f}, "
         f"agreement {selected['agreement']:.4f}, p50 {selected['latency_ms']['p50']:.2f} ms, {selected['size_mb']:.2f} MB; "
-        f"bundle {run_dir / (recipe.name + '.tar.gz')}; report {run_dir / 'report.html'}"
+        f"bundle {run_dir / (recipe.name + '.tar.gz')} (device: `{install_command(selected['runtime'])}`); "
+        f"report {run_dir / 'report.html'}"
     )
     return 0
 

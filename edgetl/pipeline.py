@@ -73,6 +73,7 @@ def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = Fal
     run_dir.mkdir(parents=True, exist_ok=True)
     runtimes, skipped = _available_runtimes(recipe)  # before training: a missing runtime fails fast
     variants, skipped_variants = _runnable_variants(recipe, runtimes)
+    _check_device_runtimes(recipe, runtimes)
     _remove_outputs(run_dir, recipe.name)
     cache = StageCache(run_dir / "stages", force)
     spec = models.REGISTRY.get(recipe.model.backbone)
@@ -107,7 +108,7 @@ def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = Fal
     validate_key = key(export_key, [a.file.parent.name + "/" + a.file.name for a in artifacts], recipe.measure.model_dump(mode="json"), dataset.content_hash)
     measured = _validate_stage(cache, validate_key, trained, artifacts, dataset, pre, recipe, timings)
 
-    decision = gates.run(measured, recipe.gates, recipe.select)
+    decision = gates.run(measured, recipe.gates, recipe.select, recipe.device.runtimes)
     content = {
         "schema_version": REPORT_SCHEMA_VERSION,
         "edgetl_version": __version__,
@@ -349,6 +350,18 @@ def _available_runtimes(recipe: Recipe) -> tuple[list[str], list[str]]:
     for line in skipped:
         log.warning(line)
     return [r for r in RUNTIMES if is_installed(r)], skipped
+
+
+def _check_device_runtimes(recipe: Recipe, runtimes: list[str]) -> None:
+    """Before training: the device must have a runtime this build measures variants on.
+
+    Raises RecipeError. The FP32 ONNX file is always measured on ONNX Runtime, so only an
+    OpenVINO-only device with OpenVINO missing here (or left out of `export.runtimes`) fails.
+    """
+    if "onnxruntime" not in recipe.device.runtimes and "openvino" not in runtimes:
+        raise RecipeError("`device.runtimes` is [openvino], but this build measures no variant on OpenVINO (not "
+                          "installed here, or not in `export.runtimes`); install it (`pip install 'edgetl[train]'`) "
+                          "or add onnxruntime to `device.runtimes`.")
 
 
 def _runnable_variants(recipe: Recipe, runtimes: list[str]) -> tuple[list[QuantVariant], list[str]]:
