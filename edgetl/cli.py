@@ -1,7 +1,8 @@
 """`edgetl` command line. Errors are caught here, once, and printed as one paragraph.
 
-Exit codes (documented in the README): 0 success; 2 recipe, data or model error;
-3 a gate failed; 4 export or parity failure; 1 an unexpected internal error; 130 interrupted.
+Exit codes (documented in the README): 0 success; 2 recipe, data or model error, or an
+output the disk refused; 3 a gate failed; 4 export or parity failure; 1 an unexpected
+internal error; 130 interrupted; 143 a build stopped by SIGTERM.
 Training-side imports (torch) happen inside the commands that need them; the device-side
 commands (`edgetl.runtime.commands`) import only the runtime, so they start without torch.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -58,20 +60,34 @@ def main(argv: list[str] | None = None) -> int:
     except ImageDecodeError as exc:  # an image given directly (not walked from a folder)
         print(f"edgetl: error: {exc}", file=sys.stderr)
         return 2
+    except _Terminated:
+        print("edgetl: terminated (SIGTERM); temporary files removed, rerun with --resume to continue", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("edgetl: interrupted", file=sys.stderr)
         return 130
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM during a build, raised where the build is so that every `finally` removes its temporary files."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def _build(args: argparse.Namespace) -> int:
+    from edgetl.fileio import output_errors
     from edgetl.gates import install_command
     from edgetl.pipeline import build
     from edgetl.recipe import load_recipe
 
+    signal.signal(signal.SIGTERM, _raise_terminated)  # the default action would kill it with its temporaries in place
     recipe = load_recipe(args.recipe, args.overrides)
     run_dir = (args.output or Path("runs") / recipe.name).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "build.log")
+    with output_errors(run_dir / "build.log"):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(run_dir / "build.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     report = build(recipe, run_dir, resume=args.resume, force=args.force).report
