@@ -22,7 +22,9 @@ BUILTIN_DATASETS = ("digits",)
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `.inf`/`.nan` in YAML (or --set) is refused in every number field;
+    # `train.weight_decay: .inf` once trained a model whose logits were all NaN.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:

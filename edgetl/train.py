@@ -85,6 +85,7 @@ def run(model: TransferModel, dataset: Dataset, config: TrainConfig, pre: Prepro
     `state_path` gets a resumable snapshot after every epoch; with `resume`, training
     continues from it and ends where an uninterrupted run would have. `distiller` mixes a
     teacher's soft targets into the loss; `adversary` adds DANN's domain loss on its target images.
+    Raises RecipeError when the loss or the weights become non-finite (the recipe's values diverge).
     """
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     started = time.monotonic()
@@ -156,7 +157,12 @@ def run(model: TransferModel, dataset: Dataset, config: TrainConfig, pre: Prepro
             loss.backward()
             optimizer.step()
             schedule.step()
-            total_loss += loss.item() * len(index)
+            step_loss = loss.item()
+            if not math.isfinite(step_loss):
+                raise _diverged(config, epoch, f"the training loss became {step_loss} at step {step + 1} of "
+                                               f"{len(batches)}")
+            total_loss += step_loss * len(index)
+        _check_finite_weights(model, adversary, config, epoch)
         val_logits = _logits(model, inputs.val, inputs, pre)
         val_accuracy = accuracy(val_logits, dataset.val.labels)
         improved = val_accuracy > best["accuracy"]
@@ -173,6 +179,26 @@ def run(model: TransferModel, dataset: Dataset, config: TrainConfig, pre: Prepro
     test_logits = _logits(model, inputs.test, inputs, pre)
     test_accuracy = accuracy(test_logits, dataset.test.labels)
     return TrainResult(model, history, best["epoch"], best["accuracy"], test_accuracy, time.monotonic() - started, notes, test_logits, best.get("val_logits"))
+
+
+def _check_finite_weights(model: TransferModel, adversary: DomainAdversary | None, config: TrainConfig,
+                          epoch: int) -> None:
+    """Raises RecipeError when an update left a weight NaN or infinite (the last step's loss can still look finite)."""
+    named = list(model.named_parameters())
+    if adversary is not None:
+        named += [(f"domain classifier {name}", p) for name, p in adversary.named_parameters()]
+    bad = [name for name, p in named if not torch.isfinite(p).all()]
+    if bad:
+        listing = ", ".join(bad[:3]) + (" …" if len(bad) > 3 else "")
+        raise _diverged(config, epoch, f"weights became NaN or infinite ({listing})")
+
+
+def _diverged(config: TrainConfig, epoch: int, what: str) -> RecipeError:
+    return RecipeError(
+        f"training diverged in epoch {epoch}: {what}. The recipe's values make the updates blow up (`train.lr` "
+        f"{config.lr:g}, `train.weight_decay` {config.weight_decay:g}, `train.batch_size` {config.batch_size}); "
+        f"lower `train.lr` (e.g. {config.lr / 10:g}) or `train.weight_decay`, and rerun."
+    )
 
 
 def caches_inputs(config: TrainConfig, augment: str) -> bool:

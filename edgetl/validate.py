@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from edgetl.data import Split
-from edgetl.errors import ExportError
+from edgetl.errors import ExportError, InferenceError
 from edgetl.export import model_files
 from edgetl.models import TransferModel
 from edgetl.recipe import MeasureConfig
@@ -53,6 +53,8 @@ def parity(model: TransferModel, artifacts: list[Artifact], val: Split, pre: Pre
     """Every FP32 artifact must match PyTorch on every validation image, or the build stops.
 
     `val_logits`: the PyTorch logits training computed at its best epoch (checked on a few images).
+    Raises ExportError naming the worst images, or InferenceError when any logit (the
+    artifact's or PyTorch's) is NaN or infinite: a non-finite delta is never within tolerance.
 
     >>> parity(model, [Artifact("onnx-fp32", "onnxruntime", "fp32", Path("model.onnx"))], dataset.val, pre, 1e-3, None)
     """
@@ -60,17 +62,32 @@ def parity(model: TransferModel, artifacts: list[Artifact], val: Split, pre: Pre
     outcomes = []
     for artifact in artifacts:
         logits, _ = _run_batches(open_checked(artifact, threads), val.images, pre, artifact, BATCH)
-        delta = np.abs(logits - reference).max(axis=1)  # (N,)
+        delta = np.abs(logits - reference).max(axis=1)  # (N,); NaN where either side is NaN
         disagree = logits.argmax(1) != reference.argmax(1)
-        bad = np.flatnonzero(disagree | (delta > tolerance))
+        bad = np.flatnonzero(disagree | ~(delta <= tolerance))  # ~(<=): a NaN delta fails
         outcome = {"name": artifact.name, "runtime": artifact.runtime, "images": len(val.labels), "agreement": float(1 - disagree.mean()), "max_abs_logit_delta": float(delta.max()), "tolerance": tolerance, "passed": not len(bad)}
         outcomes.append(outcome)
         log.info("parity %s: agreement %.4f, max |Δlogit| %.2e (tolerance %.0e)", artifact.name, outcome["agreement"], outcome["max_abs_logit_delta"], tolerance)
+        _check_finite(artifact, logits, reference, val)
         if len(bad):
             worst = bad[np.argsort(-delta[bad])][:5]
             listing = "; ".join(f"{val.sources[i]} (|Δlogit| {delta[i]:.2e}{', top-1 differs' if disagree[i] else ''})" for i in worst)
             raise ExportError(f"{artifact.name} on {artifact.runtime} disagrees with PyTorch on {len(bad)} of {len(val.labels)} validation images beyond |Δlogit| {tolerance:g}: {listing}. Check the export (opset, custom layers), or raise `export.parity_tolerance` if the difference is expected.")
     return outcomes
+
+
+def _check_finite(artifact: Artifact, logits: np.ndarray, reference: np.ndarray, val: Split) -> None:
+    """Raises InferenceError when the artifact's or PyTorch's logits hold a NaN or an infinity."""
+    finite, finite_reference = np.isfinite(logits).all(axis=1), np.isfinite(reference).all(axis=1)  # (N,)
+    if not (finite.all() and finite_reference.all()):
+        first = np.flatnonzero(~(finite & finite_reference))[0]
+        raise InferenceError(
+            f"parity of {artifact.file} failed: logits are not finite (NaN or inf): {artifact.name} on "
+            f"{artifact.runtime} on {int((~finite).sum())} of {len(val.labels)} validation images, PyTorch on "
+            f"{int((~finite_reference).sum())}; first {val.sources[first]}. A model with non-finite outputs cannot be "
+            "shipped; when PyTorch's are non-finite too, the recipe's training values diverged (lower `train.lr` or "
+            "`train.weight_decay`)."
+        )
 
 
 def run(model: TransferModel, artifacts: list[Artifact], test: Split, pre: Preprocessing, config: MeasureConfig, checkpoint: Path,
