@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import site
 import subprocess
 import sys
 import time
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 
 from edgetl.data import Split
+import edgetl
 from edgetl.errors import ExportError, InferenceError
 from edgetl.export import model_files
 from edgetl.models import TransferModel
@@ -228,10 +231,26 @@ def _size_mb(path: Path) -> float:
 
 
 def _probe_process(artifact: Artifact, checkpoint: Path, threads: int | None, size: int) -> dict:
-    """Load time and peak RSS of a fresh process that loads this artifact and predicts."""
-    target = str(artifact.file or checkpoint)
-    command = [sys.executable, "-m", "edgetl.probe", artifact.runtime, target, str(size), str(threads or 0)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    """Load time and peak RSS of a fresh process that loads this artifact and predicts.
+
+    Isolated from the user's working directory, whose modules would otherwise come first on
+    its import path (`-m` puts the cwd there: an `inspect.py` beside the recipe broke it):
+    it runs in the artifact's own folder, which holds no Python files (`-P` would say the
+    same, but only from Python 3.11), and finds edgetl as this process did.
+    """
+    target = Path(artifact.file or checkpoint).resolve()
+    command = [sys.executable, "-m", "edgetl.probe", artifact.runtime, str(target), str(size), str(threads or 0)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=target.parent,
+                          env=_probe_environment())
     if done.returncode != 0:
         raise ExportError(f"measuring {artifact.name} in a fresh process failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
     return json.loads(done.stdout)
+
+
+def _probe_environment() -> dict[str, str]:
+    """This environment, with PYTHONPATH's entries made absolute (the probe runs in another folder)
+    and edgetl's source tree first when it is not installed (found through the cwd, say)."""
+    root = os.path.realpath(Path(edgetl.__file__).parent.parent)
+    installed = root in {os.path.realpath(p) for p in (*site.getsitepackages(), site.getusersitepackages())}
+    entries = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(([] if installed else [root]) + entries)}
