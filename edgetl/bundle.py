@@ -24,6 +24,7 @@ from pathlib import Path
 from edgetl import __version__
 from edgetl.export import INPUT_NAME, model_files
 from edgetl.fileio import atomic_dir, atomic_path
+from edgetl.gates import install_command
 from edgetl.runtime.bundle import MANIFEST, SUPPORTED_SCHEMA, sha256
 from edgetl.runtime.preprocess import Preprocessing
 
@@ -81,6 +82,10 @@ def _readme(manifest: dict) -> str:
 `{manifest['model']}` ({manifest['variant']}: {manifest['precision']} for {manifest['runtime']}), {len(manifest['labels'])} classes.
 Measured at build time on the test split: accuracy {metrics['accuracy']:.4f}, top-1 agreement with PyTorch FP32
 {metrics['agreement']:.4f}, p50 latency {metrics['latency_ms']['p50']:.2f} ms at batch 1, {metrics['size_mb']:.2f} MB.
+
+On the device: `{install_command(manifest['runtime'])}` (Python 3.10+), then
+`edgetl predict <this bundle> image.jpg` or `edgetl serve <this bundle>`; in Python,
+`edgetl.runtime.predictor.Predictor.load(<this bundle>)`.
 
 The model takes `{manifest['input']['name']}`, float32 {manifest['input']['shape']}, preprocessed as `edgetl.json` says
 (`edgetl.runtime.preprocess.preprocess` applies it with numpy and Pillow only), and returns logits.

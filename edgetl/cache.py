@@ -3,7 +3,8 @@
 `RUN_DIR/stages/<stage>-<key>/` is written under a temporary name and renamed into place
 when the stage finishes, so a folder with that name is always complete: a rerun whose
 key matches reuses it (changing a gate retrains nothing), a killed build leaves only a
-temporary folder that the next run ignores, and `--force` rebuilds.
+temporary folder (`.<stage>-<key>.*.tmp`) that the next build removes (`pipeline`
+clears them all when it starts), and `--force` rebuilds.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -50,13 +50,7 @@ class StageCache:
             self.status[label] = "reused"
             log.info("%s: reused %s", label, final.relative_to(self.root.parent))
             return final
-        self._remove_leftovers(stage, stage_key)
         with atomic_dir(final) as staging:
             make(staging)
         self.status[label] = "built"
         return final
-
-    def _remove_leftovers(self, stage: str, stage_key: str) -> None:
-        """Temporary folders of this stage that a killed build left behind."""
-        for leftover in self.root.glob(f".{stage}-{stage_key}.*.tmp"):
-            shutil.rmtree(leftover, ignore_errors=True)

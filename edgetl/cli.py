@@ -1,8 +1,9 @@
 """`edgetl` command line. Errors are caught here, once, and printed as one paragraph.
 
-Exit codes (documented in the README): 0 success; 2 recipe, data, model or argument error;
-3 a gate failed; 4 export or parity failure; 5 `serve`'s port is in use; 1 an unexpected
-internal error; 130 interrupted; 141 stdout was closed (a pipe's reader stopped).
+Exit codes (documented in the README): 0 success; 2 recipe, data, model or argument error, or
+an output the disk refused; 3 a gate failed; 4 export or parity failure; 5 `serve`'s port is in
+use; 1 an unexpected internal error; 130 interrupted; 141 stdout was closed (a pipe's reader
+stopped); 143 a build stopped by SIGTERM.
 Training-side imports (torch) happen inside the commands that need them; the device-side
 commands (`edgetl.runtime.commands`) import only the runtime, so they start without torch.
 """
@@ -13,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -74,19 +76,34 @@ def main(argv: list[str] | None = None) -> int:
     except ImageDecodeError as exc:  # an image given directly (not walked from a folder)
         print(f"edgetl: error: {exc}", file=sys.stderr)
         return 2
+    except _Terminated:
+        print("edgetl: terminated (SIGTERM); temporary files removed, rerun with --resume to continue", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("edgetl: interrupted", file=sys.stderr)
         return 130
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM during a build, raised where the build is so that every `finally` removes its temporary files."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def _build(args: argparse.Namespace) -> int:
+    from edgetl.fileio import output_errors
+    from edgetl.gates import install_command
     from edgetl.pipeline import build
     from edgetl.recipe import load_recipe
 
+    signal.signal(signal.SIGTERM, _raise_terminated)  # the default action would kill it with its temporaries in place
     recipe = load_recipe(args.recipe, args.overrides)
     run_dir = (args.output or Path("runs") / recipe.name).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "build.log")
+    with output_errors(run_dir / "build.log"):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(run_dir / "build.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     report = build(recipe, run_dir, resume=args.resume, force=args.force).report
@@ -94,7 +111,9 @@ def _build(args: argparse.Namespace) -> int:
     print(
         f"{recipe.name}: selected {selected['name']} ({selected['runtime']} {selected['precision']}): accuracy {selected['accuracy']:.4f}, "
         f"agreement {selected['agreement']:.4f}, p50 {selected['latency_ms']['p50']:.2f} ms, {selected['size_mb']:.2f} MB; "
-        f"bundle {run_dir / (recipe.name + '.tar.gz')}; report {run_dir / 'report.html'}"
+        f"bundle {run_dir / (recipe.name + '.tar.gz')} (sha256 {report['selected']['bundle_sha256']}; "
+        f"device: `{install_command(selected['runtime'])}`); "
+        f"report {run_dir / 'report.html'}"
     )
     return 0
 

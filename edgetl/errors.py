@@ -35,6 +35,12 @@ class BundleError(EdgetlError):
     exit_code = 2
 
 
+class OutputError(EdgetlError):
+    """An output cannot be written: the disk is full, read-only, over quota, or not ours to write."""
+
+    exit_code = 2
+
+
 class ExportError(EdgetlError):
     """Export, conversion or a parity check between runtimes failed."""
 

@@ -2,15 +2,17 @@
 
 Every deployable variant (every exported file; the PyTorch row is the baseline, not a
 deployable) is checked against every gate the recipe sets. The selection policy then
-picks among the variants that pass them all; when none does, the build fails with exit
-code 3, after the report is written, and the message names each failing gate, its
-threshold and the measured value.
+picks among the variants that pass them all and were measured on a runtime the device has
+(`device.runtimes`: a variant's numbers hold on the runtime they were measured on, so an
+ONNX file measured on ONNX Runtime is not picked for an OpenVINO-only device); when none
+does, the build fails with exit code 3, after the report is written, and the message
+names each failing gate, its threshold and the measured value.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from edgetl.recipe import GatesConfig
 
@@ -27,6 +29,13 @@ _POLICIES: dict[str, tuple[Callable[[dict], tuple], str]] = {
     "most_accurate": (lambda v: (-v["accuracy"], v["latency_ms"]["p50"]), "the most accurate"),
     "smallest": (lambda v: (v["size_mb"], v["latency_ms"]["p50"]), "the smallest"),
 }
+# What the device installs to run a variant of each runtime (the base install is the ONNX Runtime one).
+_INSTALL = {"onnxruntime": "pip install edgetl", "openvino": "pip install 'edgetl[openvino]'"}
+
+
+def install_command(runtime: str) -> str:
+    """The pip command that gives a device `runtime`: `pip install edgetl` for onnxruntime."""
+    return _INSTALL[runtime]
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,7 @@ class Decision:
     selected: str | None  # the variant to deploy; None when no variant passes every gate
     policy: str
     reason: str
+    runtime: str | None = None  # the selected variant's runtime
 
     @property
     def passed(self) -> bool:
@@ -61,15 +71,18 @@ class Decision:
     def to_dict(self) -> dict:
         return {
             "gates": [asdict(o) for o in self.outcomes],
-            "selected": {"name": self.selected, "policy": self.policy, "reason": self.reason} if self.selected else None,
+            "selected": {"name": self.selected, "policy": self.policy, "reason": self.reason, "runtime": self.runtime,
+                         "install": install_command(self.runtime)} if self.selected else None,
             "passed": self.passed,
         }
 
 
-def run(variants: list[dict], config: GatesConfig, policy: str) -> Decision:
-    """Check every deployable variant against the recipe's gates and select one.
+def run(variants: list[dict], config: GatesConfig, policy: str,
+        device_runtimes: Sequence[str] | None = None) -> Decision:
+    """Check every deployable variant against the recipe's gates and select one that runs on
+    `device_runtimes` (None: any runtime).
 
-    >>> run(report["variants"], recipe.gates, recipe.select).selected
+    >>> run(report["variants"], recipe.gates, recipe.select, recipe.device.runtimes).selected
     'ort-int8'
     """
     deployable = [v for v in variants if v["runtime"] != "pytorch"]
@@ -82,11 +95,22 @@ def run(variants: list[dict], config: GatesConfig, policy: str) -> Decision:
             passed = value >= threshold if larger_is_better else value <= threshold
             outcomes.append(GateOutcome(gate, threshold, variant["name"], value, passed))
     failed = {o.variant for o in outcomes if not o.passed}
-    candidates = [v for v in deployable if v["name"] not in failed]
+    passing = [v for v in deployable if v["name"] not in failed]
+    candidates = [v for v in passing if device_runtimes is None or v["runtime"] in device_runtimes]
+    elsewhere = ", ".join(f"{v['name']} ({v['runtime']})" for v in passing if v not in candidates)
+    on_device = f"run on the device's {' or '.join(device_runtimes)} (`device.runtimes`)" if device_runtimes else ""
     key, description = _POLICIES[policy]
     if not candidates:
-        reason = "no variant passes every gate" if deployable else "there is no deployable variant (no runtime was available)"
+        if elsewhere:
+            reason = f"no variant that passes every gate can {on_device}; {elsewhere} would: add its runtime there"
+        elif deployable:
+            reason = "no variant passes every gate"
+        else:
+            reason = "there is no deployable variant (no runtime was available)"
         return Decision(outcomes, None, policy, reason)
     chosen = min(candidates, key=key)
-    gated = f"of the {len(candidates)} variant(s) that pass every gate" if thresholds else f"of the {len(candidates)} variant(s) (no gates set)"
-    return Decision(outcomes, chosen["name"], policy, f"{description} {gated}")
+    which = " and ".join(filter(None, ["pass every gate" if thresholds else "", on_device]))
+    reason = f"{description} of the {len(candidates)} variant(s)" + (f" that {which}" if which else "")
+    reason += "" if thresholds else " (no gates set)"
+    reason += f"; not considered, measured on a runtime the device lacks: {elsewhere}" if elsewhere else ""
+    return Decision(outcomes, chosen["name"], policy, reason, chosen["runtime"])

@@ -312,7 +312,7 @@ for _arch, _interp in (("mobilenet_v3_small", "bilinear"), ("mobilenet_v3_large"
 
 def save_checkpoint(path: Path, model: TransferModel, spec: BackboneSpec, pre: Preprocessing, labels: tuple[str, ...], recipe) -> None:
     """state dict + everything needed to rebuild the model without the recipe."""
-    from edgetl.fileio import atomic_path
+    from edgetl.fileio import save_torch
 
     payload = {
         "state_dict": model.state_dict(),
@@ -323,8 +323,7 @@ def save_checkpoint(path: Path, model: TransferModel, spec: BackboneSpec, pre: P
         "dropout": model.dropout.p,
         "recipe": recipe.model_dump(mode="json"),
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_torch(payload, path)
 
 
 @dataclass(frozen=True)

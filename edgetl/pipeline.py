@@ -2,8 +2,10 @@
 
 Each stage is a function with typed inputs and outputs; this module only wires them
 together, keys each expensive stage in the stage cache (`edgetl.cache`) and writes the
-run folder. The outputs that say "this build is done" (report.json, bundle/, the
-archive) are removed when a build starts and written last, each atomically.
+run folder. The outputs that say "this build is done" are removed when a build starts
+(with the temporaries a killed build left) and written last, each atomically, in this
+order: bundle/, the archive, report.md, report.html and report.json, so no report says
+"passed" before the bundle and archive are complete, and report.json means "done".
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from edgetl.adapt import DomainAdversary, adabn
 from edgetl.cache import StageCache, file_digest, key
 from edgetl.distill import Distiller, Teacher
 from edgetl.errors import GateFailure, RecipeError
-from edgetl.fileio import atomic_path, write_json
+from edgetl.fileio import atomic_path, remove_temporaries, write_json
 from edgetl.recipe import QuantVariant, Recipe, TrainConfig
 from edgetl.runtime.engines import RUNTIMES, is_installed
 from edgetl.runtime.preprocess import Preprocessing
@@ -66,6 +68,8 @@ class _Trained:
 def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = False, train_only: bool = False) -> BuildResult:
     """Run every stage of `recipe` into `run_dir`; raise GateFailure (after writing the report) when no variant passes the gates.
 
+    Raises RecipeError, DataError, ModelError, ExportError, InferenceError, OutputError (a write the disk refused).
+
     >>> build(load_recipe(Path("recipes/quickstart.yaml")), Path("runs/quickstart")).report["selected"]["name"]
     'ort-int8'
     """
@@ -73,6 +77,7 @@ def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = Fal
     run_dir.mkdir(parents=True, exist_ok=True)
     runtimes, skipped = _available_runtimes(recipe)  # before training: a missing runtime fails fast
     variants, skipped_variants = _runnable_variants(recipe, runtimes)
+    _check_device_runtimes(recipe, runtimes)
     _remove_outputs(run_dir, recipe.name)
     cache = StageCache(run_dir / "stages", force)
     spec = models.REGISTRY.get(recipe.model.backbone)
@@ -107,7 +112,7 @@ def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = Fal
     validate_key = key(export_key, [a.file.parent.name + "/" + a.file.name for a in artifacts], recipe.measure.model_dump(mode="json"), dataset.content_hash)
     measured = _validate_stage(cache, validate_key, trained, artifacts, dataset, pre, recipe, timings)
 
-    decision = gates.run(measured, recipe.gates, recipe.select)
+    decision = gates.run(measured, recipe.gates, recipe.select, recipe.device.runtimes)
     content = {
         "schema_version": REPORT_SCHEMA_VERSION,
         "edgetl_version": __version__,
@@ -126,15 +131,21 @@ def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = Fal
         "stages": cache.status,
         "timings": timings,
         "environment": metrics["environment"],
-        "build_seconds": round(time.monotonic() - started, 2),
     }
-    write_json(run_dir / "report.json", content)
+    if decision.passed:  # bundle and archive first: no report may say "passed" before they are complete
+        selected = next(a for a in artifacts if a.name == decision.selected)
+        row = next(v for v in measured if v["name"] == decision.selected)
+        packed = bundle.run(recipe.name, row, selected.file, dataset.classes, pre, content["recipe"],
+                            content["environment"]["packages"], run_dir)
+        content["selected"]["bundle_sha256"] = packed.digest  # what a device pins with --expect-sha256
+        log.info("selected %s (%s); bundle %s (sha256 %s); the device needs `%s`", decision.selected, decision.reason,
+                 packed.archive, packed.digest, content["selected"]["install"])
+    content["build_seconds"] = round(time.monotonic() - started, 2)
     report.write_reports(content, run_dir)
+    write_json(run_dir / "report.json", content)  # last: a report.json means the build is done
     if not decision.passed:
-        raise GateFailure("gates failed, no variant can be deployed; report in " + str(run_dir / "report.html") + ":\n" + "\n".join(decision.failures() or [decision.reason]))
-    selected = next(a for a in artifacts if a.name == decision.selected)
-    packed = bundle.run(recipe.name, next(v for v in measured if v["name"] == decision.selected), selected.file, dataset.classes, pre, content["recipe"], content["environment"]["packages"], run_dir)
-    log.info("selected %s (%s); bundle %s", decision.selected, decision.reason, packed.archive)
+        failures = "\n".join(decision.failures() + [decision.reason])
+        raise GateFailure(f"gates failed, no variant can be deployed; report in {run_dir / 'report.html'}:\n{failures}")
     return BuildResult(run_dir, metrics, content)
 
 
@@ -332,10 +343,17 @@ def _metrics(recipe: Recipe, spec: models.BackboneSpec, pre: Preprocessing, data
 
 
 def _remove_outputs(run_dir: Path, name: str) -> None:
-    """A build in progress must not show the last build's report or bundle as its own."""
-    for output in ("report.json", "report.md", "report.html", f"{name}.tar.gz", "metrics.json", "checkpoint.pt"):
+    """A build in progress must not show the last build's report or bundle as its own, and the
+    temporaries of a killed build (bundle, archive, stage folders, snapshots) go with them."""
+    outputs = ("report.json", "report.md", "report.html", f"{name}.tar.gz", "metrics.json", "checkpoint.pt")
+    for output in outputs:
         (run_dir / output).unlink(missing_ok=True)
     shutil.rmtree(run_dir / "bundle", ignore_errors=True)
+    leftovers = [*remove_temporaries(run_dir, [*outputs, "bundle"]), *remove_temporaries(run_dir / "stages"),
+                 *remove_temporaries(run_dir / "state")]
+    if leftovers:
+        names = ", ".join(p.name for p in leftovers)
+        log.info("removed %d temporary file(s) a killed build left: %s", len(leftovers), names)
 
 
 def _available_runtimes(recipe: Recipe) -> tuple[list[str], list[str]]:
@@ -349,6 +367,18 @@ def _available_runtimes(recipe: Recipe) -> tuple[list[str], list[str]]:
     for line in skipped:
         log.warning(line)
     return [r for r in RUNTIMES if is_installed(r)], skipped
+
+
+def _check_device_runtimes(recipe: Recipe, runtimes: list[str]) -> None:
+    """Before training: the device must have a runtime this build measures variants on.
+
+    Raises RecipeError. The FP32 ONNX file is always measured on ONNX Runtime, so only an
+    OpenVINO-only device with OpenVINO missing here (or left out of `export.runtimes`) fails.
+    """
+    if "onnxruntime" not in recipe.device.runtimes and "openvino" not in runtimes:
+        raise RecipeError("`device.runtimes` is [openvino], but this build measures no variant on OpenVINO (not "
+                          "installed here, or not in `export.runtimes`); install it (`pip install 'edgetl[train]'`) "
+                          "or add onnxruntime to `device.runtimes`.")
 
 
 def _runnable_variants(recipe: Recipe, runtimes: list[str]) -> tuple[list[QuantVariant], list[str]]:

@@ -22,10 +22,13 @@ default (`keep_float`). Measured on the fine-tuned cifar lite0 (1,000 test image
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
@@ -71,31 +74,50 @@ def run(export: ExportResult, dataset: Dataset, pre: Preprocessing, variants: li
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
-    for variant in variants:
-        if variant.runtime == "openvino" and export.openvino is None:
-            raise RecipeError(f"quantize variant {variant.display_name} needs OpenVINO, which is not installed; install it with `pip install 'edgetl[openvino]'` or remove the variant.")
-        started = time.monotonic()
-        notes: list[str] = []
-        if variant.precision == "fp16":
-            file = to_openvino(export.onnx, out_dir / f"{variant.display_name}.xml", compress_to_fp16=True)
-            results.append(QuantizedArtifact(variant.display_name, "openvino", "fp16", file, [], time.monotonic() - started, 0))
-            continue
-        calibration = _calibration_batches(dataset, pre, variant.calibration_images, seed, variant.display_name, notes)
-        if variant.method == "qat":
-            metadata = onnx_metadata(export.onnx)  # the labels and contract, for the IR converted from PyTorch
-            file, qat_notes = qat.run(model, dataset, pre, variant, calibration, out_dir, seed, metadata)
-            notes.extend(qat_notes)
-        elif variant.quantizer == "onnxruntime":
-            file = _ort_quantize(export.onnx, out_dir / f"{variant.display_name}.onnx", calibration, dataset, pre, variant, threads, notes)
-        else:
-            file = _nncf_quantize(export, out_dir, calibration, dataset, pre, variant)
-        float_layers = float_weighted_layers(file)
-        if float_layers:
-            notes.append(f"{len(float_layers)} weighted layer(s) kept in float: {', '.join(float_layers[:8])}{' …' if len(float_layers) > 8 else ''}")
-        seconds = time.monotonic() - started
-        log.info("quantized %s in %.1fs%s", variant.display_name, seconds, f" ({'; '.join(notes)})" if notes else "")
-        results.append(QuantizedArtifact(variant.display_name, variant.runtime, "int8", file, float_layers, seconds, len(calibration), notes))
+    with _temporaries_in(out_dir):
+        for variant in variants:
+            if variant.runtime == "openvino" and export.openvino is None:
+                raise RecipeError(f"quantize variant {variant.display_name} needs OpenVINO, which is not installed; install it with `pip install 'edgetl[openvino]'` or remove the variant.")
+            started = time.monotonic()
+            notes: list[str] = []
+            if variant.precision == "fp16":
+                file = to_openvino(export.onnx, out_dir / f"{variant.display_name}.xml", compress_to_fp16=True)
+                results.append(QuantizedArtifact(variant.display_name, "openvino", "fp16", file, [], time.monotonic() - started, 0))
+                continue
+            calibration = _calibration_batches(dataset, pre, variant.calibration_images, seed, variant.display_name, notes)
+            if variant.method == "qat":
+                metadata = onnx_metadata(export.onnx)  # the labels and contract, for the IR converted from PyTorch
+                file, qat_notes = qat.run(model, dataset, pre, variant, calibration, out_dir, seed, metadata)
+                notes.extend(qat_notes)
+            elif variant.quantizer == "onnxruntime":
+                file = _ort_quantize(export.onnx, out_dir / f"{variant.display_name}.onnx", calibration, dataset, pre, variant, threads, notes)
+            else:
+                file = _nncf_quantize(export, out_dir, calibration, dataset, pre, variant)
+            float_layers = float_weighted_layers(file)
+            if float_layers:
+                notes.append(f"{len(float_layers)} weighted layer(s) kept in float: {', '.join(float_layers[:8])}{' …' if len(float_layers) > 8 else ''}")
+            seconds = time.monotonic() - started
+            log.info("quantized %s in %.1fs%s", variant.display_name, seconds, f" ({'; '.join(notes)})" if notes else "")
+            results.append(QuantizedArtifact(variant.display_name, variant.runtime, "int8", file, float_layers, seconds, len(calibration), notes))
     return results
+
+
+@contextmanager
+def _temporaries_in(out_dir: Path) -> Iterator[None]:
+    """Python's temp folder moved under `out_dir` while quantizing, removed afterwards.
+
+    ONNX Runtime's quantize_static (and NNCF) write their working copies of the model
+    (13 MB for lite0) to `tempfile`'s folder, without a `dir` argument; a killed build
+    left them in /tmp. Under the stage's staging folder they go with it: removed here,
+    or by the next build's cleanup of the staging folder after a kill.
+    """
+    folder = tempfile.mkdtemp(prefix=".quantizer.", suffix=".tmp", dir=out_dir)
+    previous, tempfile.tempdir = tempfile.tempdir, folder
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _calibration_batches(dataset: Dataset, pre: Preprocessing, count: int, seed: int, name: str, notes: list[str]) -> list[np.ndarray]:

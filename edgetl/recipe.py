@@ -23,7 +23,9 @@ BUILTIN_DATASETS = ("digits",)
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `.inf`/`.nan` in YAML (or --set) is refused in every number field;
+    # `train.weight_decay: .inf` once trained a model whose logits were all NaN.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
@@ -179,6 +181,17 @@ class GatesConfig(_Section):
     max_size_mb: float | None = Field(None, gt=0, description="Model file size (IR: .xml + .bin).")
 
 
+class DeviceConfig(_Section):
+    """The device that runs the bundle: selection considers only the variants it can run."""
+
+    runtimes: list[Literal["onnxruntime", "openvino"]] = Field(
+        default_factory=lambda: ["onnxruntime"], min_length=1,
+        description="Runtimes installed on the device. Default [onnxruntime]: what `pip install edgetl` runs. "
+                    "Add openvino (`pip install 'edgetl[openvino]'`) to let OpenVINO variants be selected. "
+                    "A variant counts for the runtime it was measured on.",
+    )
+
+
 def _default_variants() -> list[QuantVariant]:
     return [QuantVariant(runtime="onnxruntime"), QuantVariant(runtime="openvino")]
 
@@ -199,6 +212,7 @@ class Recipe(_Section):
     measure: MeasureConfig = MeasureConfig()
     gates: GatesConfig = GatesConfig()
     select: Literal["fastest", "most_accurate", "smallest"] = Field("fastest", description="Which variant that passes every gate goes into the bundle.")
+    device: DeviceConfig = DeviceConfig()
 
     @model_validator(mode="after")
     def _unique_variants(self) -> Recipe:

@@ -23,7 +23,7 @@ from edgetl.adapt import DomainAdversary
 from edgetl.data import Dataset
 from edgetl.distill import Distiller
 from edgetl.errors import RecipeError
-from edgetl.fileio import atomic_path
+from edgetl.fileio import save_torch
 from edgetl.models import TransferModel
 from edgetl.progress import track
 from edgetl.recipe import TrainConfig
@@ -36,7 +36,7 @@ EVAL_BATCH = 64
 @dataclass(frozen=True)
 class TrainResult:
     model: TransferModel  # the best epoch's weights, in eval mode
-    history: list[dict]  # per epoch: epoch, train_loss, val_accuracy, lr, seconds
+    history: list[dict]  # per epoch: epoch, train_loss, val_accuracy, val_loss, lr, seconds
     best_epoch: int
     val_accuracy: float
     test_accuracy: float
@@ -80,11 +80,13 @@ def predict_logits(model: TransferModel, images: np.ndarray, pre: Preprocessing,
 
 def run(model: TransferModel, dataset: Dataset, config: TrainConfig, pre: Preprocessing, augment: str, seed: int, state_path: Path | None = None, resume: bool = False,
         distiller: Distiller | None = None, adversary: DomainAdversary | None = None) -> TrainResult:
-    """Train `model` on `dataset` with the recipe's strategy; keep the best epoch by val accuracy.
+    """Train `model` on `dataset` with the recipe's strategy; keep the best epoch by val accuracy,
+    ties broken by the lower val loss.
 
     `state_path` gets a resumable snapshot after every epoch; with `resume`, training
     continues from it and ends where an uninterrupted run would have. `distiller` mixes a
     teacher's soft targets into the loss; `adversary` adds DANN's domain loss on its target images.
+    Raises RecipeError when the loss or the weights become non-finite (the recipe's values diverge).
     """
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     started = time.monotonic()
@@ -111,7 +113,7 @@ def run(model: TransferModel, dataset: Dataset, config: TrainConfig, pre: Prepro
     augmenter = _augmenter(augment, pre.input_size) if not inputs.cached else None
 
     history: list[dict] = []
-    best = {"epoch": 0, "accuracy": -1.0, "state": copy.deepcopy(model.state_dict())}
+    best = {"epoch": 0, "accuracy": -1.0, "loss": math.inf, "state": copy.deepcopy(model.state_dict())}
     first_epoch = 1
     if resume and state_path is not None and state_path.is_file():
         snapshot = torch.load(state_path, map_location="cpu", weights_only=False)
@@ -127,7 +129,8 @@ def run(model: TransferModel, dataset: Dataset, config: TrainConfig, pre: Prepro
 
     for epoch in range(first_epoch, config.epochs + 1):
         if config.patience and epoch - best["epoch"] > config.patience:
-            notes.append(f"early stop after epoch {epoch - 1}: val accuracy had not improved for {config.patience} epochs")
+            notes.append(f"early stop after epoch {epoch - 1}: val accuracy (ties: val loss) had not improved "
+                         f"for {config.patience} epochs")
             log.info(notes[-1])
             break
         epoch_start = time.monotonic()
@@ -156,23 +159,81 @@ def run(model: TransferModel, dataset: Dataset, config: TrainConfig, pre: Prepro
             loss.backward()
             optimizer.step()
             schedule.step()
-            total_loss += loss.item() * len(index)
+            step_loss = loss.item()
+            if not math.isfinite(step_loss):
+                raise _diverged(config, epoch, f"the training loss became {step_loss} at step {step + 1} of "
+                                               f"{len(batches)}")
+            total_loss += step_loss * len(index)
+        _check_finite_weights(model, adversary, config, epoch)
         val_logits = _logits(model, inputs.val, inputs, pre)
         val_accuracy = accuracy(val_logits, dataset.val.labels)
-        improved = val_accuracy > best["accuracy"]
+        # Plain cross-entropy (no smoothing, no class weights): it ranks epochs the val accuracy ties.
+        val_labels = torch.from_numpy(dataset.val.labels).long()
+        val_loss = float(nn.functional.cross_entropy(torch.from_numpy(val_logits), val_labels))
+        # Snapshots written before val loss was kept have no "loss".
+        improved = (val_accuracy, -val_loss) > (best["accuracy"], -best.get("loss", math.inf))
         if improved:
-            best = {"epoch": epoch, "accuracy": val_accuracy, "state": copy.deepcopy(model.state_dict()), "val_logits": val_logits}
-        history.append({"epoch": epoch, "train_loss": total_loss / len(order), "val_accuracy": val_accuracy, "lr": schedule.get_last_lr()[0], "seconds": round(time.monotonic() - epoch_start, 3)})
-        log.info("epoch %d/%d  loss %.4f  val_acc %.4f%s  (%.1fs)", epoch, config.epochs, history[-1]["train_loss"], val_accuracy, "  best" if improved else "", history[-1]["seconds"])
+            best = {"epoch": epoch, "accuracy": val_accuracy, "loss": val_loss,
+                    "state": copy.deepcopy(model.state_dict()), "val_logits": val_logits}
+        history.append({"epoch": epoch, "train_loss": total_loss / len(order), "val_accuracy": val_accuracy,
+                        "val_loss": val_loss, "lr": schedule.get_last_lr()[0],
+                        "seconds": round(time.monotonic() - epoch_start, 3)})
+        log.info("epoch %d/%d  loss %.4f  val_acc %.4f  val_loss %.4f%s  (%.1fs)", epoch, config.epochs,
+                 history[-1]["train_loss"], val_accuracy, val_loss, "  best" if improved else "",
+                 history[-1]["seconds"])
         if state_path is not None:
             _snapshot(state_path, model, optimizer, schedule, generator, history, best, epoch, adversary)
 
+    for note in _ranking_notes(history, best["epoch"], len(dataset.val.labels)):
+        notes.append(note)
+        log.info(note)
     model.load_state_dict(best["state"])
     model.to(memory_format=torch.contiguous_format)
     model.eval()
     test_logits = _logits(model, inputs.test, inputs, pre)
     test_accuracy = accuracy(test_logits, dataset.test.labels)
     return TrainResult(model, history, best["epoch"], best["accuracy"], test_accuracy, time.monotonic() - started, notes, test_logits, best.get("val_logits"))
+
+
+# Below this many val images one image moves val accuracy by over 2 points, more than late
+# epochs usually differ by: their ranking is then mostly noise, and the report says so.
+SMALL_VAL_SPLIT = 50
+
+
+def _ranking_notes(history: list[dict], best_epoch: int, val_images: int) -> list[str]:
+    """The report's notes when the val split cannot rank epochs: too small, or tied (saturated) at the top."""
+    notes = []
+    if val_images < SMALL_VAL_SPLIT:
+        notes.append(f"the val split has {val_images} images (one image = {100 / val_images:.1f} points of val "
+                     f"accuracy), too few to rank epochs reliably (under {SMALL_VAL_SPLIT}); add images or raise "
+                     "`data.val_split`")
+    top = max((h["val_accuracy"] for h in history), default=None)
+    tied = [h["epoch"] for h in history if h["val_accuracy"] == top]
+    if len(tied) > 1:
+        level = "1.0 (saturated)" if top == 1.0 else f"{top:.4f}"
+        notes.append(f"val accuracy was {level} at {len(tied)} epochs ({', '.join(map(str, tied))}), so it cannot rank "
+                     f"them: epoch {best_epoch} was kept for the lowest val loss among them")
+    return notes
+
+
+def _check_finite_weights(model: TransferModel, adversary: DomainAdversary | None, config: TrainConfig,
+                          epoch: int) -> None:
+    """Raises RecipeError when an update left a weight NaN or infinite (the last step's loss can still look finite)."""
+    named = list(model.named_parameters())
+    if adversary is not None:
+        named += [(f"domain classifier {name}", p) for name, p in adversary.named_parameters()]
+    bad = [name for name, p in named if not torch.isfinite(p).all()]
+    if bad:
+        listing = ", ".join(bad[:3]) + (" …" if len(bad) > 3 else "")
+        raise _diverged(config, epoch, f"weights became NaN or infinite ({listing})")
+
+
+def _diverged(config: TrainConfig, epoch: int, what: str) -> RecipeError:
+    return RecipeError(
+        f"training diverged in epoch {epoch}: {what}. The recipe's values make the updates blow up (`train.lr` "
+        f"{config.lr:g}, `train.weight_decay` {config.weight_decay:g}, `train.batch_size` {config.batch_size}); "
+        f"lower `train.lr` (e.g. {config.lr / 10:g}) or `train.weight_decay`, and rerun."
+    )
 
 
 def caches_inputs(config: TrainConfig, augment: str) -> bool:
@@ -269,5 +330,4 @@ def _epoch_order(labels: torch.Tensor, balance: str, generator: torch.Generator,
 
 def _snapshot(path: Path, model, optimizer, schedule, generator, history, best, epoch: int, adversary: DomainAdversary | None) -> None:
     state = {"model": model.state_dict(), "adversary": adversary.state_dict() if adversary is not None else None, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history, "best": best, "epoch": epoch}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_torch(state, path)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import site
 import subprocess
 import sys
 import time
@@ -23,7 +25,8 @@ import numpy as np
 import torch
 
 from edgetl.data import Split
-from edgetl.errors import ExportError
+import edgetl
+from edgetl.errors import ExportError, InferenceError
 from edgetl.export import model_files
 from edgetl.models import TransferModel
 from edgetl.recipe import MeasureConfig
@@ -53,6 +56,8 @@ def parity(model: TransferModel, artifacts: list[Artifact], val: Split, pre: Pre
     """Every FP32 artifact must match PyTorch on every validation image, or the build stops.
 
     `val_logits`: the PyTorch logits training computed at its best epoch (checked on a few images).
+    Raises ExportError naming the worst images, or InferenceError when any logit (the
+    artifact's or PyTorch's) is NaN or infinite: a non-finite delta is never within tolerance.
 
     >>> parity(model, [Artifact("onnx-fp32", "onnxruntime", "fp32", Path("model.onnx"))], dataset.val, pre, 1e-3, None)
     """
@@ -60,17 +65,32 @@ def parity(model: TransferModel, artifacts: list[Artifact], val: Split, pre: Pre
     outcomes = []
     for artifact in artifacts:
         logits, _ = _run_batches(open_checked(artifact, threads), val.images, pre, artifact, BATCH)
-        delta = np.abs(logits - reference).max(axis=1)  # (N,)
+        delta = np.abs(logits - reference).max(axis=1)  # (N,); NaN where either side is NaN
         disagree = logits.argmax(1) != reference.argmax(1)
-        bad = np.flatnonzero(disagree | (delta > tolerance))
+        bad = np.flatnonzero(disagree | ~(delta <= tolerance))  # ~(<=): a NaN delta fails
         outcome = {"name": artifact.name, "runtime": artifact.runtime, "images": len(val.labels), "agreement": float(1 - disagree.mean()), "max_abs_logit_delta": float(delta.max()), "tolerance": tolerance, "passed": not len(bad)}
         outcomes.append(outcome)
         log.info("parity %s: agreement %.4f, max |Δlogit| %.2e (tolerance %.0e)", artifact.name, outcome["agreement"], outcome["max_abs_logit_delta"], tolerance)
+        _check_finite(artifact, logits, reference, val)
         if len(bad):
             worst = bad[np.argsort(-delta[bad])][:5]
             listing = "; ".join(f"{val.sources[i]} (|Δlogit| {delta[i]:.2e}{', top-1 differs' if disagree[i] else ''})" for i in worst)
             raise ExportError(f"{artifact.name} on {artifact.runtime} disagrees with PyTorch on {len(bad)} of {len(val.labels)} validation images beyond |Δlogit| {tolerance:g}: {listing}. Check the export (opset, custom layers), or raise `export.parity_tolerance` if the difference is expected.")
     return outcomes
+
+
+def _check_finite(artifact: Artifact, logits: np.ndarray, reference: np.ndarray, val: Split) -> None:
+    """Raises InferenceError when the artifact's or PyTorch's logits hold a NaN or an infinity."""
+    finite, finite_reference = np.isfinite(logits).all(axis=1), np.isfinite(reference).all(axis=1)  # (N,)
+    if not (finite.all() and finite_reference.all()):
+        first = np.flatnonzero(~(finite & finite_reference))[0]
+        raise InferenceError(
+            f"parity of {artifact.file} failed: logits are not finite (NaN or inf): {artifact.name} on "
+            f"{artifact.runtime} on {int((~finite).sum())} of {len(val.labels)} validation images, PyTorch on "
+            f"{int((~finite_reference).sum())}; first {val.sources[first]}. A model with non-finite outputs cannot be "
+            "shipped; when PyTorch's are non-finite too, the recipe's training values diverged (lower `train.lr` or "
+            "`train.weight_decay`)."
+        )
 
 
 def run(model: TransferModel, artifacts: list[Artifact], test: Split, pre: Preprocessing, config: MeasureConfig, checkpoint: Path,
@@ -211,10 +231,26 @@ def _size_mb(path: Path) -> float:
 
 
 def _probe_process(artifact: Artifact, checkpoint: Path, threads: int | None, size: int) -> dict:
-    """Load time and peak RSS of a fresh process that loads this artifact and predicts."""
-    target = str(artifact.file or checkpoint)
-    command = [sys.executable, "-m", "edgetl.probe", artifact.runtime, target, str(size), str(threads or 0)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    """Load time and peak RSS of a fresh process that loads this artifact and predicts.
+
+    Isolated from the user's working directory, whose modules would otherwise come first on
+    its import path (`-m` puts the cwd there: an `inspect.py` beside the recipe broke it):
+    it runs in the artifact's own folder, which holds no Python files (`-P` would say the
+    same, but only from Python 3.11), and finds edgetl as this process did.
+    """
+    target = Path(artifact.file or checkpoint).resolve()
+    command = [sys.executable, "-m", "edgetl.probe", artifact.runtime, str(target), str(size), str(threads or 0)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=target.parent,
+                          env=_probe_environment())
     if done.returncode != 0:
         raise ExportError(f"measuring {artifact.name} in a fresh process failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
     return json.loads(done.stdout)
+
+
+def _probe_environment() -> dict[str, str]:
+    """This environment, with PYTHONPATH's entries made absolute (the probe runs in another folder)
+    and edgetl's source tree first when it is not installed (found through the cwd, say)."""
+    root = os.path.realpath(Path(edgetl.__file__).parent.parent)
+    installed = root in {os.path.realpath(p) for p in (*site.getsitepackages(), site.getusersitepackages())}
+    entries = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(([] if installed else [root]) + entries)}
