@@ -188,7 +188,8 @@ def info(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from edgetl.runtime.server import run_server, sigterm_exits_cleanly
+    from edgetl.runtime.listen import sigterm_exits_cleanly
+    from edgetl.runtime.server import run_server
 
     # From the start: a .tar.gz is unpacked into a temp folder that only a normal exit removes.
     with sigterm_exits_cleanly():

@@ -12,19 +12,13 @@ JSON 503. torch-free: Starlette, uvicorn (its h11 protocol), python-multipart.
 from __future__ import annotations
 
 import asyncio
-import errno
 import functools
 import logging
-import signal
-import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
-from contextlib import contextmanager
-from types import FrameType
+from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
-import h11
 import numpy as np
 import uvicorn
 from starlette.applications import Starlette
@@ -35,9 +29,9 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from edgetl.errors import EdgetlError, InferenceError
+from edgetl.runtime.listen import DrainingServer, HeaderDeadlineProtocol, ServeError, bind
 from edgetl.runtime.predictor import Prediction, Predictor
 from edgetl.runtime.preprocess import ImageDecodeError, ImageTooLarge
 
@@ -51,18 +45,6 @@ SHUTTING_DOWN = "server is shutting down"
 # uvicorn's logger, so our lines read like its own ("INFO:     ...") in the same stream.
 log = logging.getLogger("uvicorn.error")
 T = TypeVar("T")
-
-
-class ServeError(EdgetlError):
-    """`edgetl serve` was given settings it cannot serve with."""
-
-    exit_code = 2
-
-
-class PortInUse(EdgetlError):
-    """Another process already listens on the host and port `edgetl serve` was given."""
-
-    exit_code = 5
 
 
 class RequestRejected(Exception):
@@ -121,20 +103,26 @@ def create_app(
             log.info("%s - POST /predict: the client went away before sending the whole body", _client(request))
             return _error(400, "client disconnected")  # nobody reads it; uvicorn drops it
         try:
-            prediction, elapsed_ms = await run_in_threadpool(_timed_prediction, predictor, image, name, top_k)
-        except ImageTooLarge as exc:  # refused from its header: the decoded image would not fit
-            return _error(413, str(exc))
-        except ImageDecodeError as exc:
-            return _error(400, str(exc))
-        except InferenceError as exc:
-            return _error(500, f"the model cannot predict: {exc}")
+            return await _prediction(predictor, image, name, top_k)
         finally:
             slots.release()
-        return JSONResponse({**prediction.to_dict(), "elapsed_ms": round(elapsed_ms, 3)})
 
     routes = [Route("/health", health, methods=["GET"]), Route("/metadata", metadata, methods=["GET"]),
               Route("/predict", predict, methods=["POST"])]
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _unexpected})
+
+
+async def _prediction(predictor: Predictor, image: bytes, name: str, top_k: int) -> JSONResponse:
+    """The prediction as JSON, or the error that says what was wrong with the image or the model."""
+    try:
+        prediction, elapsed_ms = await run_in_threadpool(_timed_prediction, predictor, image, name, top_k)
+    except ImageTooLarge as exc:  # refused from its header: the decoded image would not fit
+        return _error(413, str(exc))
+    except ImageDecodeError as exc:
+        return _error(400, str(exc))
+    except InferenceError as exc:
+        return _error(500, f"the model cannot predict: {exc}")
+    return JSONResponse({**prediction.to_dict(), "elapsed_ms": round(elapsed_ms, 3)})
 
 
 def _timed_prediction(predictor: Predictor, image: bytes, name: str, top_k: int) -> tuple[Prediction, float]:
@@ -151,64 +139,6 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     # uvicorn still logs the traceback; the client gets a short message, the server stays up.
     return _error(500, f"internal error: {type(exc).__name__}")
-
-
-class DrainingServer(uvicorn.Server):
-    """uvicorn's server, which sets `closing` as its shutdown begins.
-
-    uvicorn waits up to the grace period for every open request, then cancels the rest and
-    answers them a plain-text 500; setting `closing` first lets the app answer each request
-    that is not yet predicting with a JSON 503 at once, so only predictions hold the grace period.
-    """
-
-    def __init__(self, config: uvicorn.Config, closing: asyncio.Event) -> None:
-        super().__init__(config)
-        self.closing = closing
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        self.closing.set()
-        await super().shutdown(sockets)
-
-
-class HeaderDeadlineProtocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline for each request's headers.
-
-    uvicorn times out only idle keep-alive connections: a client that connects and sends its
-    headers a byte at a time would hold a connection (and a file descriptor) for ever. The
-    deadline starts when the connection opens or the next request's first bytes arrive.
-    """
-
-    def __init__(self, *args: object, header_timeout: float, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.header_timeout = header_timeout
-        self.header_deadline: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self.header_deadline = self.loop.call_later(self.header_timeout, self._headers_too_slow)
-
-    def data_received(self, data: bytes) -> None:
-        if self.header_deadline is None and self.conn.their_state is h11.IDLE:
-            self.header_deadline = self.loop.call_later(self.header_timeout, self._headers_too_slow)
-        super().data_received(data)
-        if self.conn.their_state is not h11.IDLE:  # the request line and headers are complete
-            self._cancel_header_deadline()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_header_deadline()
-        super().connection_lost(exc)
-
-    def _cancel_header_deadline(self) -> None:
-        if self.header_deadline is not None:
-            self.header_deadline.cancel()
-            self.header_deadline = None
-
-    def _headers_too_slow(self) -> None:
-        self.header_deadline = None
-        if not self.transport.is_closing():
-            peer = "%s:%d" % self.client if self.client else "a client"
-            log.info("%s - closed: no complete request headers within %g s (--read-timeout)", peer, self.header_timeout)
-            self.transport.close()
 
 
 def build_server(
@@ -256,53 +186,6 @@ def run_server(
         server.run(sockets=[listener])
     finally:
         listener.close()
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to `host:port` (not yet listening). Raises PortInUse or ServeError."""
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    # IPv4 unless the host is an IPv6 address, so `localhost` is 127.0.0.1 as clients expect.
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        *_, address = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    except socket.gaierror as exc:
-        raise ServeError(f"cannot listen on {where}: {exc.strerror}; "
-                         "give `--host` an address of this machine, e.g. 127.0.0.1 or 0.0.0.0.") from None
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart while old connections linger
-    try:
-        sock.bind(address)
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise PortInUse(f"{where} is already in use by another process; "
-                            "stop it (`ss -ltnp` shows which) or choose another `--port`.") from None
-        if exc.errno == errno.EACCES:
-            hint = "ports below 1024 need root or CAP_NET_BIND_SERVICE"
-        else:
-            hint = "give `--host` an address of this machine"
-        raise ServeError(f"cannot listen on {where}: {exc.strerror}; {hint}.") from None
-    return sock
-
-
-@contextmanager
-def sigterm_exits_cleanly() -> Iterator[None]:
-    """Within the block, SIGTERM ends the process with exit 0 through a normal exit.
-
-    SIGTERM's default action kills the process on the spot, so atexit cleanup (the folder a
-    `.tar.gz` bundle was unpacked into) never runs; and uvicorn, after its graceful shutdown,
-    re-raises the signal it caught under the handler it found. This handler makes both a
-    SystemExit(0), which unwinds normally. Main thread only, as Python's signals are.
-    """
-    previous = signal.signal(signal.SIGTERM, _exit_cleanly)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(0)
 
 
 def _self_check(predictor: Predictor) -> str | None:
