@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgetl import __version__, bundle, data, environment, export, gates, models, quantize, report, train, validate
+from edgetl import __version__, bundle, data, environment, export, gates, infer, models, quantize, report, train, validate
 from edgetl.adapt import DomainAdversary, adabn
 from edgetl.cache import StageCache, file_digest, key
 from edgetl.distill import Distiller, Teacher
@@ -271,9 +271,9 @@ def _adabn_stage(cache: StageCache, stage_key: str, trained: _Trained, target: d
         accuracies = {}
         for name in ("val", "test"):
             split = student.dataset.split(name)
-            logits = train.predict_logits(adapted, split.images, student.pre)
+            logits = infer.model_logits(adapted, split.images, student.pre)
             np.save(out / f"{name}_logits.npy", logits)
-            accuracies[f"{name}_accuracy"] = train.accuracy(logits, split.labels)
+            accuracies[f"{name}_accuracy"] = infer.accuracy(logits, split.labels)
         summary = trained.summary | accuracies
         write_json(out / "train.json", summary)
 
@@ -286,7 +286,7 @@ def _accuracies(trained: _Trained) -> dict:
 
 
 def _mean_correct(model: models.TransferModel, split: data.Split, pre: Preprocessing) -> float:
-    return train.accuracy(train.predict_logits(model, split.images, pre), split.labels)
+    return infer.accuracy(infer.model_logits(model, split.images, pre), split.labels)
 
 
 def _export_stage(cache: StageCache, stage_key: str, trained: _Trained, pre: Preprocessing, dataset: data.Dataset, recipe: Recipe, runtimes: list[str], recipe_hash: str, timings: dict) -> tuple[export.ExportResult, list[dict]]:

@@ -44,7 +44,7 @@ from edgetl.recipe import QuantVariant
 from edgetl.runtime.bench import interleaved_latency
 from edgetl.runtime.engines import OnnxRuntimeEngine, open_engine
 from edgetl.runtime.preprocess import Preprocessing, normalize
-from edgetl.train import accuracy
+from edgetl.infer import accuracy
 
 if TYPE_CHECKING:
     import onnx

@@ -23,7 +23,7 @@ from edgetl.pipeline import build
 from edgetl.recipe import MeasureConfig, QuantVariant, load_recipe
 from edgetl.runtime.engines import open_engine
 from edgetl.runtime.preprocess import normalize
-from edgetl.train import predict_logits
+from edgetl.infer import model_logits
 from tests.conftest import write_folder, write_recipe
 
 FAST = MeasureConfig(latency_rounds=2, latency_runs=3, warmup=1, throughput_batch=4)
@@ -111,7 +111,7 @@ def test_quantized_variants_are_calibrated_on_real_images_and_measured(trained: 
     fp32_mb = by_name["pytorch-fp32"]["size_mb"]
     assert by_name["ort-int8"]["size_mb"] < 0.4 * fp32_mb and by_name["ov-int8"]["size_mb"] < 0.4 * fp32_mb
     assert 0.4 * fp32_mb < by_name["ov-fp16"]["size_mb"] < 0.6 * fp32_mb
-    reference = predict_logits(trained.checkpoint.model, trained.dataset.test.images, trained.checkpoint.preprocessing).argmax(1)
+    reference = model_logits(trained.checkpoint.model, trained.dataset.test.images, trained.checkpoint.preprocessing).argmax(1)
     for row in rows:
         low, high = row["accuracy_ci95"]
         assert low <= row["accuracy"] <= high and high - low > 0
@@ -199,7 +199,7 @@ def test_qat_variant_fine_tunes_with_fake_quantization_and_exports_an_int8_ir(tr
     assert any(note.startswith("QAT: val accuracy") for note in made.notes)
     engine = open_engine(made.file, "openvino", None)
     logits = engine.run(normalize(trained.dataset.test.images, pre))
-    reference = predict_logits(trained.checkpoint.model, trained.dataset.test.images, pre)
+    reference = model_logits(trained.checkpoint.model, trained.dataset.test.images, pre)
     assert (logits.argmax(1) == reference.argmax(1)).mean() >= 0.75
     # converted from PyTorch, the IR still carries the labels and contract the runtime checks edgetl.json against
     assert json.loads(engine.metadata["edgetl.labels"]) == list(trained.dataset.classes)
@@ -213,7 +213,7 @@ def test_qat_is_an_openvino_variant() -> None:
 
 def test_saved_training_logits_are_reused_only_when_they_match_the_model(trained: Trained, caplog: pytest.LogCaptureFixture) -> None:
     model, test, pre = trained.checkpoint.model, trained.dataset.test, trained.checkpoint.preprocessing
-    fresh = predict_logits(model, test.images, pre)
+    fresh = model_logits(model, test.images, pre)
     marked = fresh + np.float32(1e-6)  # within tolerance: these very arrays come back
     assert validate._saved_or_computed_logits(model, test, pre, marked) is marked
     stale = fresh.copy()
