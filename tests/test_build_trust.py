@@ -8,6 +8,7 @@ its stage cache, so it reuses training and export and takes seconds.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -262,8 +263,11 @@ def test_a_module_shadowing_the_standard_library_in_the_cwd_does_not_break_valid
     (cwd / "inspect.py").write_text("raise ImportError('the user inspect.py, not the standard library')\n")
     code, out, err = build(base, tmp_path / "run", "--set", "measure.warmup=1", cwd=cwd)  # validation, probes rerun
     assert code == 0, err
-    assert json.loads((tmp_path / "run" / "report.json").read_text())["stages"]["validate"] == "built"
-    assert "(device: `pip install edgetl`)" in out  # 11: the summary line names the device's install
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["stages"]["validate"] == "built"
+    # 11: the summary line names the device's install, and the digest a device pins (--expect-sha256)
+    assert f"(sha256 {report['selected']['bundle_sha256']}; device: `pip install edgetl`)" in out
+    assert report["selected"]["bundle_sha256"] == hashlib.sha256((tmp_path / "run" / "bundle" / "edgetl.json").read_bytes()).hexdigest()
 
 
 # 10: epochs on a tiny val split --------------------------------------------------------------------
