@@ -11,7 +11,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # kind → the sentence, formatted with the note's values. Stages add their kinds here.
-TEMPLATES: dict[str, str] = {}
+TEMPLATES: dict[str, str] = {
+    # a sentence saved before notes were records (the stage folders of earlier builds)
+    "text": "{text}",
+    # quantize
+    "calibration_short": "asked for {asked} calibration images; the train split has {available}, all used",
+    "keep_float": "kept in float (keep_float): {nodes}",
+    "bias_correction": "bias correction: {convs} conv(s) absorb the mean output shift of their rounded weights",
+    "reduce_range": "7-bit weights (reduce_range): this CPU has no VNNI, where 8-bit weights saturate ONNX Runtime's "
+    "int8 kernels",
+    "activation_type": "activation type measured: uint8 {uint8_ms:.2f} ms, int8 {int8_ms:.2f} ms; kept {kept}",
+    "accuracy_control_all": "accuracy control: val drop {drop:.4f} ≤ {max_drop} with every other layer quantized",
+    "accuracy_control_met": "accuracy control: {count} more of {ranked} quantized node(s) left in float, "
+    "val drop {drop:.4f} within {max_drop}",
+    "accuracy_control_missed": "accuracy control: {count} more of {ranked} quantized node(s) left in float, "
+    "val drop {drop:.4f} NOT within {max_drop}",
+    "float_layers": "{count} weighted layer(s) kept in float: {layers}",
+    "qat": "QAT: val accuracy {start:.4f} after calibration, {best:.4f} after fine-tuning "
+    "(best epoch {best_epoch} of {epochs}, {seconds:.0f}s)",
+}
 
 
 @dataclass(frozen=True)
