@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edgetl.infer import model_logits
 from edgetl.models import TransferModel
 from edgetl.runtime.preprocess import Preprocessing
 
@@ -38,9 +39,7 @@ class Distiller:
 
     def cache_logits(self) -> None:
         """Run the teacher once over every training image (the student sees fixed inputs)."""
-        from edgetl.train import predict_logits
-
-        self._table = torch.from_numpy(predict_logits(self.teacher.model, self.teacher.train_images, self.teacher.pre))
+        self._table = torch.from_numpy(model_logits(self.teacher.model, self.teacher.train_images, self.teacher.pre))
 
     def loss(self, label_loss: torch.Tensor, logits: torch.Tensor, index: torch.Tensor, student_input: torch.Tensor | None) -> torch.Tensor:
         targets = self._table[index] if self._table is not None else self._online(student_input)

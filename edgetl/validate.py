@@ -28,12 +28,12 @@ from edgetl.data import Split
 import edgetl
 from edgetl.errors import ExportError, InferenceError
 from edgetl.export import model_files
+from edgetl.infer import model_logits
 from edgetl.models import TransferModel
 from edgetl.recipe import MeasureConfig
 from edgetl.runtime.bench import interleaved_latency
 from edgetl.runtime.engines import Engine, open_engine
 from edgetl.runtime.preprocess import Preprocessing, normalize
-from edgetl.train import predict_logits
 
 log = logging.getLogger(__name__)
 BATCH = 32
@@ -107,7 +107,7 @@ def run(model: TransferModel, artifacts: list[Artifact], test: Split, pre: Prepr
     engines: dict[str, Engine] = {a.name: open_checked(a, threads) for a in artifacts}
     engines[baseline.name] = _TorchEngine(model)
     labels = test.labels
-    # The baseline's logits in channels_last (train.predict_logits, 1.6× faster); its
+    # The baseline's logits in channels_last (infer.model_logits, 1.6× faster); its
     # latency and throughput below are timed as users run eager PyTorch: plain NCHW.
     passes = {a.name: _run_batches(engines[a.name], test.images, pre, a, config.throughput_batch) for a in artifacts}
     logits = {baseline.name: _saved_or_computed_logits(model, test, pre, test_logits)} | {name: p[0] for name, p in passes.items()}
@@ -143,12 +143,12 @@ def _saved_or_computed_logits(model: TransferModel, split: Split, pre: Preproces
     """The model's PyTorch logits on `split`: the saved ones when they match the model on a
     few images (a pass over 1,000 lite0 images at 224 px costs ~30 s), else computed."""
     if saved is None:
-        return predict_logits(model, split.images, pre)
-    sample = predict_logits(model, split.images[:_CHECKED], pre)
+        return model_logits(model, split.images, pre)
+    sample = model_logits(model, split.images[:_CHECKED], pre)
     if saved.shape == (len(split.labels), sample.shape[1]) and np.allclose(saved[:_CHECKED], sample, atol=1e-4):
         return saved
     log.warning("the saved PyTorch logits do not match the model; recomputing them")
-    return predict_logits(model, split.images, pre)
+    return model_logits(model, split.images, pre)
 
 
 _CHECKED = 16  # images on which saved logits must match the model

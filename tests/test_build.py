@@ -17,7 +17,7 @@ import torch
 from edgetl import pipeline
 from edgetl.models import REGISTRY, build, load_checkpoint
 from edgetl.recipe import load_recipe
-from edgetl.train import predict_logits
+from edgetl.infer import model_logits
 
 
 def edgetl(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -37,12 +37,12 @@ def test_build_writes_a_checkpoint_that_reproduces_its_metrics(tiny_recipe: Path
     from edgetl import data
 
     dataset = data.run(recipe.data, checkpoint.preprocessing, recipe.seed)
-    predictions = predict_logits(checkpoint.model, dataset.test.images, checkpoint.preprocessing).argmax(1)
+    predictions = model_logits(checkpoint.model, dataset.test.images, checkpoint.preprocessing).argmax(1)
     assert np.mean(predictions == dataset.test.labels) == pytest.approx(metrics["test_accuracy"])
     assert checkpoint.labels == ("china", "flower")
     stage = next((tmp_path / "run" / "stages").glob("train-*"))
     for split in ("val", "test"):  # the export parity check and validation reuse them as PyTorch's logits
-        expected = predict_logits(checkpoint.model, dataset.split(split).images, checkpoint.preprocessing)
+        expected = model_logits(checkpoint.model, dataset.split(split).images, checkpoint.preprocessing)
         np.testing.assert_allclose(np.load(stage / f"{split}_logits.npy"), expected, atol=1e-4)
 
 

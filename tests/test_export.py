@@ -9,21 +9,24 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
-from edgetl import data, export, quantize, validate
+from edgetl import data, export, validate
 from edgetl.errors import ExportError, RecipeError
+from edgetl.notes import Note, render
 from edgetl.models import Checkpoint, load_checkpoint
 from edgetl.pipeline import build
+from edgetl.quantize import Inputs, QuantizedArtifact, run_variant
+from edgetl.quantize.ort import weight_rounding_errors
 from edgetl.recipe import MeasureConfig, QuantVariant, load_recipe
 from edgetl.runtime.engines import open_engine
 from edgetl.runtime.preprocess import normalize
-from edgetl.train import predict_logits
+from edgetl.infer import model_logits
 from tests.conftest import write_folder, write_recipe
 
 FAST = MeasureConfig(latency_rounds=2, latency_runs=3, warmup=1, throughput_batch=4)
@@ -54,6 +57,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     dataset = data.run(recipe.data, checkpoint.preprocessing, recipe.seed)
     exported = export.run(checkpoint.model, checkpoint.preprocessing, checkpoint.labels, root / "run" / "export", 17, "cafe", want_openvino=True)
     return Trained(checkpoint, dataset, exported, recipe_path, root / "run")
+
+
+def made(trained: Trained, variant: QuantVariant, out: Path, model=None) -> QuantizedArtifact:
+    """The variant quantized as the pipeline does: run, saved to its folder, loaded back."""
+    run_variant(trained.exported, variant, out, Inputs(trained.dataset, trained.checkpoint.preprocessing, 0, None), model).save(out)
+    return QuantizedArtifact.load(out)
 
 
 def test_onnx_export_is_a_clean_opset_17_graph_with_dynamic_batch_and_metadata(trained: Trained) -> None:
@@ -93,25 +102,30 @@ def test_quantized_variants_are_calibrated_on_real_images_and_measured(trained: 
         QuantVariant(runtime="openvino", calibration_images=16),
         QuantVariant(runtime="openvino", precision="fp16"),
     ]
-    made = quantize.run(trained.exported, trained.dataset, trained.checkpoint.preprocessing, variants, tmp_path, seed=0, threads=None)
-    ort, ov, fp16 = made
-    assert [m.name for m in made] == ["ort-int8", "ov-int8", "ov-fp16"]
-    assert ort.calibration_images == len(trained.dataset.train.labels) and "asked for 1000 calibration images" in ort.notes[0]
-    assert ov.calibration_images == 16
+    ort, ov, fp16 = quantized = [made(trained, variant, tmp_path / str(i)) for i, variant in enumerate(variants)]
+    assert [m.name for m in quantized] == ["ort-int8", "ov-int8", "ov-fp16"]
+    train_images = len(trained.dataset.train.labels)
+    assert ort.calibration_images == train_images and ort.notes[0] == Note("calibration_short", {"asked": 1000, "available": train_images})
+    assert ort.notes_text()[0] == f"asked for 1000 calibration images; the train split has {train_images}, all used"
+    assert ov.calibration_images == 16 and fp16.notes == []
     graph = onnx.load(str(ort.file)).graph
     convs = [n for n in onnx.load(str(trained.exported.onnx)).graph.node if n.op_type == "Conv"]
     first_depthwise = next(n.name for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute))
     assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 20 and ort.float_layers == [convs[0].name, first_depthwise]  # keep_float's default
+    notes = {note.kind: note.values for note in ort.notes}
+    assert notes["keep_float"] == {"nodes": f"{convs[0].name}, {first_depthwise}"}
+    assert notes["float_layers"] == {"count": 2, "layers": f"{convs[0].name}, {first_depthwise}"}
+    assert notes["bias_correction"]["convs"] == sum(len(n.input) > 2 for n in convs)  # every conv with a bias
     assert len(ov.float_layers) <= 1  # NNCF may keep the 3-channel stem in float; the rest is int8
 
-    artifacts = [validate.Artifact(m.name, m.runtime, m.precision, m.file, m.float_layers, m.notes) for m in made]
+    artifacts = [validate.Artifact(m.name, m.runtime, m.precision, m.file, m.float_layers, m.notes_text()) for m in quantized]
     rows = validate.run(trained.checkpoint.model, artifacts, trained.dataset.test, trained.checkpoint.preprocessing, FAST, trained.run_dir / "checkpoint.pt")
     by_name = {row["name"]: row for row in rows}
     assert list(by_name) == ["pytorch-fp32", "ort-int8", "ov-int8", "ov-fp16"]
     fp32_mb = by_name["pytorch-fp32"]["size_mb"]
     assert by_name["ort-int8"]["size_mb"] < 0.4 * fp32_mb and by_name["ov-int8"]["size_mb"] < 0.4 * fp32_mb
     assert 0.4 * fp32_mb < by_name["ov-fp16"]["size_mb"] < 0.6 * fp32_mb
-    reference = predict_logits(trained.checkpoint.model, trained.dataset.test.images, trained.checkpoint.preprocessing).argmax(1)
+    reference = model_logits(trained.checkpoint.model, trained.dataset.test.images, trained.checkpoint.preprocessing).argmax(1)
     for row in rows:
         low, high = row["accuracy_ci95"]
         assert low <= row["accuracy"] <= high and high - low > 0
@@ -123,10 +137,10 @@ def test_quantized_variants_are_calibrated_on_real_images_and_measured(trained: 
 
 def test_keep_float_names_the_float_layers_and_rejects_unknown_nodes(trained: Trained, tmp_path: Path) -> None:
     pre = trained.checkpoint.preprocessing
-    (everything,) = quantize.run(trained.exported, trained.dataset, pre, [QuantVariant(runtime="onnxruntime", activation_type="uint8", keep_float=[])], tmp_path, seed=0, threads=None)
-    assert everything.float_layers == []
+    everything = made(trained, QuantVariant(runtime="onnxruntime", activation_type="uint8", keep_float=[]), tmp_path)
+    assert everything.float_layers == [] and {"keep_float", "float_layers"}.isdisjoint(note.kind for note in everything.notes)
     with pytest.raises(RecipeError, match=r"keep_float names \['/no/such/Conv'\].*its convolutions are"):
-        quantize.run(trained.exported, trained.dataset, pre, [QuantVariant(runtime="onnxruntime", activation_type="uint8", keep_float=["/no/such/Conv"])], tmp_path, seed=0, threads=None)
+        run_variant(trained.exported, QuantVariant(runtime="onnxruntime", activation_type="uint8", keep_float=["/no/such/Conv"]), tmp_path, Inputs(trained.dataset, pre, 0, None))
 
 
 def test_bias_correction_measures_the_mean_output_shift_of_rounded_weights(tmp_path: Path) -> None:
@@ -142,10 +156,14 @@ def test_bias_correction_measures_the_mean_output_shift_of_rounded_weights(tmp_p
     path = tmp_path / "conv.onnx"
     onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=10), str(path))
     calibration = [(rng.normal(size=(1, 4, 5, 5)) + np.arange(1, 5).reshape(1, 4, 1, 1)).astype(np.float32) for _ in range(8)]
-    bias, shift = quantize._weight_rounding_errors(onnx.load(str(path)), calibration, reduce_range=True, input_name="x")["conv"]
+    bias, shift = weight_rounding_errors(onnx.load(str(path)), calibration, reduce_range=True, input_name="x")["conv"]
     from onnxruntime.quantization.quant_utils import quantize_data
 
-    rounded = np.stack([quantize._dequantized(quantize_data(w.ravel(), onnx.TensorProto.INT8, True, True)).reshape(w.shape) for w in weight])
+    def rounded_channel(w: np.ndarray) -> np.ndarray:
+        zero_point, scale, values = quantize_data(w.ravel(), onnx.TensorProto.INT8, True, True)
+        return ((values.astype(np.float64) - float(zero_point)) * float(scale)).reshape(w.shape)
+
+    rounded = np.stack([rounded_channel(w) for w in weight])
     x = np.concatenate(calibration).astype(np.float64)
     groups = x.reshape(8, 2, 2, 5, 5)  # (N, group, in per group, H, W)
     measured = np.einsum("ngihw,goi->ngo", groups, (rounded - weight)[:, :, 0, 0].reshape(2, 3, 2)).reshape(8, 6).mean(0) / 25  # mean over the 5×5 positions
@@ -155,14 +173,53 @@ def test_bias_correction_measures_the_mean_output_shift_of_rounded_weights(tmp_p
 
 def test_accuracy_control_keeps_the_val_drop_within_the_bound(trained: Trained, tmp_path: Path) -> None:
     variant = QuantVariant(runtime="onnxruntime", activation_type="uint8", max_accuracy_drop=0.001)
-    (made,) = quantize.run(trained.exported, trained.dataset, trained.checkpoint.preprocessing, [variant], tmp_path, seed=0, threads=None)
-    control = next(note for note in made.notes if note.startswith("accuracy control"))
-    assert "NOT within" not in control
+    controlled = made(trained, variant, tmp_path)
+    (control,) = [note for note in controlled.notes if note.kind.startswith("accuracy_control")]
+    assert control.kind in ("accuracy_control_all", "accuracy_control_met") and control.values["drop"] <= 0.001
     pre, val = trained.checkpoint.preprocessing, trained.dataset.val
     x = normalize(val.images, pre)
     float_accuracy = np.mean(open_engine(trained.exported.onnx, "onnxruntime").run(x).argmax(1) == val.labels)
-    int8_accuracy = np.mean(open_engine(made.file, "onnxruntime").run(x).argmax(1) == val.labels)
+    int8_accuracy = np.mean(open_engine(controlled.file, "onnxruntime").run(x).argmax(1) == val.labels)
     assert float_accuracy - int8_accuracy <= 0.001
+
+
+def test_the_export_result_saves_itself_to_its_folder_and_loads_back(trained: Trained, tmp_path: Path) -> None:
+    folder = tmp_path / "export"
+    folder.mkdir()
+    for file in trained.exported.onnx.parent.iterdir():  # model.onnx, model.xml, model.bin
+        (folder / file.name).write_bytes(file.read_bytes())
+    parity = [{"name": "onnx-fp32", "runtime": "onnxruntime", "images": 4, "agreement": 1.0, "passed": True}]
+    replace(trained.exported, parity=parity, seconds=1.234567).save(folder)
+    assert json.loads((folder / "export.json").read_text()) == {"opset": 17, "node_count": trained.exported.node_count, "seconds": 1.23, "parity": parity}
+    loaded = export.ExportResult.load(folder)
+    assert loaded == export.ExportResult(folder / "model.onnx", folder / "model.xml", trained.exported.node_count, 17, 1.23, parity)
+    (folder / "model.xml").unlink()
+    assert export.ExportResult.load(folder).openvino is None
+
+
+def test_a_quantize_folder_saved_before_notes_were_records_loads_with_its_sentences(tmp_path: Path) -> None:
+    sentences = ["asked for 300 calibration images; the train split has 16, all used", "bias correction: 49 conv(s) absorb the mean output shift of their rounded weights"]
+    facts = {"name": "ort-int8", "runtime": "onnxruntime", "precision": "int8", "float_layers": ["/conv"], "seconds": 2.5, "calibration_images": 16, "notes": sentences, "file": "ort-int8.onnx"}
+    (tmp_path / "quantize.json").write_text(json.dumps(facts))
+    loaded = QuantizedArtifact.load(tmp_path)
+    assert loaded.file == tmp_path / "ort-int8.onnx" and loaded.float_layers == ["/conv"] and loaded.calibration_images == 16
+    assert [note.kind for note in loaded.notes] == ["text", "text"] and loaded.notes_text() == sentences
+    loaded.save(tmp_path)
+    assert QuantizedArtifact.load(tmp_path) == loaded
+    assert {k: v for k, v in json.loads((tmp_path / "quantize.json").read_text()).items() if k != "note_records"} == facts
+
+
+@pytest.mark.parametrize(("note", "sentence"), [
+    (Note("calibration_short", {"asked": 300, "available": 16}), "asked for 300 calibration images; the train split has 16, all used"),
+    (Note("reduce_range"), "7-bit weights (reduce_range): this CPU has no VNNI, where 8-bit weights saturate ONNX Runtime's int8 kernels"),
+    (Note("activation_type", {"uint8_ms": 1.234, "int8_ms": 2.0, "kept": "uint8"}), "activation type measured: uint8 1.23 ms, int8 2.00 ms; kept uint8"),
+    (Note("accuracy_control_all", {"drop": 0.0, "max_drop": 0.01}), "accuracy control: val drop 0.0000 ≤ 0.01 with every other layer quantized"),
+    (Note("accuracy_control_met", {"count": 4, "ranked": 62, "drop": 0.00625, "max_drop": 0.01}), "accuracy control: 4 more of 62 quantized node(s) left in float, val drop 0.0063 within 0.01"),
+    (Note("accuracy_control_missed", {"count": 62, "ranked": 62, "drop": 0.0125, "max_drop": 0.001}), "accuracy control: 62 more of 62 quantized node(s) left in float, val drop 0.0125 NOT within 0.001"),
+    (Note("qat", {"start": 0.75, "best": 0.8125, "best_epoch": 2, "epochs": 3, "seconds": 41.6}), "QAT: val accuracy 0.7500 after calibration, 0.8125 after fine-tuning (best epoch 2 of 3, 42s)"),
+])
+def test_quantization_notes_render_the_sentences_reports_have_always_shown(note: Note, sentence: str) -> None:
+    assert render(note) == sentence
 
 
 BLOCK_OPENVINO = """
@@ -193,13 +250,14 @@ def test_a_missing_runtime_is_skipped_with_a_line_unless_the_recipe_asks_for_it(
 def test_qat_variant_fine_tunes_with_fake_quantization_and_exports_an_int8_ir(trained: Trained, tmp_path: Path) -> None:
     pre = trained.checkpoint.preprocessing
     variant = QuantVariant(runtime="openvino", method="qat", qat_epochs=1, qat_lr=1e-4, calibration_images=16)
-    (made,) = quantize.run(trained.exported, trained.dataset, pre, [variant], tmp_path, seed=0, threads=None, model=trained.checkpoint.model)
-    assert made.name == "ov-int8-qat" and made.file.suffix == ".xml"
-    assert not made.float_layers, "every conv of the QAT model must carry int8 weights"
-    assert any(note.startswith("QAT: val accuracy") for note in made.notes)
-    engine = open_engine(made.file, "openvino", None)
+    qat = made(trained, variant, tmp_path, model=trained.checkpoint.model)
+    assert qat.name == "ov-int8-qat" and qat.file.suffix == ".xml"
+    assert not qat.float_layers, "every conv of the QAT model must carry int8 weights"
+    (note,) = [note for note in qat.notes if note.kind == "qat"]
+    assert note.values["epochs"] == 1 and note.values["best_epoch"] in (0, 1) and note.values["best"] >= note.values["start"]
+    engine = open_engine(qat.file, "openvino", None)
     logits = engine.run(normalize(trained.dataset.test.images, pre))
-    reference = predict_logits(trained.checkpoint.model, trained.dataset.test.images, pre)
+    reference = model_logits(trained.checkpoint.model, trained.dataset.test.images, pre)
     assert (logits.argmax(1) == reference.argmax(1)).mean() >= 0.75
     # converted from PyTorch, the IR still carries the labels and contract the runtime checks edgetl.json against
     assert json.loads(engine.metadata["edgetl.labels"]) == list(trained.dataset.classes)
@@ -213,7 +271,7 @@ def test_qat_is_an_openvino_variant() -> None:
 
 def test_saved_training_logits_are_reused_only_when_they_match_the_model(trained: Trained, caplog: pytest.LogCaptureFixture) -> None:
     model, test, pre = trained.checkpoint.model, trained.dataset.test, trained.checkpoint.preprocessing
-    fresh = predict_logits(model, test.images, pre)
+    fresh = model_logits(model, test.images, pre)
     marked = fresh + np.float32(1e-6)  # within tolerance: these very arrays come back
     assert validate._saved_or_computed_logits(model, test, pre, marked) is marked
     stale = fresh.copy()

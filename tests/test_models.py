@@ -52,19 +52,17 @@ ZERO_SHOT = {"efficientnet_lite0": [698, 985], "efficientnet_lite2": [698, 599]}
 @pytest.mark.parametrize("name", sorted(ZERO_SHOT))
 def test_efficientnet_lite_pretrained_weights_are_right_zero_shot(name: str) -> None:
     """A mis-mapped or random backbone gives near-uniform ImageNet probabilities (< 0.01)."""
-    from edgetl.models import remap_lite_keys
-
     spec = REGISTRY.get(name)
-    original = timm.create_model(spec.arch, pretrained=False)
-    imagenet = remap_lite_keys(spec.pretrained_state(), [len(stage) for stage in original.blocks])
+    original = spec.load_pretrained(spec)  # timm's architecture with the PyPI weights, its ImageNet head included
     model = build(spec, "pretrained", num_classes=1000).eval()
-    model.head.load_state_dict({"weight": imagenet["classifier.weight"], "bias": imagenet["classifier.bias"]})
+    model.head.load_state_dict(original.classifier.state_dict())
     pre = spec.preprocessing()
     with torch.no_grad():
         probabilities = torch.cat([model(torch.from_numpy(preprocess(img, pre))).softmax(1) for img in load_sample_images().images])
     assert probabilities.argmax(1).tolist() == ZERO_SHOT[name]
     assert probabilities.max(1).values.min() > 0.2  # measured 0.30 and 0.32 with the torchvision-exact crop
     assert sum(p.numel() for p in original.parameters()) == sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for p in timm.create_model(spec.arch).parameters()) == sum(p.numel() for p in original.parameters())
 
 
 def test_torchvision_pretrained_goes_through_torchvisions_loader_and_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -99,6 +97,11 @@ def test_unknown_backbones_suggest_close_names() -> None:
         REGISTRY.get("efficientnet_lite")
     with pytest.raises(ModelError, match="timm:resnet18"):
         REGISTRY.get("timm:resnet181")
+
+
+def test_a_timm_family_edgetl_cannot_cut_is_refused_naming_its_class() -> None:
+    with pytest.raises(ModelError, match="does not know how to cut VisionTransformer into stages"):
+        build(REGISTRY.get("timm:vit_tiny_patch16_224"), "none", num_classes=2)
 
 
 def test_registry_refuses_duplicates() -> None:

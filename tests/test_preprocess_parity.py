@@ -8,14 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import timm
 import torch
 from PIL import Image, ImageOps
 from sklearn.datasets import load_sample_images
 from torchvision import transforms
 
 from edgetl import export
-from edgetl.models import REGISTRY, build, remap_lite_keys
+from edgetl.models import REGISTRY, build
 from edgetl.runtime.engines import open_engine
 from edgetl.runtime.preprocess import Preprocessing, normalize, preprocess, preprocess_uint8
 
@@ -86,10 +85,9 @@ def real_images(count: int = 60) -> list[tuple[str, bytes]]:
 @pytest.fixture(scope="module")
 def imagenet_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Pretrained lite0 with its ImageNet head, exported: real logits with real margins."""
-    original = timm.create_model(SPEC.arch, pretrained=False)
-    state = remap_lite_keys(SPEC.pretrained_state(), [len(stage) for stage in original.blocks])
+    original = SPEC.load_pretrained(SPEC)  # timm's architecture with the PyPI weights, its ImageNet head included
     model = build(SPEC, "pretrained", num_classes=1000).eval()
-    model.head.load_state_dict({"weight": state["classifier.weight"], "bias": state["classifier.bias"]})
+    model.head.load_state_dict(original.classifier.state_dict())
     return export.run(model, PRE, tuple(map(str, range(1000))), tmp_path_factory.mktemp("parity"), 17, "parity", want_openvino=False).onnx
 
 

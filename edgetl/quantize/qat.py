@@ -16,45 +16,74 @@ import copy
 import logging
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from edgetl.data import Dataset
 from edgetl.export import save_openvino, static_same_padding
+from edgetl.infer import accuracy, model_logits
 from edgetl.models import TransferModel
+from edgetl.notes import Note
 from edgetl.progress import track
+from edgetl.quantize.artifact import Inputs
 from edgetl.recipe import QuantVariant
-from edgetl.runtime.preprocess import Preprocessing, normalize
+from edgetl.runtime.preprocess import normalize
 
 log = logging.getLogger(__name__)
-BATCH = 32
+BATCH = 32  # training batch of the fine-tuning
 
 
-def run(model: TransferModel, dataset: Dataset, pre: Preprocessing, variant: QuantVariant,
-        calibration: list[np.ndarray], out_dir: Path, seed: int, metadata: dict[str, str]) -> tuple[Path, list[str]]:
-    """Calibrate on `calibration` (real training images), fine-tune with fake quantization, export; returns the file and notes for the report.
+def run(model: TransferModel, variant: QuantVariant, calibration: list[np.ndarray], out_dir: Path, inputs: Inputs,
+        metadata: dict[str, str]) -> tuple[Path, list[Note]]:
+    """Calibrate on `calibration` (real training images), fine-tune with fake quantization, export; returns the
+    file and the notes for the report.
 
     `metadata` (the exported ONNX file's) goes into the IR, which, converted from PyTorch, would lack the
     labels and contract the runtime checks edgetl.json against.
     """
     import nncf
+    import openvino as ov
 
     _use_native_quantize_functions()
-    torch.manual_seed(seed)
-    example = torch.zeros(1, 3, pre.input_size, pre.input_size)
-    float_model = static_same_padding(copy.deepcopy(model).eval(), pre.input_size)
+    torch.manual_seed(inputs.seed)
+    example = torch.zeros(1, 3, inputs.pre.input_size, inputs.pre.input_size)
+    float_model = static_same_padding(copy.deepcopy(model).eval(), inputs.pre.input_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # NNCF's tracing chatter
-        quantized = nncf.quantize(float_model, nncf.Dataset(calibration, torch.from_numpy), subset_size=len(calibration))
-    start_accuracy = _accuracy(quantized, dataset.val.images, dataset.val.labels, pre)
+        calibration_set = nncf.Dataset(calibration, torch.from_numpy)
+        quantized = nncf.quantize(float_model, calibration_set, subset_size=len(calibration))
+    outcome = _fine_tune(quantized, variant, inputs)
+    values = {"start": outcome.start_accuracy, "best": outcome.best_accuracy, "best_epoch": outcome.best_epoch,
+              "epochs": variant.qat_epochs, "seconds": outcome.seconds}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = ov.convert_model(quantized, example_input=example)
+    file = save_openvino(converted, out_dir / f"{variant.display_name}.xml", compress_to_fp16=False, metadata=metadata)
+    return file, [Note("qat", values)]
+
+
+@dataclass(frozen=True)
+class _FineTuned:
+    start_accuracy: float  # val accuracy after calibration
+    best_accuracy: float
+    best_epoch: int  # 0: the calibrated start
+    seconds: float  # of the epochs
+
+
+def _fine_tune(quantized: nn.Module, variant: QuantVariant, inputs: Inputs) -> _FineTuned:
+    """`variant.qat_epochs` epochs of AdamW on the training split; `quantized` ends with the weights of its best
+    val epoch, counting the calibrated start, in eval mode."""
+    dataset, pre = inputs.dataset, inputs.pre
+    start_accuracy = _val_accuracy(quantized, inputs)
     best = (start_accuracy, 0, copy.deepcopy(quantized.state_dict()))
-    optimizer = torch.optim.AdamW([p for p in quantized.parameters() if p.requires_grad], lr=variant.qat_lr, weight_decay=0.0)
+    trainable = [p for p in quantized.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=variant.qat_lr, weight_decay=0.0)
     criterion = nn.CrossEntropyLoss()
     labels = torch.from_numpy(dataset.train.labels)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(inputs.seed)
     started = time.monotonic()
     for epoch in range(1, variant.qat_epochs + 1):
         _train_mode_frozen_bn(quantized)
@@ -65,20 +94,19 @@ def run(model: TransferModel, dataset: Dataset, pre: Preprocessing, variant: Qua
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        accuracy = _accuracy(quantized, dataset.val.images, dataset.val.labels, pre)
-        log.info("QAT epoch %d/%d: val accuracy %.4f (PTQ start %.4f)", epoch, variant.qat_epochs, accuracy, start_accuracy)
-        if accuracy > best[0]:
-            best = (accuracy, epoch, copy.deepcopy(quantized.state_dict()))
+        val_accuracy = _val_accuracy(quantized, inputs)
+        log.info("QAT epoch %d/%d: val accuracy %.4f (PTQ start %.4f)", epoch, variant.qat_epochs, val_accuracy,
+                 start_accuracy)
+        if val_accuracy > best[0]:
+            best = (val_accuracy, epoch, copy.deepcopy(quantized.state_dict()))
     quantized.load_state_dict(best[2])
     quantized.eval()
-    notes = [f"QAT: val accuracy {start_accuracy:.4f} after calibration, {best[0]:.4f} after fine-tuning (best epoch {best[1]} of {variant.qat_epochs}, {time.monotonic() - started:.0f}s)"]
-    import openvino as ov
+    return _FineTuned(start_accuracy, best[0], best[1], time.monotonic() - started)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        converted = ov.convert_model(quantized, example_input=example)
-    file = save_openvino(converted, out_dir / f"{variant.display_name}.xml", compress_to_fp16=False, metadata=metadata)
-    return file, notes
+
+def _val_accuracy(model: nn.Module, inputs: Inputs) -> float:
+    val = inputs.dataset.val
+    return accuracy(model_logits(model, val.images, inputs.pre), val.labels)
 
 
 def _train_mode_frozen_bn(model: nn.Module) -> None:
@@ -86,15 +114,6 @@ def _train_mode_frozen_bn(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
-
-
-def _accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray, pre: Preprocessing) -> float:
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(images), 64):
-            correct += int((model(torch.from_numpy(normalize(images[i : i + 64], pre))).argmax(1).numpy() == labels[i : i + 64]).sum())
-    return correct / max(len(labels), 1)
 
 
 def _use_native_quantize_functions() -> None:
