@@ -328,6 +328,6 @@ def test_an_openvino_device_gets_an_openvino_variant_and_its_install_named(base,
     assert code == 0, err
     report = json.loads((run / "report.json").read_text())
     assert report["selected"]["name"] == "ov-fp32" and report["selected"]["install"] == "pip install 'edgetl[openvino]'"
-    assert "(device: `pip install 'edgetl[openvino]'`)" in out
+    assert f"(sha256 {report['selected']['bundle_sha256']}; device: `pip install 'edgetl[openvino]'`)" in out
     assert "On the device: `pip install 'edgetl[openvino]'`" in (run / "bundle" / "README.md").read_text()
     assert set(report["stages"].values()) == {"reused"}  # the device changes the selection, not what is built
