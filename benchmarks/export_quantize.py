@@ -109,7 +109,7 @@ def main() -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         recipe = cifar_recipe(workdir, args.strategy, args.epochs, variants) if args.data == "cifar" else digits_recipe(variants)
         forget_all_but_training(workdir / "run")
-        report = build(recipe, workdir / "run").report
+        report = build(recipe, workdir / "run").report.to_dict()
     columns = ("name", "runtime", "precision", "size_mb", "accuracy", "accuracy_ci95", "agreement", "accuracy_drop", "accuracy_drop_ci95", "latency_ms", "throughput_ips", "load_seconds", "peak_rss_mb", "float_layers", "notes")
     results = {
         "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(), "threads": report["environment"]["torch_threads"], "cpu_model": report["environment"]["cpu_model"], "cpu_flags": report["environment"]["cpu_flags"]},

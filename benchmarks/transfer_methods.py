@@ -135,7 +135,7 @@ def adapt(workdir: Path, epochs: int, noise_levels: list[float], dann_weight: fl
 def qat(eq_workdir: Path, epochs: int, qat_epochs: int) -> dict:
     base = cifar_recipe(eq_workdir, "finetune", epochs)
     recipe = Recipe.model_validate({**base.model_dump(mode="json"), "quantize": [{"runtime": "onnxruntime"}, {"runtime": "openvino"}, {"runtime": "openvino", "method": "qat", "qat_epochs": qat_epochs}]})
-    report = build(recipe, eq_workdir / "run").report
+    report = build(recipe, eq_workdir / "run").report.to_dict()
     rows = {v["name"]: {k: v[k] for k in ("accuracy", "accuracy_drop", "accuracy_drop_ci95", "agreement", "latency_ms", "size_mb")} for v in report["variants"]}
     for name, row in rows.items():
         print(f"qat: {name:14s} acc {row['accuracy']:.4f} drop {100 * row['accuracy_drop']:+.2f} pt agree {row['agreement']:.4f} p50 {row['latency_ms']['p50']:.2f} ms")

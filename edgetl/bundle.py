@@ -17,7 +17,7 @@ import hashlib
 import json
 import shutil
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from edgetl.export import INPUT_NAME, model_files
 from edgetl.fileio import atomic_dir, atomic_path
 from edgetl.gates import install_command
 from edgetl.runtime.bundle import MANIFEST, SUPPORTED_SCHEMA, sha256
+from edgetl.runtime.metrics import VariantMetrics
 from edgetl.runtime.preprocess import Preprocessing
 
 
@@ -37,12 +38,16 @@ class BundleResult:
     digest: str  # sha256 of edgetl.json's bytes (the same in the folder and the archive): the bundle's digest
 
 
-def run(name: str, variant: dict, file: Path, labels: tuple[str, ...], pre: Preprocessing, recipe: dict, versions: dict, run_dir: Path) -> BundleResult:
-    """Pack the selected `variant` (its artifact is `file`) into `run_dir/bundle` and `run_dir/<name>.tar.gz`.
+def run(variant: VariantMetrics, file: Path, labels: tuple[str, ...], pre: Preprocessing, recipe: dict, versions: dict,
+        run_dir: Path) -> BundleResult:
+    """Pack the selected `variant` (its artifact is `file`) into `run_dir/bundle` and `run_dir/<name>.tar.gz`,
+    where `name` is the recipe's. Raises OutputError when the disk refuses a write.
 
-    >>> run("quickstart", report_row, Path("stages/quantize-ab/ort-int8.onnx"), labels, pre, recipe_dict, versions, run_dir).archive
+    >>> row = report.selected_variant()
+    >>> run(row, Path("stages/quantize-ab/ort-int8.onnx"), labels, pre, report.recipe, versions, run_dir).archive
     PosixPath('runs/quickstart/quickstart.tar.gz')
     """
+    name = recipe["name"]
     folder, archive = run_dir / "bundle", run_dir / f"{name}.tar.gz"
     with atomic_dir(folder) as staging:
         for source in model_files(file):
@@ -52,18 +57,18 @@ def run(name: str, variant: dict, file: Path, labels: tuple[str, ...], pre: Prep
             "schema_version": SUPPORTED_SCHEMA,
             "name": name,
             "model": model.name,
-            "runtime": variant["runtime"],
-            "precision": variant["precision"],
-            "variant": variant["name"],
+            "runtime": variant.runtime,
+            "precision": variant.precision,
+            "variant": variant.name,
             "labels": list(labels),
             "preprocessing": pre.to_dict(),
             "input": {"name": INPUT_NAME, "shape": ["batch", 3, pre.input_size, pre.input_size], "dtype": "float32"},
-            "metrics": {k: v for k, v in variant.items() if k not in ("confusion_matrix", "file")},
+            "metrics": replace(variant, confusion_matrix=None, file=None).to_dict(),  # None fields are left out
             "recipe": recipe,
             "versions": {"edgetl": __version__, **versions},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        (staging / "README.md").write_text(_readme(manifest))
+        (staging / "README.md").write_text(_readme(manifest, variant))
         files = sorted(staging.iterdir())  # every file but the manifest
         manifest["files"] = {p.name: sha256(p) for p in files}
         manifest["sizes"] = {p.name: p.stat().st_size for p in files}  # the device bounds each file before unpacking it
@@ -75,13 +80,12 @@ def run(name: str, variant: dict, file: Path, labels: tuple[str, ...], pre: Prep
     return BundleResult(folder, archive, manifest, hashlib.sha256(raw).hexdigest())
 
 
-def _readme(manifest: dict) -> str:
-    metrics = manifest["metrics"]
+def _readme(manifest: dict, metrics: VariantMetrics) -> str:
     return f"""# {manifest['name']}: edgetl deploy bundle
 
 `{manifest['model']}` ({manifest['variant']}: {manifest['precision']} for {manifest['runtime']}), {len(manifest['labels'])} classes.
-Measured at build time on the test split: accuracy {metrics['accuracy']:.4f}, top-1 agreement with PyTorch FP32
-{metrics['agreement']:.4f}, p50 latency {metrics['latency_ms']['p50']:.2f} ms at batch 1, {metrics['size_mb']:.2f} MB.
+Measured at build time on the test split: accuracy {metrics.accuracy:.4f}, top-1 agreement with PyTorch FP32
+{metrics.agreement:.4f}, p50 latency {metrics.latency_ms.p50:.2f} ms at batch 1, {metrics.size_mb:.2f} MB.
 
 On the device: `{install_command(manifest['runtime'])}` (Python 3.10+), then
 `edgetl predict <this bundle> image.jpg` or `edgetl serve <this bundle>`; in Python,

@@ -107,12 +107,12 @@ def _build(args: argparse.Namespace) -> int:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     report = build(recipe, run_dir, resume=args.resume, force=args.force).report
-    selected = next(v for v in report["variants"] if v["name"] == report["selected"]["name"])
+    selected = report.selected_variant()
     print(
-        f"{recipe.name}: selected {selected['name']} ({selected['runtime']} {selected['precision']}): accuracy {selected['accuracy']:.4f}, "
-        f"agreement {selected['agreement']:.4f}, p50 {selected['latency_ms']['p50']:.2f} ms, {selected['size_mb']:.2f} MB; "
-        f"bundle {run_dir / (recipe.name + '.tar.gz')} (sha256 {report['selected']['bundle_sha256']}; "
-        f"device: `{install_command(selected['runtime'])}`); "
+        f"{recipe.name}: selected {selected.name} ({selected.runtime} {selected.precision}): "
+        f"accuracy {selected.accuracy:.4f}, agreement {selected.agreement:.4f}, p50 {selected.latency_ms.p50:.2f} ms, {selected.size_mb:.2f} MB; "
+        f"bundle {run_dir / (recipe.name + '.tar.gz')} (sha256 {report.selected.bundle_sha256}; "
+        f"device: `{install_command(selected.runtime)}`); "
         f"report {run_dir / 'report.html'}"
     )
     return 0

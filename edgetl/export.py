@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from edgetl import __version__
+from edgetl.build_report import ParityOutcome
 from edgetl.errors import ExportError
 from edgetl.fileio import atomic_path, write_json
 from edgetl.models import TransferModel
@@ -42,7 +43,7 @@ class ExportResult:
     node_count: int
     opset: int
     seconds: float
-    parity: list[dict[str, Any]] = field(default_factory=list)  # validate.parity's outcome per FP32 file
+    parity: list[ParityOutcome] = field(default_factory=list)  # validate.parity's outcome per FP32 file
 
     def save(self, folder: Path) -> None:
         """Write `folder/export.json`; the model files are already in `folder` (`run` wrote them there).
@@ -50,7 +51,7 @@ class ExportResult:
         Raises OutputError when the disk refuses the write.
         """
         facts = {"opset": self.opset, "node_count": self.node_count, "seconds": round(self.seconds, 2)}
-        write_json(folder / FACTS_FILE, facts | {"parity": self.parity})
+        write_json(folder / FACTS_FILE, facts | {"parity": [p.to_dict() for p in self.parity]})
 
     @classmethod
     def load(cls, folder: Path) -> ExportResult:
@@ -62,7 +63,7 @@ class ExportResult:
         facts = json.loads((folder / FACTS_FILE).read_text())
         xml = folder / "model.xml"
         return cls(folder / "model.onnx", xml if xml.is_file() else None, facts["node_count"], facts["opset"],
-                   facts["seconds"], facts["parity"])
+                   facts["seconds"], [ParityOutcome.from_dict(p) for p in facts["parity"]])
 
 
 def run(model: TransferModel, pre: Preprocessing, labels: tuple[str, ...], out_dir: Path, opset: int, recipe_hash: str, want_openvino: bool) -> ExportResult:

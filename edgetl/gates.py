@@ -12,22 +12,54 @@ names each failing gate, its threshold and the measured value.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 from edgetl.recipe import GatesConfig
+from edgetl.runtime.metrics import VariantMetrics, known_fields
 
-# gate → (how to read the measured value, True when larger is better, unit for messages)
-_GATES: dict[str, tuple[Callable[[dict], float], bool, str]] = {
-    "min_accuracy": (lambda v: v["accuracy"], True, ""),
-    "max_accuracy_drop": (lambda v: v["accuracy_drop"], False, ""),
-    "min_agreement": (lambda v: v["agreement"], True, ""),
-    "max_latency_ms": (lambda v: v["latency_ms"]["p50"], False, " ms"),
-    "max_size_mb": (lambda v: v["size_mb"], False, " MB"),
+
+@dataclass(frozen=True)
+class Gate:
+    """One of the recipe's `gates`: the measured value it bounds and how to say it.
+
+    `unit` says what the value is: "fraction" (0.98: reports show 98.00%), "points" (a
+    difference of two fractions: 0.0074 shows as 0.74 pt), "ms" or "MB".
+    """
+
+    name: str  # the recipe's field (`gates.<name>`): the label messages and reports give the gate
+    larger_is_better: bool  # min_* gates; the value must be ≥ the threshold, else ≤
+    unit: Literal["fraction", "points", "ms", "MB"]
+    read: Callable[[VariantMetrics], float]
+
+    @property
+    def relation(self) -> str:
+        return "≥" if self.larger_is_better else "≤"
+
+    @property
+    def suffix(self) -> str:
+        """The unit as messages append it to a number: fractions have none."""
+        return f" {self.unit}" if self.unit in ("ms", "MB") else ""
+
+    def passes(self, value: float, threshold: float) -> bool:
+        return value >= threshold if self.larger_is_better else value <= threshold
+
+
+# The one gate table: `run` checks it; GateOutcome.describe (the build's GateFailure message) and the
+# reports (report_content.gate_rule, gate_value) read it.
+GATES: dict[str, Gate] = {
+    gate.name: gate
+    for gate in (
+        Gate("min_accuracy", True, "fraction", lambda v: v.accuracy),
+        Gate("max_accuracy_drop", False, "points", lambda v: v.accuracy_drop),
+        Gate("min_agreement", True, "fraction", lambda v: v.agreement),
+        Gate("max_latency_ms", False, "ms", lambda v: v.latency_ms.p50),
+        Gate("max_size_mb", False, "MB", lambda v: v.size_mb),
+    )
 }
-_POLICIES: dict[str, tuple[Callable[[dict], tuple], str]] = {
-    "fastest": (lambda v: (v["latency_ms"]["p50"], -v["accuracy"]), "the fastest (p50 latency)"),
-    "most_accurate": (lambda v: (-v["accuracy"], v["latency_ms"]["p50"]), "the most accurate"),
-    "smallest": (lambda v: (v["size_mb"], v["latency_ms"]["p50"]), "the smallest"),
+_POLICIES: dict[str, tuple[Callable[[VariantMetrics], tuple], str]] = {
+    "fastest": (lambda v: (v.latency_ms.p50, -v.accuracy), "the fastest (p50 latency)"),
+    "most_accurate": (lambda v: (-v.accuracy, v.latency_ms.p50), "the most accurate"),
+    "smallest": (lambda v: (v.size_mb, v.latency_ms.p50), "the smallest"),
 }
 # What the device installs to run a variant of each runtime (the base install is the ONNX Runtime one).
 _INSTALL = {"onnxruntime": "pip install edgetl", "openvino": "pip install 'edgetl[openvino]'"}
@@ -40,6 +72,8 @@ def install_command(runtime: str) -> str:
 
 @dataclass(frozen=True)
 class GateOutcome:
+    """One gate checked on one variant; a row of report.json's `gates`."""
+
     gate: str
     threshold: float
     variant: str
@@ -48,9 +82,38 @@ class GateOutcome:
 
     def describe(self) -> str:
         """One line: gate, threshold, measured value, variant."""
-        _, larger_is_better, unit = _GATES[self.gate]
-        relation = "≥" if larger_is_better else "≤"
-        return f"gate {self.gate} failed for {self.variant}: needs {relation} {self.threshold:g}{unit}, measured {self.value:.4g}{unit}"
+        gate = GATES[self.gate]
+        return (f"gate {self.gate} failed for {self.variant}: needs {gate.relation} {self.threshold:g}{gate.suffix}, "
+                f"measured {self.value:.4g}{gate.suffix}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GateOutcome:
+        """Raises KeyError naming a missing field, TypeError when `data` is not a mapping."""
+        return cls(**known_fields(cls, data))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Selection:
+    """The variant to deploy and why; report.json's `selected`."""
+
+    name: str
+    policy: str
+    reason: str
+    runtime: str | None = None  # None in reports written before selection knew runtimes
+    install: str | None = None  # what the device installs to run it
+    bundle_sha256: str | None = None  # the bundle's digest, once it is packed
+
+    def to_dict(self) -> dict[str, Any]:
+        """Fields that are None (absent in older reports) are left out."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Selection:
+        """Raises KeyError naming a missing field, TypeError when `data` is not a mapping."""
+        return cls(**known_fields(cls, data))
 
 
 @dataclass(frozen=True)
@@ -65,39 +128,37 @@ class Decision:
     def passed(self) -> bool:
         return self.selected is not None
 
+    @property
+    def selection(self) -> Selection | None:
+        """The report's `selected`: None when no variant passes."""
+        if self.selected is None:
+            return None
+        return Selection(name=self.selected, policy=self.policy, reason=self.reason, runtime=self.runtime,
+                         install=install_command(self.runtime))
+
     def failures(self) -> list[str]:
         return [o.describe() for o in self.outcomes if not o.passed]
 
-    def to_dict(self) -> dict:
-        return {
-            "gates": [asdict(o) for o in self.outcomes],
-            "selected": {"name": self.selected, "policy": self.policy, "reason": self.reason, "runtime": self.runtime,
-                         "install": install_command(self.runtime)} if self.selected else None,
-            "passed": self.passed,
-        }
 
-
-def run(variants: list[dict], config: GatesConfig, policy: str,
+def run(variants: list[VariantMetrics], config: GatesConfig, policy: str,
         device_runtimes: Sequence[str] | None = None) -> Decision:
     """Check every deployable variant against the recipe's gates and select one that runs on
     `device_runtimes` (None: any runtime).
 
-    >>> run(report["variants"], recipe.gates, recipe.select, recipe.device.runtimes).selected
+    >>> run(report.variants, recipe.gates, recipe.select, recipe.device.runtimes).selected
     'ort-int8'
     """
-    deployable = [v for v in variants if v["runtime"] != "pytorch"]
+    deployable = [v for v in variants if v.runtime != "pytorch"]
     thresholds = {gate: value for gate, value in config.model_dump().items() if value is not None}
     outcomes = []
     for variant in deployable:
         for gate, threshold in thresholds.items():
-            read, larger_is_better, _ = _GATES[gate]
-            value = float(read(variant))
-            passed = value >= threshold if larger_is_better else value <= threshold
-            outcomes.append(GateOutcome(gate, threshold, variant["name"], value, passed))
+            value = float(GATES[gate].read(variant))
+            outcomes.append(GateOutcome(gate, threshold, variant.name, value, GATES[gate].passes(value, threshold)))
     failed = {o.variant for o in outcomes if not o.passed}
-    passing = [v for v in deployable if v["name"] not in failed]
-    candidates = [v for v in passing if device_runtimes is None or v["runtime"] in device_runtimes]
-    elsewhere = ", ".join(f"{v['name']} ({v['runtime']})" for v in passing if v not in candidates)
+    passing = [v for v in deployable if v.name not in failed]
+    candidates = [v for v in passing if device_runtimes is None or v.runtime in device_runtimes]
+    elsewhere = ", ".join(f"{v.name} ({v.runtime})" for v in passing if v not in candidates)
     on_device = f"run on the device's {' or '.join(device_runtimes)} (`device.runtimes`)" if device_runtimes else ""
     key, description = _POLICIES[policy]
     if not candidates:
@@ -113,4 +174,4 @@ def run(variants: list[dict], config: GatesConfig, policy: str,
     reason = f"{description} of the {len(candidates)} variant(s)" + (f" that {which}" if which else "")
     reason += "" if thresholds else " (no gates set)"
     reason += f"; not considered, measured on a runtime the device lacks: {elsewhere}" if elsewhere else ""
-    return Decision(outcomes, chosen["name"], policy, reason, chosen["runtime"])
+    return Decision(outcomes, chosen.name, policy, reason, chosen.runtime)

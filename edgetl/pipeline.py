@@ -24,6 +24,7 @@ import torch
 
 from edgetl import __version__, bundle, data, environment, export, gates, infer, models, quantize, report, train, validate
 from edgetl.adapt import DomainAdversary, adabn
+from edgetl.build_report import BuildReport, ExportSummary, ParityOutcome
 from edgetl.cache import StageCache, file_digest, key
 from edgetl.distill import Distiller, Teacher
 from edgetl.errors import GateFailure, RecipeError
@@ -33,14 +34,13 @@ from edgetl.runtime.engines import RUNTIMES, is_installed
 from edgetl.runtime.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
-REPORT_SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
 class BuildResult:
     run_dir: Path
     metrics: dict
-    report: dict  # {} when built with train_only
+    report: BuildReport | None  # None when built with train_only
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = Fal
 
     Raises RecipeError, DataError, ModelError, ExportError, InferenceError, OutputError (a write the disk refused).
 
-    >>> build(load_recipe(Path("recipes/quickstart.yaml")), Path("runs/quickstart")).report["selected"]["name"]
+    >>> build(load_recipe(Path("recipes/quickstart.yaml")), Path("runs/quickstart")).report.selected.name
     'ort-int8'
     """
     started = time.monotonic()
@@ -96,7 +96,7 @@ def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = Fal
     with atomic_path(run_dir / "checkpoint.pt") as tmp:
         shutil.copyfile(trained.checkpoint, tmp)
     if train_only:  # benchmarks and tests of the training stage alone
-        return BuildResult(run_dir, metrics, {})
+        return BuildResult(run_dir, metrics, None)
 
     timings: dict[str, float] = {}
     transfer_sections = [name for name in ("distill", "adapt") if getattr(recipe, name) is not None]  # unset: the hash of a plain recipe stays as it was
@@ -109,41 +109,41 @@ def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = Fal
     fp32 = [validate.Artifact("onnx-fp32", "onnxruntime", "fp32", exported.onnx)]
     if exported.openvino is not None:
         fp32.append(validate.Artifact("ov-fp32", "openvino", "fp32", exported.openvino))
-    artifacts = fp32 + [validate.Artifact(q.name, q.runtime, q.precision, q.file, q.float_layers, q.notes_text()) for q in quantized]
+    artifacts = fp32 + [validate.Artifact(q.name, q.runtime, q.precision, q.file, q.float_layers, q.notes) for q in quantized]
     validate_key = key(export_key, [a.file.parent.name + "/" + a.file.name for a in artifacts], recipe.measure.model_dump(mode="json"), dataset.content_hash)
     measured = _validate_stage(cache, validate_key, trained, artifacts, dataset, pre, recipe, timings)
 
-    decision = gates.run(measured, recipe.gates, recipe.select, recipe.device.runtimes)
-    content = {
-        "schema_version": REPORT_SCHEMA_VERSION,
-        "edgetl_version": __version__,
-        "name": recipe.name,
-        "passed": decision.passed,
-        "recipe_hash": recipe_hash,
-        "recipe": recipe.model_dump(mode="json"),
-        "dataset": metrics["dataset"],
-        "training": {"strategy": recipe.train.strategy, **trained.summary},
-        "transfer": transfer,
-        "export": {"opset": exported.opset, "onnx_nodes": exported.node_count, "files": [a.file.name for a in fp32], "parity": exported.parity},
-        "quantize": [q.to_json() for q in quantized],
-        "variants": measured,
-        **decision.to_dict(),
-        "skipped": skipped + skipped_variants,
-        "stages": cache.status,
-        "timings": timings,
-        "environment": metrics["environment"],
-    }
+    decision = gates.run(measured.variants, recipe.gates, recipe.select, recipe.device.runtimes)
+    content = BuildReport(
+        edgetl_version=__version__,
+        name=recipe.name,
+        passed=decision.passed,
+        recipe_hash=recipe_hash,
+        recipe=recipe.model_dump(mode="json"),
+        dataset=metrics["dataset"],
+        training={"strategy": recipe.train.strategy, **trained.summary},
+        transfer=transfer,
+        export=ExportSummary(exported.opset, exported.node_count, [a.file.name for a in fp32], exported.parity),
+        quantize=[q.to_json() for q in quantized],
+        variants=measured.variants,
+        gates=decision.outcomes,
+        selected=decision.selection,
+        skipped=skipped + skipped_variants,
+        stages=cache.status,
+        timings=timings,
+        environment=metrics["environment"],
+    )
     if decision.passed:  # bundle and archive first: no report may say "passed" before they are complete
         selected = next(a for a in artifacts if a.name == decision.selected)
-        row = next(v for v in measured if v["name"] == decision.selected)
-        packed = bundle.run(recipe.name, row, selected.file, dataset.classes, pre, content["recipe"],
-                            content["environment"]["packages"], run_dir)
-        content["selected"]["bundle_sha256"] = packed.digest  # what a device pins with --expect-sha256
+        packed = bundle.run(content.selected_variant(), selected.file, dataset.classes, pre, content.recipe,
+                            content.environment["packages"], run_dir)
+        # the digest is what a device pins with --expect-sha256
+        content = replace(content, selected=replace(content.selected, bundle_sha256=packed.digest))
         log.info("selected %s (%s); bundle %s (sha256 %s); the device needs `%s`", decision.selected, decision.reason,
-                 packed.archive, packed.digest, content["selected"]["install"])
-    content["build_seconds"] = round(time.monotonic() - started, 2)
+                 packed.archive, packed.digest, content.selected.install)
+    content = replace(content, build_seconds=round(time.monotonic() - started, 2))
     report.write_reports(content, run_dir)
-    write_json(run_dir / "report.json", content)  # last: a report.json means the build is done
+    write_json(run_dir / "report.json", content.to_dict())  # last: a report.json means the build is done
     if not decision.passed:
         failures = "\n".join(decision.failures() + [decision.reason])
         raise GateFailure(f"gates failed, no variant can be deployed; report in {run_dir / 'report.html'}:\n{failures}")
@@ -315,14 +315,16 @@ def _quantize_stage(cache: StageCache, stage_key: str, variant: QuantVariant, ex
     return quantize.QuantizedArtifact.load(folder)
 
 
-def _validate_stage(cache: StageCache, stage_key: str, trained: _Trained, artifacts: list[validate.Artifact], dataset: data.Dataset, pre: Preprocessing, recipe: Recipe, timings: dict) -> list[dict]:
+def _validate_stage(cache: StageCache, stage_key: str, trained: _Trained, artifacts: list[validate.Artifact], dataset: data.Dataset, pre: Preprocessing, recipe: Recipe, timings: dict) -> validate.Validation:
     def make(out: Path) -> None:
-        write_json(out / "variants.json", validate.run(trained.model, artifacts, dataset.test, pre, recipe.measure, trained.checkpoint, trained.saved_logits("test")))
+        measured = validate.run(trained.model, artifacts, dataset.test, pre, recipe.measure, trained.checkpoint,
+                                trained.saved_logits("test"))
+        measured.save(out)
 
     started = time.monotonic()
     folder = cache.run("validate", stage_key, make)
     timings["validate_seconds"] = round(time.monotonic() - started, 2)
-    return json.loads((folder / "variants.json").read_text())
+    return validate.Validation.load(folder)
 
 
 def _metrics(recipe: Recipe, spec: models.BackboneSpec, pre: Preprocessing, dataset: data.Dataset, summary: dict, started: float) -> dict:

@@ -8,12 +8,12 @@ lives in `report_content`, the page in `report_html`, the charts in `report_char
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from edgetl.build_report import BuildReport
 from edgetl.errors import DataError
 from edgetl.fileio import atomic_path
 from edgetl.report_content import (
@@ -22,8 +22,6 @@ from edgetl.report_content import (
     Run,
     failed_gates,
     gate_value,
-    is_measured,
-    latency_p50,
     pareto_front,
     pct,
     run_summary,
@@ -32,6 +30,7 @@ from edgetl.report_content import (
     transfer_tables,
 )
 from edgetl.report_html import build_page, compare_page
+from edgetl.runtime.metrics import VariantMetrics
 
 
 @dataclass(frozen=True)
@@ -42,10 +41,10 @@ class ReportFiles:
     html: Path
 
 
-def write_reports(report: dict, run_dir: Path) -> ReportFiles:
-    """Write `run_dir/report.md` and `run_dir/report.html` from a build's report.json content.
+def write_reports(report: BuildReport, run_dir: Path) -> ReportFiles:
+    """Write `run_dir/report.md` and `run_dir/report.html` from a build's report.
 
-    >>> files = write_reports(json.loads((run_dir / "report.json").read_text()), run_dir)
+    >>> files = write_reports(BuildReport.from_json((run_dir / "report.json").read_text()), run_dir)
     >>> files.html
     PosixPath('runs/quickstart/report.html')
     """
@@ -54,14 +53,14 @@ def write_reports(report: dict, run_dir: Path) -> ReportFiles:
 
 def compare(run_dirs: list[Path], out_dir: Path) -> ReportFiles:
     """Compare builds: write `out_dir/report.md` and `out_dir/report.html` from each run
-    directory's report.json.
+    directory's report.json. Raises DataError naming a report.json that is missing or not a build report.
 
     >>> compare([Path("runs/lite0"), Path("runs/lite2")], Path("runs/compare"))
     """
     if not run_dirs:
         raise DataError("Nothing to compare: pass at least one run directory written by `edgetl build`.")
     reports = [(Path(d), _load(Path(d))) for d in run_dirs]
-    names = [report.get("name", directory.name) for directory, report in reports]
+    names = [report.name for _, report in reports]
     # Two builds of one recipe share a name; their directories tell them apart.
     runs = [
         Run(name if names.count(name) == 1 else f"{name} ({directory.name})", directory, report)
@@ -70,25 +69,25 @@ def compare(run_dirs: list[Path], out_dir: Path) -> ReportFiles:
     return _write(Path(out_dir), compare_markdown(runs), compare_page(runs))
 
 
-def build_markdown(report: dict) -> str:
+def build_markdown(report: BuildReport) -> str:
     """The job summary: verdict, variants, failed gates, selection, stages."""
-    verdict = "✅ PASS" if report.get("passed") else "❌ FAIL"
-    variants = report.get("variants") or []
-    lines = [f"## edgetl build `{report.get('name', 'build')}`: {verdict}", ""]
+    verdict = "✅ PASS" if report.passed else "❌ FAIL"
+    variants = report.variants
+    lines = [f"## edgetl build `{report.name}`: {verdict}", ""]
     lines += _variant_table([("", v) for v in variants])
     failed = failed_gates(report)
     if failed:
         lines += ["", f"**Failed gates ({len(failed)})**", ""]
         lines += _markdown_table(
             ["gate", "variant", "threshold", "measured"],
-            [[g["gate"], g.get("variant") or "(build)", gate_value(g["gate"], g["threshold"]), gate_value(g["gate"], g["value"])] for g in failed],
+            [[g.gate, g.variant, gate_value(g.gate, g.threshold), gate_value(g.gate, g.value)] for g in failed],
             [False, False, True, True],
         )
     else:
-        lines += ["", "**Gates:** all gates passed." if report.get("gates") else "**Gates:** the recipe sets none."]
-    selected = report.get("selected")
+        lines += ["", "**Gates:** all gates passed." if report.gates else "**Gates:** the recipe sets none."]
+    selected = report.selected
     if selected:
-        lines += ["", f"**Selected:** `{selected['name']}` (policy {selected.get('policy', DASH)}): {selected.get('reason', '')}"]
+        lines += ["", f"**Selected:** `{selected.name}` (policy {selected.policy}): {selected.reason}"]
     else:
         lines += ["", "**Selected:** none; no variant passes every gate."]
     lines += ["", f"**Pareto front** (fastest first): {_front_names([('', v) for v in variants])}"]
@@ -110,7 +109,7 @@ def compare_markdown(runs: Sequence[Run]) -> str:
     return "\n".join(lines)
 
 
-def _variant_table(rows: Sequence[tuple[str, dict]]) -> list[str]:
+def _variant_table(rows: Sequence[tuple[str, VariantMetrics]]) -> list[str]:
     """The variants table; a non-empty run label adds a leading "run" column."""
     with_run = any(label for label, _ in rows)
     return _markdown_table(
@@ -131,26 +130,30 @@ def _markdown_row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
 
 
-def _front_names(rows: Sequence[tuple[str, dict]]) -> str:
+def _front_names(rows: Sequence[tuple[str, VariantMetrics]]) -> str:
     """The Pareto-optimal variants, fastest first, named run/variant when a run label is set."""
-    measured = [(label, v) for label, v in rows if is_measured(v)]
-    front = [measured[i] for i in pareto_front([(latency_p50(v), v["accuracy"]) for _, v in measured])]
-    named = (f"`{label + '/' if label else ''}{v['name']}` ({latency_p50(v):.2f} ms, {pct(v['accuracy'])})" for label, v in front)
+    front = [rows[i] for i in pareto_front([(v.latency_ms.p50, v.accuracy) for _, v in rows])]
+    named = (f"`{label + '/' if label else ''}{v.name}` ({v.latency_ms.p50:.2f} ms, {pct(v.accuracy)})"
+             for label, v in front)
     return " → ".join(named) or DASH
 
 
-def _load(run_dir: Path) -> dict:
+def _load(run_dir: Path) -> BuildReport:
     """A run's report.json, or a DataError that names the file and how to get it."""
     path = run_dir / "report.json"
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DataError(f"{path} does not exist: run `edgetl build` for this run first, then pass its run directory.") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path} is not a readable report ({exc}); rebuild it with `edgetl build`.") from None
-    if not isinstance(report, dict) or not isinstance(report.get("variants"), list):
-        raise DataError(f"{path} is not an edgetl build report (it has no `variants` list); rebuild it with `edgetl build`.")
-    return report
+    try:
+        return BuildReport.from_json(text)
+    except ValueError as exc:  # json.JSONDecodeError
+        raise DataError(f"{path} is not a readable report ({exc}); rebuild it with `edgetl build`.") from None
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:
+        why = f"it has no `{exc.args[0]}`" if isinstance(exc, KeyError) else str(exc)
+        raise DataError(f"{path} is not an edgetl build report ({why}); rebuild it with `edgetl build`.") from None
 
 
 def _write(out_dir: Path, markdown: str, page: str) -> ReportFiles:

@@ -11,6 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from edgetl.build_report import BuildReport
+from edgetl.gates import GATES, GateOutcome
+from edgetl.runtime.metrics import VariantMetrics
+
 DASH = "–"
 
 
@@ -20,15 +24,15 @@ class Run:
 
     label: str
     directory: Path
-    report: dict
+    report: BuildReport
 
 
 @dataclass(frozen=True)
 class Column:
-    """A table column: its header and how to turn a variant dict into the cell text."""
+    """A table column: its header and how to turn a variant's row into the cell text."""
 
     header: str
-    cell: Callable[[dict], str]
+    cell: Callable[[VariantMetrics], str]
     numeric: bool = True  # right-aligned
 
 
@@ -57,69 +61,66 @@ def pct_points(value: float | None) -> str:
     return DASH if value is None else f"{value * 100:.2f} pt"
 
 
-def accuracy_with_ci(variant: dict) -> str:
-    ci = variant.get("accuracy_ci95")
+def accuracy_with_ci(variant: VariantMetrics) -> str:
+    ci = variant.accuracy_ci95
     interval = f" [{ci[0] * 100:.2f}, {ci[1] * 100:.2f}]" if ci else ""
-    return pct(variant.get("accuracy")) + interval
+    return pct(variant.accuracy) + interval
 
 
-def _latency(variant: dict) -> str:
-    latency = variant.get("latency_ms") or {}
-    return f"{number(latency.get('p50'), '.2f')} / {number(latency.get('p90'), '.2f')}"
+def _latency(variant: VariantMetrics) -> str:
+    return f"{number(variant.latency_ms.p50, '.2f')} / {number(variant.latency_ms.p90, '.2f')}"
 
 
 VARIANT_COLUMNS: tuple[Column, ...] = (
-    Column("variant", lambda v: v["name"], numeric=False),
-    Column("runtime", lambda v: v.get("runtime", DASH), numeric=False),
-    Column("precision", lambda v: v.get("precision", DASH), numeric=False),
+    Column("variant", lambda v: v.name, numeric=False),
+    Column("runtime", lambda v: v.runtime or DASH, numeric=False),
+    Column("precision", lambda v: v.precision or DASH, numeric=False),
     Column("accuracy [95% CI]", accuracy_with_ci),
-    Column("drop", lambda v: pct_points(v.get("accuracy_drop"))),
-    Column("agreement", lambda v: pct(v.get("agreement"))),
+    Column("drop", lambda v: pct_points(v.accuracy_drop)),
+    Column("agreement", lambda v: pct(v.agreement)),
     Column("p50 / p90 ms", _latency),
-    Column("img/s", lambda v: number(v.get("throughput_ips"), ",.0f")),
-    Column("size MB", lambda v: number(v.get("size_mb"), ".2f")),
+    Column("img/s", lambda v: number(v.throughput_ips, ",.0f")),
+    Column("size MB", lambda v: number(v.size_mb, ".2f")),
 )
 
 DETAIL_COLUMNS: tuple[Column, ...] = VARIANT_COLUMNS + (
-    Column("load s", lambda v: number(v.get("load_seconds"), ".2f")),
-    Column("peak RSS MB", lambda v: number(v.get("peak_rss_mb"), ",.0f")),
-    Column("float layers", lambda v: str(len(v.get("float_layers") or []))),
-    Column("notes", lambda v: "; ".join(v.get("notes") or []), numeric=False),
+    Column("load s", lambda v: number(v.load_seconds, ".2f")),
+    Column("peak RSS MB", lambda v: number(v.peak_rss_mb, ",.0f")),
+    Column("float layers", lambda v: str(len(v.float_layers or []))),
+    Column("notes", lambda v: "; ".join(v.notes or []), numeric=False),
 )
 
-# Gate thresholds and measurements share their variant field's unit.
-_GATE_FORMATS: dict[str, Callable[[float | None], str]] = {
-    "min_accuracy": pct,
-    "min_agreement": pct,
-    "max_accuracy_drop": pct_points,
-    "max_latency_ms": lambda x: number(x, ".2f", " ms"),
-    "max_size_mb": lambda x: number(x, ".2f", " MB"),
+# Gate thresholds and measurements are shown in their gate's unit (gates.GATES).
+_UNIT_FORMATS: dict[str, Callable[[float | None], str]] = {
+    "fraction": pct,
+    "points": pct_points,
+    "ms": lambda x: number(x, ".2f", " ms"),
+    "MB": lambda x: number(x, ".2f", " MB"),
 }
 
 
 def gate_value(gate: str, value: float | None) -> str:
     """A gate's threshold or measurement in the unit people read it in: 0.98 → "98.00%"."""
-    return _GATE_FORMATS.get(gate, lambda x: number(x, ".4g"))(value)
+    return _UNIT_FORMATS[GATES[gate].unit](value)
 
 
-def gate_rule(gate: dict) -> str:
+def gate_rule(outcome: GateOutcome) -> str:
     """The gate as a sentence fragment: "min_accuracy ≥ 98.00%"."""
-    sign = "≥" if gate["gate"].startswith("min_") else "≤"
-    return f"{gate['gate']} {sign} {gate_value(gate['gate'], gate['threshold'])}"
+    return f"{outcome.gate} {GATES[outcome.gate].relation} {gate_value(outcome.gate, outcome.threshold)}"
 
 
-def failed_gates(report: dict) -> list[dict]:
-    return [gate for gate in report.get("gates") or [] if not gate["passed"]]
+def failed_gates(report: BuildReport) -> list[GateOutcome]:
+    return [gate for gate in report.gates if not gate.passed]
 
 
-def gate_threshold(report: dict, gate: str) -> float | None:
+def gate_threshold(report: BuildReport, gate: str) -> float | None:
     """The recipe's threshold for `gate`, or None when the recipe sets no such gate."""
-    return next((g["threshold"] for g in report.get("gates") or [] if g["gate"] == gate), None)
+    return next((g.threshold for g in report.gates if g.gate == gate), None)
 
 
-def stage_summary(report: dict) -> str:
+def stage_summary(report: BuildReport) -> str:
     """ "built: data, validate · reused: train, export" from the stage → status map."""
-    stages = report.get("stages") or {}
+    stages = report.stages
     parts = []
     for status in ("built", "reused"):
         names = [stage for stage, done in stages.items() if done == status]
@@ -128,13 +129,6 @@ def stage_summary(report: dict) -> str:
     return " · ".join(parts) or DASH
 
 
-def latency_p50(variant: dict) -> float | None:
-    return (variant.get("latency_ms") or {}).get("p50")
-
-
-def is_measured(variant: dict) -> bool:
-    """Whether the variant can go on the accuracy-vs-latency chart."""
-    return latency_p50(variant) is not None and variant.get("accuracy") is not None
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -184,51 +178,45 @@ def class_scores(confusion: Sequence[Sequence[int]], classes: Sequence[str]) -> 
     return scores
 
 
-def focus_variant(report: dict) -> dict | None:
+def focus_variant(report: BuildReport) -> VariantMetrics | None:
     """The variant whose errors the report details: the selected one, else the fastest."""
-    variants = report.get("variants") or []
-    selected = report.get("selected")
-    if selected:
-        chosen = next((v for v in variants if v["name"] == selected["name"]), None)
-        if chosen is not None:
-            return chosen
-    timed = [v for v in variants if latency_p50(v) is not None]
-    return min(timed, key=latency_p50) if timed else None
+    chosen = report.selected_variant()
+    if chosen is not None or not report.variants:
+        return chosen
+    return min(report.variants, key=lambda v: v.latency_ms.p50)
 
 
 def run_summary(run: Run) -> dict[str, str]:
     """The comparison table's row for one run."""
     report = run.report
-    training = report.get("training") or {}
-    backbone = ((report.get("recipe") or {}).get("model") or {}).get("backbone", DASH)
-    selected = report.get("selected")
+    backbone = (report.recipe.get("model") or {}).get("backbone", DASH)
     return {
         "run": run.label,
-        "strategy": training.get("strategy", DASH),
+        "strategy": report.training.get("strategy", DASH),
         "backbone": backbone,
-        "test accuracy": pct(training.get("test_accuracy")),
-        "selected": selected["name"] if selected else "none",
-        "passed": "PASS" if report.get("passed") else "FAIL",
+        "test accuracy": pct(report.training.get("test_accuracy")),
+        "selected": report.selected.name if report.selected else "none",
+        "passed": "PASS" if report.passed else "FAIL",
     }
 
 
-def run_variants(runs: Sequence[Run]) -> list[tuple[str, dict]]:
+def run_variants(runs: Sequence[Run]) -> list[tuple[str, VariantMetrics]]:
     """Every variant of every run, with its run's label, in run order."""
-    return [(run.label, variant) for run in runs for variant in run.report.get("variants") or []]
+    return [(run.label, variant) for run in runs for variant in run.report.variants]
 
 
 @dataclass(frozen=True)
 class TransferTable:
-    """A side-by-side comparison from report["transfer"]: distillation or domain adaptation."""
+    """A side-by-side comparison from the report's `transfer`: distillation or domain adaptation."""
 
     title: str
     headers: tuple[str, ...]  # the first column names the model, the others are accuracies
     rows: tuple[tuple[str, ...], ...]
 
 
-def transfer_tables(report: dict) -> list[TransferTable]:
+def transfer_tables(report: BuildReport) -> list[TransferTable]:
     """Teacher vs student alone vs distilled student; source-only vs adapted on both domains."""
-    transfer = report.get("transfer") or {}
+    transfer = report.transfer or {}
     tables = []
     distill = transfer.get("distillation")
     if distill:

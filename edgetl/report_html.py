@@ -10,6 +10,7 @@ from __future__ import annotations
 from html import escape
 from typing import Sequence
 
+from edgetl.build_report import BuildReport
 from edgetl.report_charts import ChartPoint, Series, accuracy_latency_svg, confusion_svg, training_svg
 from edgetl.report_content import (
     DASH,
@@ -20,8 +21,6 @@ from edgetl.report_content import (
     gate_rule,
     gate_threshold,
     gate_value,
-    is_measured,
-    latency_p50,
     pareto_front,
     pct,
     run_summary,
@@ -29,6 +28,7 @@ from edgetl.report_content import (
     stage_summary,
     transfer_tables,
 )
+from edgetl.runtime.metrics import VariantMetrics
 
 _CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1f2328; margin: 0; background: #f6f8fa; }
@@ -56,23 +56,23 @@ table.variants td:last-child { white-space: normal; min-width: 11em; }
 """
 
 
-def build_page(report: dict) -> str:
-    """The HTML page for one build's report.json content."""
-    name = report.get("name", "build")
-    selected = report.get("selected")
-    verdict = "PASS" if report.get("passed") else "FAIL"
-    chosen = f"selected {selected['name']}: {selected.get('reason', '')}" if selected else "no variant passes every gate"
-    meta = f"edgetl {report.get('edgetl_version', DASH)} · stages {stage_summary(report)} · build {_seconds(report.get('build_seconds'))}"
-    variants = report.get("variants") or []
+def build_page(report: BuildReport) -> str:
+    """The HTML page for one build's report."""
+    name = report.name
+    selected = report.selected
+    verdict = "PASS" if report.passed else "FAIL"
+    chosen = f"selected {selected.name}: {selected.reason}" if selected else "no variant passes every gate"
+    meta = f"edgetl {report.edgetl_version} · stages {stage_summary(report)} · build {_seconds(report.build_seconds)}"
+    variants = report.variants
     series = [Series("variants (bars: accuracy 95% CI)", tuple(_points(variants)))]
     sections = [
         _chart_section(series, gate_threshold(report, "min_accuracy"), gate_threshold(report, "max_latency_ms")),
-        _section("Variants", _variant_table([("", v) for v in variants], selected["name"] if selected else None)),
+        _section("Variants", _variant_table([("", v) for v in variants], selected.name if selected else None)),
         _section("Gates", _gate_table(report)),
         _focus_section(report),
-        _training_section(report.get("training") or {}),
+        _training_section(report.training),
         *(_section(t.title, _table(t.headers, [[(row[0], False)] + [(c, True) for c in row[1:]] for row in t.rows], [None] * len(t.rows))) for t in transfer_tables(report)),
-        _dataset_section(report.get("dataset") or {}),
+        _dataset_section(report.dataset),
         _build_section(report),
     ]
     return _page(f"edgetl · {name}", name, verdict == "PASS", f"{verdict} · {chosen}", meta, sections)
@@ -80,8 +80,8 @@ def build_page(report: dict) -> str:
 
 def compare_page(runs: Sequence[Run]) -> str:
     """One page comparing builds: all their variants on one chart and in one table."""
-    passed = sum(bool(run.report.get("passed")) for run in runs)
-    series = [Series(run.label, tuple(_points(run.report.get("variants") or []))) for run in runs]
+    passed = sum(run.report.passed for run in runs)
+    series = [Series(run.label, tuple(_points(run.report.variants))) for run in runs]
     summaries = [run_summary(run) for run in runs]
     headers = list(summaries[0])
     summary = _table(headers, [[(s[h], h == "test accuracy") for h in headers] for s in summaries], [None] * len(summaries))
@@ -131,24 +131,24 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[tuple[str, bool]]], r
     return f"{table}{head}<tbody>{''.join(body)}</tbody></table>"
 
 
-def _variant_table(rows: Sequence[tuple[str, dict]], selected: str | None) -> str:
+def _variant_table(rows: Sequence[tuple[str, VariantMetrics]], selected: str | None) -> str:
     """The detailed variants table; a non-empty run label adds a leading "run" column."""
     with_run = any(label for label, _ in rows)
     headers = ["run"] * with_run + [c.header for c in DETAIL_COLUMNS]
     cells = [[(label, False)] * with_run + [(c.cell(v), c.numeric) for c in DETAIL_COLUMNS] for label, v in rows]
-    marked = ["selected" if v["name"] == selected else None for _, v in rows]
+    marked = ["selected" if v.name == selected else None for _, v in rows]
     # Cells stay on one line (notes excepted); a narrow window scrolls the table instead.
     return f'<div class="scroll">{_table(headers, cells, marked, "variants")}</div>'
 
 
-def _gate_table(report: dict) -> str:
+def _gate_table(report: BuildReport) -> str:
     """Variants × gates, each cell the measured value, green when it passes, red when not."""
-    gates = report.get("gates") or []
+    gates = report.gates
     if not gates:
         return "<p>The recipe sets no gates.</p>"
     rules = list(dict.fromkeys(gate_rule(g) for g in gates))
-    variants = list(dict.fromkeys(g.get("variant") or "(build)" for g in gates))
-    cells = {(g.get("variant") or "(build)", gate_rule(g)): g for g in gates}
+    variants = list(dict.fromkeys(g.variant for g in gates))
+    cells = {(g.variant, gate_rule(g)): g for g in gates}
     rows = []
     for variant in variants:
         row = f"<td>{escape(variant)}</td>"
@@ -157,30 +157,30 @@ def _gate_table(report: dict) -> str:
             if gate is None:
                 row += f'<td class="num">{DASH}</td>'
             else:
-                mark = "✓" if gate["passed"] else "✗"
-                css = "pass" if gate["passed"] else "fail"
-                row += f'<td class="num {css}">{escape(gate_value(gate["gate"], gate["value"]))} {mark}</td>'
+                mark = "✓" if gate.passed else "✗"
+                css = "pass" if gate.passed else "fail"
+                row += f'<td class="num {css}">{escape(gate_value(gate.gate, gate.value))} {mark}</td>'
         rows.append(f"<tr>{row}</tr>")
     head = "<th>variant</th>" + "".join(f"<th>{escape(rule)}</th>" for rule in rules)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
-def _focus_section(report: dict) -> str:
+def _focus_section(report: BuildReport) -> str:
     """Confusion matrix and per-class scores of the selected variant, else the fastest."""
     variant = focus_variant(report)
-    classes = (report.get("dataset") or {}).get("classes") or []
-    if variant is None or not variant.get("confusion_matrix"):
+    classes = report.dataset.get("classes") or []
+    if variant is None or not variant.confusion_matrix:
         return _section("Errors per class", "<p>No variant has a confusion matrix.</p>")
-    why = "selected variant" if report.get("selected") else "fastest variant; none was selected"
-    scores = class_scores(variant["confusion_matrix"], classes)
+    why = "selected variant" if report.selected else "fastest variant; none was selected"
+    scores = class_scores(variant.confusion_matrix, classes)
     table = _table(
         ["class", "support", "precision", "recall", "F1"],
         [[(s.name, False), (str(s.support), True), (pct(s.precision), True), (pct(s.recall), True), (pct(s.f1), True)] for s in scores],
         [None] * len(scores),
     )
-    chart = confusion_svg(variant["confusion_matrix"], classes)
+    chart = confusion_svg(variant.confusion_matrix, classes)
     body = f'<p class="meta">Test split, rows true class, columns predicted.</p><div class="side"><div class="chart">{chart}</div>{table}</div>'
-    return _section(f"Errors per class: {variant['name']} ({why})", body)
+    return _section(f"Errors per class: {variant.name} ({why})", body)
 
 
 def _training_section(training: dict) -> str:
@@ -210,28 +210,24 @@ def _dataset_section(dataset: dict) -> str:
     return _section("Dataset", f'<p class="meta">origin {escape(str(dataset.get("origin", DASH)))}</p>{table}{skipped_html}')
 
 
-def _build_section(report: dict) -> str:
-    env = report.get("environment") or {}
+def _build_section(report: BuildReport) -> str:
+    env = report.environment
     packages = ", ".join(f"{k} {v}" for k, v in (env.get("packages") or {}).items())
     flags = ", ".join(flag for flag, on in (env.get("cpu_flags") or {}).items() if on) or "none of note"
-    timings = ", ".join(f"{k.removesuffix('_seconds')} {_seconds(v)}" for k, v in (report.get("timings") or {}).items())
+    timings = ", ".join(f"{k.removesuffix('_seconds')} {_seconds(v)}" for k, v in report.timings.items())
     facts = [
         ("stages", stage_summary(report)),
         ("timings", timings or DASH),
-        ("skipped", "; ".join(report.get("skipped") or []) or "nothing"),
+        ("skipped", "; ".join(report.skipped) or "nothing"),
         ("CPU", f"{env.get('cpu_model', DASH)}, {env.get('cores', DASH)} cores, flags: {flags}"),
         ("packages", packages or DASH),
     ]
     return _section("Build", _table([], [[(k, False), (v, False)] for k, v in facts], [None] * len(facts)))
 
 
-def _point(variant: dict, label: str) -> ChartPoint:
-    ci = variant.get("accuracy_ci95")
-    return ChartPoint(label, latency_p50(variant), variant["accuracy"], tuple(ci) if ci else None)
-
-
-def _points(variants: Sequence[dict]) -> list[ChartPoint]:
-    return [_point(v, v["name"]) for v in variants if is_measured(v)]
+def _points(variants: Sequence[VariantMetrics]) -> list[ChartPoint]:
+    return [ChartPoint(v.name, v.latency_ms.p50, v.accuracy, tuple(v.accuracy_ci95) if v.accuracy_ci95 else None)
+            for v in variants]
 
 
 def _seconds(value: float | None) -> str:

@@ -20,23 +20,27 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from edgetl.data import Split
 import edgetl
+from edgetl.build_report import ParityOutcome
+from edgetl.data import Split
 from edgetl.errors import ExportError, InferenceError
 from edgetl.export import model_files
-from edgetl.infer import model_logits
+from edgetl.fileio import write_json
+from edgetl.infer import EVAL_BATCH, accuracy, agreement, in_batches, model_logits
 from edgetl.models import TransferModel
+from edgetl.notes import Note, render
 from edgetl.recipe import MeasureConfig
 from edgetl.runtime.bench import interleaved_latency
 from edgetl.runtime.engines import Engine, open_engine
+from edgetl.runtime.metrics import Latency, VariantMetrics
 from edgetl.runtime.preprocess import Preprocessing, normalize
 
 log = logging.getLogger(__name__)
-BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -48,11 +52,30 @@ class Artifact:
     precision: str  # fp32 | fp16 | int8
     file: Path | None
     float_layers: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+    notes: Sequence[str | Note] = field(default_factory=list)  # sentences, or records the report renders
+
+
+@dataclass(frozen=True)
+class Validation:
+    """The validate stage's result: one row per variant, the PyTorch baseline first.
+
+    Its stage folder holds `variants.json`, the rows as report.json lists them.
+    """
+
+    variants: list[VariantMetrics]
+
+    def save(self, folder: Path) -> None:
+        """Write `folder/variants.json`. Raises OutputError when the disk refuses it."""
+        write_json(folder / "variants.json", [v.to_dict() for v in self.variants])
+
+    @classmethod
+    def load(cls, folder: Path) -> Validation:
+        """Read what `save` wrote. Raises OSError, ValueError (not JSON), KeyError (a row lacks a field)."""
+        return cls([VariantMetrics.from_dict(v) for v in json.loads((folder / "variants.json").read_text())])
 
 
 def parity(model: TransferModel, artifacts: list[Artifact], val: Split, pre: Preprocessing, tolerance: float, threads: int | None,
-           val_logits: np.ndarray | None = None) -> list[dict]:
+           val_logits: np.ndarray | None = None) -> list[ParityOutcome]:
     """Every FP32 artifact must match PyTorch on every validation image, or the build stops.
 
     `val_logits`: the PyTorch logits training computed at its best epoch (checked on a few images).
@@ -61,16 +84,18 @@ def parity(model: TransferModel, artifacts: list[Artifact], val: Split, pre: Pre
 
     >>> parity(model, [Artifact("onnx-fp32", "onnxruntime", "fp32", Path("model.onnx"))], dataset.val, pre, 1e-3, None)
     """
-    reference = _saved_or_computed_logits(model, val, pre, val_logits)
+    reference = pytorch_logits(model, val, pre, val_logits)
     outcomes = []
     for artifact in artifacts:
-        logits, _ = _run_batches(open_checked(artifact, threads), val.images, pre, artifact, BATCH)
+        logits, _ = _run_batches(open_checked(artifact, threads), val.images, pre, artifact, EVAL_BATCH)
         delta = np.abs(logits - reference).max(axis=1)  # (N,); NaN where either side is NaN
         disagree = logits.argmax(1) != reference.argmax(1)
         bad = np.flatnonzero(disagree | ~(delta <= tolerance))  # ~(<=): a NaN delta fails
-        outcome = {"name": artifact.name, "runtime": artifact.runtime, "images": len(val.labels), "agreement": float(1 - disagree.mean()), "max_abs_logit_delta": float(delta.max()), "tolerance": tolerance, "passed": not len(bad)}
+        outcome = ParityOutcome(artifact.name, artifact.runtime, len(val.labels), float(1 - disagree.mean()),
+                                float(delta.max()), tolerance, not len(bad))
         outcomes.append(outcome)
-        log.info("parity %s: agreement %.4f, max |Δlogit| %.2e (tolerance %.0e)", artifact.name, outcome["agreement"], outcome["max_abs_logit_delta"], tolerance)
+        log.info("parity %s: agreement %.4f, max |Δlogit| %.2e (tolerance %.0e)", artifact.name, outcome.agreement,
+                 outcome.max_abs_logit_delta, tolerance)
         _check_finite(artifact, logits, reference, val)
         if len(bad):
             worst = bad[np.argsort(-delta[bad])][:5]
@@ -94,52 +119,68 @@ def _check_finite(artifact: Artifact, logits: np.ndarray, reference: np.ndarray,
 
 
 def run(model: TransferModel, artifacts: list[Artifact], test: Split, pre: Preprocessing, config: MeasureConfig, checkpoint: Path,
-        test_logits: np.ndarray | None = None) -> list[dict]:
-    """Measure the PyTorch baseline and every artifact on the test split; one dict per variant.
+        test_logits: np.ndarray | None = None) -> Validation:
+    """Measure the PyTorch baseline and every artifact on the test split; one row per variant.
 
     `test_logits`: the baseline's logits as training computed them (one PyTorch pass over
     the test split saved: 36 s for lite0 at 224 px on 1,000 images); checked on a few images.
+    Raises ExportError when a runtime cannot load or run an artifact, or the fresh-process probe fails.
     """
     threads = config.threads
     torch.set_num_threads(threads or torch.get_num_threads())
     baseline = Artifact("pytorch-fp32", "pytorch", "fp32", None)
-    rows = [baseline, *artifacts]
     engines: dict[str, Engine] = {a.name: open_checked(a, threads) for a in artifacts}
     engines[baseline.name] = _TorchEngine(model)
-    labels = test.labels
     # The baseline's logits in channels_last (infer.model_logits, 1.6× faster); its
     # latency and throughput below are timed as users run eager PyTorch: plain NCHW.
     passes = {a.name: _run_batches(engines[a.name], test.images, pre, a, config.throughput_batch) for a in artifacts}
-    logits = {baseline.name: _saved_or_computed_logits(model, test, pre, test_logits)} | {name: p[0] for name, p in passes.items()}
-    reference = logits[baseline.name].argmax(1)
+    logits = {baseline.name: pytorch_logits(model, test, pre, test_logits)} | {name: p[0] for name, p in passes.items()}
     one = normalize(test.images[:1], pre)
     # After the batches above (PyTorch's included): glibc then keeps PyTorch's activations
     # mapped between calls; before, each batch-1 forward page-faults them in (19 vs 24-27 ms).
     latency = interleaved_latency({n: (lambda e=e: e.run(one)) for n, e in engines.items()}, config.latency_rounds, config.latency_runs, config.warmup)
     throughput = {name: config.throughput_batch / seconds for name, seconds in _batch_seconds(engines, passes, test, pre, config.throughput_batch).items()}
-    results = []
-    for artifact in rows:
-        predicted = logits[artifact.name].argmax(1)
-        correct, correct_ref = predicted == labels, reference == labels
+    rows = []
+    for artifact in (baseline, *artifacts):
         process = _probe_process(artifact, checkpoint, threads, pre.input_size)
-        results.append({
-            "name": artifact.name, "runtime": artifact.runtime, "precision": artifact.precision,
-            "file": artifact.file.name if artifact.file else checkpoint.name,
-            "size_mb": round(_size_mb(artifact.file or checkpoint), 3),
-            "accuracy": float(correct.mean()), "accuracy_ci95": wilson_interval(int(correct.sum()), len(labels)),
-            "agreement": float((predicted == reference).mean()),
-            "accuracy_drop": float(correct_ref.mean() - correct.mean()), "accuracy_drop_ci95": paired_drop_interval(correct_ref, correct),
-            "latency_ms": {k: round(latency[artifact.name][k], 3) for k in ("p50", "p90", "p99")},
-            "throughput_ips": round(throughput[artifact.name], 1),
-            "load_seconds": process["load_seconds"], "peak_rss_mb": process["peak_rss_mb"],
-            "test_images": len(labels), "float_layers": artifact.float_layers, "notes": artifact.notes,
-            "confusion_matrix": confusion_matrix(labels, predicted, logits[artifact.name].shape[1]),
-        })
-        log.info("%-14s acc %.4f  agree %.4f  drop %+.4f  p50 %.2f ms  %.1f img/s  %.2f MB", artifact.name, results[-1]["accuracy"], results[-1]["agreement"], results[-1]["accuracy_drop"], results[-1]["latency_ms"]["p50"], results[-1]["throughput_ips"], results[-1]["size_mb"])
-    return results
+        file = artifact.file or checkpoint
+        rows.append(VariantMetrics(
+            name=artifact.name, runtime=artifact.runtime, precision=artifact.precision, file=file.name,
+            size_mb=round(_size_mb(file), 3),
+            latency_ms=Latency(**{k: round(latency[artifact.name][k], 3) for k in ("p50", "p90", "p99")}),
+            throughput_ips=round(throughput[artifact.name], 1),
+            load_seconds=process["load_seconds"], peak_rss_mb=process["peak_rss_mb"], test_images=len(test.labels),
+            float_layers=artifact.float_layers, **_notes(artifact.notes),
+            **_scores(logits[artifact.name], logits[baseline.name], test.labels),
+        ))
+        row = rows[-1]
+        log.info("%-14s acc %.4f  agree %.4f  drop %+.4f  p50 %.2f ms  %.1f img/s  %.2f MB", row.name, row.accuracy,
+                 row.agreement, row.accuracy_drop, row.latency_ms.p50, row.throughput_ips, row.size_mb)
+    return Validation(rows)
 
 
-def _saved_or_computed_logits(model: TransferModel, split: Split, pre: Preprocessing, saved: np.ndarray | None) -> np.ndarray:
+def _scores(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Accuracy, agreement with the baseline's `reference` logits and the paired drop from its accuracy,
+    with their intervals, and the confusion matrix."""
+    predicted = logits.argmax(1)
+    correct, correct_reference = predicted == labels, reference.argmax(1) == labels
+    return {
+        "accuracy": accuracy(logits, labels), "accuracy_ci95": wilson_interval(int(correct.sum()), len(labels)),
+        "agreement": agreement(logits, reference),
+        "accuracy_drop": float(correct_reference.mean() - correct.mean()),
+        "accuracy_drop_ci95": paired_drop_interval(correct_reference, correct),
+        "confusion_matrix": confusion_matrix(labels, predicted, logits.shape[1]),
+    }
+
+
+def _notes(notes: Sequence[str | Note]) -> dict[str, Any]:
+    """A row's `notes` as sentences, and `note_records` for the notes given as records (None when none were)."""
+    records = [note.to_dict() for note in notes if isinstance(note, Note)]
+    sentences = [note if isinstance(note, str) else render(note) for note in notes]
+    return {"notes": sentences, "note_records": records or None}
+
+
+def pytorch_logits(model: TransferModel, split: Split, pre: Preprocessing, saved: np.ndarray | None) -> np.ndarray:
     """The model's PyTorch logits on `split`: the saved ones when they match the model on a
     few images (a pass over 1,000 lite0 images at 224 px costs ~30 s), else computed."""
     if saved is None:
@@ -164,15 +205,21 @@ def open_checked(artifact: Artifact, threads: int | None) -> Engine:
 
 
 def _run_batches(engine: Engine, images: np.ndarray, pre: Preprocessing, artifact: Artifact, batch: int) -> tuple[np.ndarray, list[float]]:
-    """Logits over `images`, and the seconds each full batch took in the runtime."""
-    outputs, seconds = [], []
+    """Logits over `images`, and the seconds each full batch took in the runtime (normalizing not counted).
+
+    Raises ExportError naming the artifact when the runtime fails on a batch."""
+    seconds = []
+
+    def timed(chunk: np.ndarray) -> np.ndarray:
+        inputs = normalize(chunk, pre)
+        started = time.perf_counter()
+        logits = engine.run(inputs)
+        if len(inputs) == batch:
+            seconds.append(time.perf_counter() - started)
+        return logits
+
     try:
-        for i in range(0, len(images), batch):
-            inputs = normalize(images[i : i + batch], pre)
-            started = time.perf_counter()
-            outputs.append(engine.run(inputs))
-            if len(inputs) == batch:
-                seconds.append(time.perf_counter() - started)
+        outputs = in_batches(timed, images, batch)
     except Exception as exc:  # e.g. an op with no kernel for these inputs
         raise ExportError(f"{artifact.runtime} failed running {artifact.file} ({artifact.name}): {exc}") from None
     return np.concatenate(outputs), seconds

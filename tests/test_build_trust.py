@@ -28,6 +28,7 @@ from edgetl import data, gates, pipeline, validate
 from edgetl.errors import InferenceError, RecipeError
 from edgetl.models import load_checkpoint
 from edgetl.recipe import GatesConfig, load_recipe
+from edgetl.runtime.metrics import Latency, VariantMetrics
 from edgetl.runtime.predictor import Predictor
 from edgetl.train import _ranking_notes
 from tests.conftest import write_folder, write_recipe
@@ -296,9 +297,9 @@ def test_a_saturated_val_split_is_named_as_such() -> None:
 
 # 11: the device's runtimes ---------------------------------------------------------------------------
 
-def variant(name: str, runtime: str, accuracy: float, p50: float) -> dict:
-    return {"name": name, "runtime": runtime, "accuracy": accuracy, "accuracy_drop": 0.95 - accuracy, "agreement": 1.0,
-            "latency_ms": {"p50": p50}, "size_mb": 4.0}
+def variant(name: str, runtime: str, accuracy: float, p50: float) -> VariantMetrics:
+    return VariantMetrics(name=name, runtime=runtime, accuracy=accuracy, accuracy_drop=0.95 - accuracy, agreement=1.0,
+                          latency_ms=Latency(p50), size_mb=4.0)
 
 
 VARIANTS = [variant("pytorch-fp32", "pytorch", 0.95, 20.0), variant("onnx-fp32", "onnxruntime", 0.95, 6.0),
@@ -310,9 +311,9 @@ def test_selection_considers_only_variants_measured_on_the_device_runtimes(base)
     default = gates.run(VARIANTS, GatesConfig(), "fastest", ["onnxruntime"])
     assert default.selected == "ort-int8"
     assert "not considered, measured on a runtime the device lacks: ov-int8 (openvino)" in default.reason
-    assert default.to_dict()["selected"]["install"] == "pip install edgetl"
-    openvino = gates.run(VARIANTS, GatesConfig(), "fastest", ["onnxruntime", "openvino"]).to_dict()["selected"]
-    assert openvino["name"] == "ov-int8" and openvino["install"] == "pip install 'edgetl[openvino]'"
+    assert default.selection.install == "pip install edgetl"
+    openvino = gates.run(VARIANTS, GatesConfig(), "fastest", ["onnxruntime", "openvino"]).selection
+    assert openvino.name == "ov-int8" and openvino.install == "pip install 'edgetl[openvino]'"
     gated = gates.run(VARIANTS, GatesConfig(min_accuracy=0.93), "fastest", ["onnxruntime"])
     assert gated.selected == "onnx-fp32"
     refused = gates.run(VARIANTS, GatesConfig(max_latency_ms=2.5), "fastest", ["onnxruntime"])

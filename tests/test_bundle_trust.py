@@ -19,6 +19,7 @@ from edgetl.cli import main
 from edgetl.errors import BundleError, InferenceError
 from edgetl.runtime import bundle as bundle_module
 from edgetl.runtime.bundle import open_bundle
+from edgetl.runtime.metrics import Latency, VariantMetrics
 from edgetl.runtime.predictor import Predictor
 from tests.tiny_bundle import LABELS, PREPROCESSING, write_manifest, write_tiny_bundle
 
@@ -288,10 +289,10 @@ def test_the_build_records_sizes_and_returns_the_digest_it_wrote(bundle: Path, t
     from edgetl import bundle as packer
     from edgetl.runtime.preprocess import Preprocessing
 
-    metrics = {"accuracy": 1.0, "agreement": 1.0, "latency_ms": {"p50": 1.0}, "size_mb": 0.01}
-    variant = {"name": "onnx-fp32", "runtime": "onnxruntime", "precision": "fp32", **metrics}
+    variant = VariantMetrics(name="onnx-fp32", runtime="onnxruntime", precision="fp32", accuracy=1.0, agreement=1.0,
+                             latency_ms=Latency(1.0), size_mb=0.01)
     pre = Preprocessing.from_dict(PREPROCESSING)
-    result = packer.run("tiny", variant, bundle / "model.onnx", tuple(LABELS), pre, {}, {}, tmp_path / "run")
+    result = packer.run(variant, bundle / "model.onnx", tuple(LABELS), pre, {"name": "tiny"}, {}, tmp_path / "run")
     assert result.digest == digest(result.folder)
     files = [p for p in result.folder.iterdir() if p.name != "edgetl.json"]
     assert result.manifest["sizes"] == {p.name: p.stat().st_size for p in files} and len(files) == 2

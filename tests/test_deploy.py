@@ -5,18 +5,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tarfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edgetl import data, gates
+from edgetl import data, gates, validate
+from edgetl.build_report import BuildReport
 from edgetl.recipe import GatesConfig, load_recipe
+from edgetl.report import compare
+from edgetl.runtime.metrics import Latency, VariantMetrics
 from edgetl.runtime.engines import open_engine
 from edgetl.runtime.preprocess import Preprocessing, normalize
 
@@ -25,8 +30,9 @@ def edgetl(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "edgetl", *args], capture_output=True, text=True)
 
 
-def variant(name: str, runtime: str, accuracy: float, p50: float, size: float) -> dict:
-    return {"name": name, "runtime": runtime, "accuracy": accuracy, "accuracy_drop": 0.95 - accuracy, "agreement": accuracy + 0.04, "latency_ms": {"p50": p50}, "size_mb": size}
+def variant(name: str, runtime: str, accuracy: float, p50: float, size: float) -> VariantMetrics:
+    return VariantMetrics(name=name, runtime=runtime, accuracy=accuracy, accuracy_drop=0.95 - accuracy,
+                          agreement=accuracy + 0.04, latency_ms=Latency(p50), size_mb=size)
 
 
 VARIANTS = [
@@ -51,7 +57,7 @@ def test_a_variant_failing_any_gate_is_not_selected_and_the_failure_names_gate_t
     assert not any(o.variant == "pytorch-fp32" for o in decision.outcomes)
 
     none_pass = gates.run(VARIANTS, GatesConfig(max_latency_ms=1.0), "fastest")
-    assert not none_pass.passed and none_pass.to_dict()["selected"] is None and len(none_pass.failures()) == 3
+    assert not none_pass.passed and none_pass.selection is None and len(none_pass.failures()) == 3
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +96,40 @@ def test_bundle_holds_the_selected_model_its_contract_and_hashes_and_predicts_li
     engine = open_engine(run / "bundle" / manifest["model"], manifest["runtime"])
     accuracy = float(np.mean(engine.run(normalize(test.images, pre)).argmax(1) == test.labels))
     assert accuracy == pytest.approx(manifest["metrics"]["accuracy"])
+
+
+def test_report_json_reads_back_as_the_records_it_was_written_from(built: tuple[Path, Path]) -> None:
+    _, run = built
+    text = (run / "report.json").read_text()
+    report = BuildReport.from_json(text)
+    assert BuildReport.from_json(report.to_json()) == report
+    assert report.to_json() == text  # the same keys, in the same order, with the same rounding
+    selected = report.selected_variant()
+    assert selected.name == report.selected.name and selected.latency_ms.p99 >= selected.latency_ms.p50
+    assert report.export.parity[0].name == "onnx-fp32" and all(p.passed and p.agreement == 1.0 for p in report.export.parity)
+    # the validate stage's own file holds the same rows; the bundle's metrics are the selected row less two fields
+    assert validate.Validation.load(next((run / "stages").glob("validate-*"))).variants == report.variants
+    manifest = json.loads((run / "bundle" / "edgetl.json").read_text())
+    assert VariantMetrics.from_dict(manifest["metrics"]) == replace(selected, file=None, confusion_matrix=None)
+
+
+def test_a_report_json_written_before_later_fields_were_added_still_loads(built: tuple[Path, Path], tmp_path: Path) -> None:
+    _, run = built
+    older = json.loads((run / "report.json").read_text())
+    del older["transfer"]
+    for field in ("runtime", "install", "bundle_sha256"):
+        del older["selected"][field]
+    for epoch in older["training"]["history"]:
+        del epoch["val_loss"]
+    report = BuildReport.from_dict(older)
+    assert report.transfer is None and report.selected.install is None and report.selected.bundle_sha256 is None
+    assert report.to_dict() == older  # what it lacked stays absent when written back
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "report.json").write_text(json.dumps(older))
+    (tmp_path / "new").mkdir()
+    shutil.copyfile(run / "report.json", tmp_path / "new" / "report.json")
+    markdown = compare([tmp_path / "old", tmp_path / "new"], tmp_path / "compare").markdown.read_text()
+    assert "| tiny (old) | linear_probe |" in markdown and f"| tiny (new) | {report.selected.name} |" in markdown
 
 
 def test_changing_only_a_gate_reuses_every_stage_and_the_exit_code_follows_the_gate(built: tuple[Path, Path], tmp_path: Path) -> None:

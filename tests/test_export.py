@@ -27,6 +27,7 @@ from edgetl.recipe import MeasureConfig, QuantVariant, load_recipe
 from edgetl.runtime.engines import open_engine
 from edgetl.runtime.preprocess import normalize
 from edgetl.infer import model_logits
+from edgetl.notes import TEMPLATES, Note
 from tests.conftest import write_folder, write_recipe
 
 FAST = MeasureConfig(latency_rounds=2, latency_runs=3, warmup=1, throughput_batch=4)
@@ -85,9 +86,9 @@ def test_fp32_onnx_and_openvino_agree_with_pytorch_on_every_validation_image(tra
     artifacts = [validate.Artifact("onnx-fp32", "onnxruntime", "fp32", trained.exported.onnx), validate.Artifact("ov-fp32", "openvino", "fp32", trained.exported.openvino)]
     outcomes = validate.parity(trained.checkpoint.model, artifacts, trained.dataset.val, trained.checkpoint.preprocessing, 1e-3, None)
     for outcome in outcomes:
-        assert outcome["passed"] and outcome["agreement"] == 1.0
-        assert outcome["max_abs_logit_delta"] < 1e-4  # an FP16-compressed IR would be off by ~1e-2
-    assert outcomes[1]["images"] == len(trained.dataset.val.labels)
+        assert outcome.passed and outcome.agreement == 1.0
+        assert outcome.max_abs_logit_delta < 1e-4  # an FP16-compressed IR would be off by ~1e-2
+    assert outcomes[1].images == len(trained.dataset.val.labels)
 
 
 def test_parity_failure_stops_the_build_naming_the_images(trained: Trained) -> None:
@@ -118,21 +119,33 @@ def test_quantized_variants_are_calibrated_on_real_images_and_measured(trained: 
     assert notes["bias_correction"]["convs"] == sum(len(n.input) > 2 for n in convs)  # every conv with a bias
     assert len(ov.float_layers) <= 1  # NNCF may keep the 3-channel stem in float; the rest is int8
 
-    artifacts = [validate.Artifact(m.name, m.runtime, m.precision, m.file, m.float_layers, m.notes_text()) for m in quantized]
-    rows = validate.run(trained.checkpoint.model, artifacts, trained.dataset.test, trained.checkpoint.preprocessing, FAST, trained.run_dir / "checkpoint.pt")
-    by_name = {row["name"]: row for row in rows}
+    artifacts = [validate.Artifact(m.name, m.runtime, m.precision, m.file, m.float_layers, m.notes) for m in quantized]
+    rows = validate.run(trained.checkpoint.model, artifacts, trained.dataset.test, trained.checkpoint.preprocessing, FAST, trained.run_dir / "checkpoint.pt").variants
+    by_name = {row.name: row for row in rows}
     assert list(by_name) == ["pytorch-fp32", "ort-int8", "ov-int8", "ov-fp16"]
-    fp32_mb = by_name["pytorch-fp32"]["size_mb"]
-    assert by_name["ort-int8"]["size_mb"] < 0.4 * fp32_mb and by_name["ov-int8"]["size_mb"] < 0.4 * fp32_mb
-    assert 0.4 * fp32_mb < by_name["ov-fp16"]["size_mb"] < 0.6 * fp32_mb
+    fp32_mb = by_name["pytorch-fp32"].size_mb
+    assert by_name["ort-int8"].size_mb < 0.4 * fp32_mb and by_name["ov-int8"].size_mb < 0.4 * fp32_mb
+    assert 0.4 * fp32_mb < by_name["ov-fp16"].size_mb < 0.6 * fp32_mb
     reference = model_logits(trained.checkpoint.model, trained.dataset.test.images, trained.checkpoint.preprocessing).argmax(1)
     for row in rows:
-        low, high = row["accuracy_ci95"]
-        assert low <= row["accuracy"] <= high and high - low > 0
-        assert row["agreement"] >= 0.75 and row["test_images"] == len(reference)
-        assert row["latency_ms"]["p50"] <= row["latency_ms"]["p90"] <= row["latency_ms"]["p99"]
-        assert row["throughput_ips"] > 0 and row["peak_rss_mb"] > 10 and row["load_seconds"] > 0
-    assert by_name["pytorch-fp32"]["agreement"] == 1.0 and by_name["pytorch-fp32"]["accuracy"] == pytest.approx(float(np.mean(reference == trained.dataset.test.labels)))
+        low, high = row.accuracy_ci95
+        assert low <= row.accuracy <= high and high - low > 0
+        assert row.agreement >= 0.75 and row.test_images == len(reference)
+        assert row.latency_ms.p50 <= row.latency_ms.p90 <= row.latency_ms.p99
+        assert row.throughput_ips > 0 and row.peak_rss_mb > 10 and row.load_seconds > 0
+    assert by_name["pytorch-fp32"].agreement == 1.0 and by_name["pytorch-fp32"].accuracy == pytest.approx(float(np.mean(reference == trained.dataset.test.labels)))
+
+
+def test_notes_given_as_records_reach_the_row_as_sentences_and_as_records(trained: Trained, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(TEMPLATES, "test_kept", "{count} layer(s) kept in float")
+    notes = ["a plain sentence", Note("test_kept", {"count": 2})]
+    artifact = validate.Artifact("onnx-fp32", "onnxruntime", "fp32", trained.exported.onnx, notes=notes)
+    pre = trained.checkpoint.preprocessing
+    measured = validate.run(trained.checkpoint.model, [artifact], trained.dataset.test, pre, FAST, trained.run_dir / "checkpoint.pt")
+    baseline, row = measured.variants
+    assert row.notes == ["a plain sentence", "2 layer(s) kept in float"]
+    assert row.note_records == [{"kind": "test_kept", "values": {"count": 2}}]
+    assert baseline.notes == [] and baseline.note_records is None and "note_records" not in baseline.to_dict()
 
 
 def test_keep_float_names_the_float_layers_and_rejects_unknown_nodes(trained: Trained, tmp_path: Path) -> None:
@@ -273,9 +286,9 @@ def test_saved_training_logits_are_reused_only_when_they_match_the_model(trained
     model, test, pre = trained.checkpoint.model, trained.dataset.test, trained.checkpoint.preprocessing
     fresh = model_logits(model, test.images, pre)
     marked = fresh + np.float32(1e-6)  # within tolerance: these very arrays come back
-    assert validate._saved_or_computed_logits(model, test, pre, marked) is marked
+    assert validate.pytorch_logits(model, test, pre, marked) is marked
     stale = fresh.copy()
     stale[:, 0] += 5.0  # another model's logits
-    recomputed = validate._saved_or_computed_logits(model, test, pre, stale)
+    recomputed = validate.pytorch_logits(model, test, pre, stale)
     np.testing.assert_allclose(recomputed, fresh, atol=1e-5)
     assert "do not match the model" in caplog.text

@@ -8,9 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from edgetl.build_report import BuildReport
 from edgetl.errors import DataError
+from edgetl.gates import GATES, GateOutcome
+from edgetl.recipe import GatesConfig
 from edgetl.report import ReportFiles, compare, write_reports
-from edgetl.report_content import class_scores, focus_variant, pareto_front
+from edgetl.report_content import class_scores, focus_variant, gate_rule, pareto_front
+from edgetl.runtime.metrics import VariantMetrics
 
 CLASSES = ["cat", "dog", "hedgehog"]
 
@@ -39,7 +43,7 @@ def make_variant(name: str, runtime: str, precision: str, accuracy: float, p50: 
 
 
 def make_report(name: str = "pets", selected: str | None = "ort-int8", backbone: str = "efficientnet_lite0") -> dict:
-    """A realistic report.json: 4 variants, 3 classes, one failing gate, 3 epochs."""
+    """A realistic report.json's content: 4 variants, 3 classes, one failing gate, 3 epochs."""
     variants = [
         make_variant("pytorch-fp32", "pytorch", "fp32", 0.95, 12.0, [[19, 1, 0], [1, 19, 0], [0, 1, 19]]),
         make_variant("onnx-fp32", "onnxruntime", "fp32", 0.95, 3.0, [[19, 1, 0], [1, 19, 0], [0, 1, 19]]),
@@ -52,6 +56,8 @@ def make_report(name: str = "pets", selected: str | None = "ort-int8", backbone:
         "schema_version": 1,
         "edgetl_version": "0.1.0",
         "name": name,
+        "passed": selected is not None,
+        "recipe_hash": "0123456789abcdef",
         "recipe": {"model": {"backbone": backbone}},
         "dataset": {
             "origin": "folder:/data/pets",
@@ -66,11 +72,11 @@ def make_report(name: str = "pets", selected: str | None = "ort-int8", backbone:
             "val_accuracy": 0.95,
             "test_accuracy": 0.95,
         },
-        "export": {"opset": 17, "onnx_nodes": 95, "parity": []},
+        "export": {"opset": 17, "onnx_nodes": 95, "files": ["model.onnx"], "parity": []},
+        "quantize": [],
         "variants": variants,
         "gates": gates,
         "selected": {"name": selected, "policy": "fastest", "reason": "fastest variant that passes every gate"} if selected else None,
-        "passed": selected is not None,
         "stages": {"data": "built", "train": "reused", "export": "built", "quantize": "built", "validate": "built"},
         "skipped": [],
         "timings": {"export_seconds": 2.0},
@@ -89,7 +95,7 @@ def no_step_summary(monkeypatch: pytest.MonkeyPatch) -> None:
 def written(tmp_path_factory: pytest.TempPathFactory) -> ReportFiles:
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("GITHUB_STEP_SUMMARY", raising=False)
-        return write_reports(make_report(), tmp_path_factory.mktemp("run"))
+        return write_reports(BuildReport.from_dict(make_report()), tmp_path_factory.mktemp("run"))
 
 
 def test_pareto_front_keeps_only_undominated_points_fastest_first() -> None:
@@ -115,8 +121,8 @@ def test_class_never_predicted_has_f1_zero_not_none() -> None:
 
 
 def test_focus_variant_falls_back_to_fastest_without_selection() -> None:
-    assert focus_variant(make_report(selected="onnx-fp32"))["name"] == "onnx-fp32"
-    assert focus_variant(make_report(selected=None))["name"] == "ort-int8"
+    assert focus_variant(BuildReport.from_dict(make_report(selected="onnx-fp32"))).name == "onnx-fp32"
+    assert focus_variant(BuildReport.from_dict(make_report(selected=None))).name == "ort-int8"
 
 
 def test_markdown_lists_every_variant_and_the_failed_gate(written: ReportFiles) -> None:
@@ -135,7 +141,7 @@ def test_markdown_lists_every_variant_and_the_failed_gate(written: ReportFiles) 
 def test_markdown_says_when_all_gates_pass_and_nothing_is_selected(tmp_path: Path) -> None:
     report = make_report(selected=None)
     report["gates"] = [g for g in report["gates"] if g["passed"]]
-    md = write_reports(report, tmp_path).markdown.read_text(encoding="utf-8")
+    md = write_reports(BuildReport.from_dict(report), tmp_path).markdown.read_text(encoding="utf-8")
     assert "❌ FAIL" in md
     assert "all gates passed" in md
     assert "no variant passes every gate" in md
@@ -168,7 +174,7 @@ def test_step_summary_gets_the_markdown_appended(tmp_path: Path, monkeypatch: py
     summary = tmp_path / "summary.md"
     summary.write_text("earlier step\n", encoding="utf-8")
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
-    files = write_reports(make_report(), tmp_path / "run")
+    files = write_reports(BuildReport.from_dict(make_report()), tmp_path / "run")
     assert summary.read_text(encoding="utf-8") == "earlier step\n" + files.markdown.read_text(encoding="utf-8") + "\n"
 
 
@@ -208,3 +214,47 @@ def test_compare_refuses_a_file_that_is_not_a_report(tmp_path: Path) -> None:
     (tmp_path / "report.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(DataError, match=re.escape(str(tmp_path / "report.json"))):
         compare([tmp_path], tmp_path / "out")
+
+
+def test_compare_names_the_field_a_report_lacks(tmp_path: Path) -> None:
+    report = make_report()
+    del report["variants"][1]["accuracy"]
+    (tmp_path / "report.json").write_text(json.dumps(report), encoding="utf-8")
+    with pytest.raises(DataError, match=r"is not an edgetl build report \(it has no `accuracy`\)"):
+        compare([tmp_path], tmp_path / "out")
+    (tmp_path / "report.json").write_text(json.dumps([report]), encoding="utf-8")
+    with pytest.raises(DataError, match=r"BuildReport must be a JSON object; got list"):
+        compare([tmp_path], tmp_path / "out")
+
+
+def test_every_recipe_gate_is_in_the_one_gate_table_and_reads_its_direction_from_it() -> None:
+    assert set(GatesConfig.model_fields) == set(GATES)
+    rules = {name: gate_rule(GateOutcome(name, 0.5, "ort-int8", 0.25, False)) for name in GATES}
+    assert rules == {
+        "min_accuracy": "min_accuracy ≥ 50.00%", "max_accuracy_drop": "max_accuracy_drop ≤ 50.00 pt",
+        "min_agreement": "min_agreement ≥ 50.00%", "max_latency_ms": "max_latency_ms ≤ 0.50 ms",
+        "max_size_mb": "max_size_mb ≤ 0.50 MB",
+    }
+    row = VariantMetrics.from_dict(make_variant("ort-int8", "onnxruntime", "int8", 0.93, 1.5, [[1]]))
+    assert {name: gate.read(row) for name, gate in GATES.items()} == {
+        "min_accuracy": 0.93, "max_accuracy_drop": pytest.approx(0.02), "min_agreement": 0.93, "max_latency_ms": 1.5,
+        "max_size_mb": 3.8,
+    }
+    assert GateOutcome("max_size_mb", 3.0, "ort-int8", 3.8, False).describe() == (
+        "gate max_size_mb failed for ort-int8: needs ≤ 3 MB, measured 3.8 MB")
+
+
+def test_a_variant_row_round_trips_and_a_bundle_s_partial_metrics_load() -> None:
+    row = make_variant("ort-int8", "onnxruntime", "int8", 0.93, 1.5, [[18, 2], [1, 19]], ["kept uint8"])
+    record = VariantMetrics.from_dict(row | {"note_records": [{"kind": "kept", "values": {"type": "uint8"}}]})
+    assert VariantMetrics.from_dict(record.to_dict()) == record
+    keys = list(row)  # report.json's order, the confusion matrix last
+    assert list(record.to_dict()) == keys[:-1] + ["note_records", "confusion_matrix"]
+    assert VariantMetrics.from_dict(row).to_dict() == row  # no note records: the key stays absent
+    # what a bundle's manifest must hold (its schema checks these four); the rest is None and stays out
+    partial = {"accuracy": 1.0, "agreement": 1.0, "latency_ms": {"p50": 1.0}, "size_mb": 0.01, "added_later": 1}
+    metrics = VariantMetrics.from_dict(partial)
+    assert (metrics.name, metrics.latency_ms.p90) == (None, None)
+    assert metrics.to_dict() == {k: v for k, v in partial.items() if k != "added_later"}
+    with pytest.raises(KeyError, match="p50"):
+        VariantMetrics.from_dict(partial | {"latency_ms": {"p90": 1.0}})

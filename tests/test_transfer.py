@@ -52,11 +52,11 @@ def test_distillation_trains_the_teacher_first_and_reports_teacher_alone_and_dis
     recipe = _recipe(tmp_path, image_folder, f"distill: {{teacher: {teacher}, temperature: 2.0, alpha: 0.9}}")
     result = pipeline.build(load_recipe(recipe), tmp_path / "run")
 
-    distill = result.report["transfer"]["distillation"]
+    distill = result.report.transfer["distillation"]
     assert distill["teacher"]["backbone"] == "efficientnet_lite0" and distill["teacher"]["input_size"] == 48
     assert distill["teacher_logits"] == "cached"  # linear probe: fixed inputs, one teacher pass
     assert set(distill["student_alone"]) == set(distill["student_distilled"]) == {"val_accuracy", "test_accuracy"}
-    stages = result.report["stages"]
+    stages = result.report.stages
     assert stages["teacher efficientnet_lite0"] == stages["train"] == stages["train distilled"] == "built"
     teacher_checkpoint, = (tmp_path / "run" / "stages").glob("teacher-*/checkpoint.pt")
     alone_checkpoint = next(p for p in (tmp_path / "run" / "stages").glob("train-*/checkpoint.pt") if not torch.equal(_head(p), _head(tmp_path / "run" / "checkpoint.pt")))
@@ -70,7 +70,7 @@ def test_distillation_trains_the_teacher_first_and_reports_teacher_alone_and_dis
     other.mkdir()
     recipe = _recipe(other, image_folder, f"distill: {{teacher: {{checkpoint: {teacher_checkpoint}}}, compare: false}}",
                      "{strategy: partial, unfreeze: 1, epochs: 1, batch_size: 8, lr: 0.01}", augment="default")
-    distill = pipeline.build(load_recipe(recipe), other / "run").report["transfer"]["distillation"]
+    distill = pipeline.build(load_recipe(recipe), other / "run").report.transfer["distillation"]
     assert distill["teacher_logits"] == "online" and distill["student_alone"] is None
     assert distill["teacher"]["source"] == str(teacher_checkpoint) and distill["teacher"]["input_size"] == 48
     assert distill["teacher"]["test_accuracy"] == pytest.approx(json.loads((teacher_checkpoint.parent / "train.json").read_text())["test_accuracy"])
@@ -135,7 +135,7 @@ def test_adaptation_reports_source_only_and_adapted_accuracy_on_the_labeled_targ
     recipe = _recipe(tmp_path, image_folder, f"adapt: {{target: {target}, target_labeled: {target}, method: {method}, domain_hidden: 16}}", student)
     result = pipeline.build(load_recipe(recipe), tmp_path / "run")
 
-    adaptation = result.report["transfer"]["adaptation"]
+    adaptation = result.report.transfer["adaptation"]
     assert adaptation["method"] == method and adaptation["target_images"] == 24 and adaptation["target_accuracy"]["images"] == 24
     accuracies = [adaptation["target_accuracy"][k] for k in ("source_only", "adapted")] + list(adaptation["source_test_accuracy"].values())
     assert all(0.0 <= a <= 1.0 for a in accuracies)

@@ -19,6 +19,7 @@ import numpy as np
 
 from edgetl.errors import DataError
 from edgetl.runtime.bench import interleaved_latency
+from edgetl.runtime.metrics import VariantMetrics
 from edgetl.runtime.predictor import Predictor
 from edgetl.runtime.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError
 from edgetl.runtime.walk import candidate_files
@@ -172,13 +173,14 @@ def info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(manifest, indent=2))
         return 0
-    metrics = manifest.get("metrics", {})
+    metrics = VariantMetrics.from_dict(manifest["metrics"]) if "metrics" in manifest else None  # checked by the schema
     pre = opened.preprocessing
     print(f"{manifest['name']}: {manifest['model']} ({manifest.get('variant')}, {manifest.get('precision')} for {manifest['runtime']}), built {manifest.get('created')}")
     print(f"labels ({len(opened.labels)}): {', '.join(opened.labels)}")
     print(f"preprocessing: resize {pre.resize_size} {pre.interpolation}, center crop {pre.input_size}, mean {list(pre.mean)}, std {list(pre.std)}")
-    if metrics:
-        print(f"measured at build: accuracy {metrics['accuracy']:.4f}, agreement {metrics['agreement']:.4f}, p50 {metrics['latency_ms']['p50']:.2f} ms, {metrics['size_mb']:.2f} MB")
+    if metrics is not None:
+        print(f"measured at build: accuracy {metrics.accuracy:.4f}, agreement {metrics.agreement:.4f}, "
+              f"p50 {metrics.latency_ms.p50:.2f} ms, {metrics.size_mb:.2f} MB")
     if manifest.get("versions"):
         print("built with: " + ", ".join(f"{package} {version}" for package, version in manifest["versions"].items() if version))
     for name, digest in manifest["files"].items():
