@@ -11,7 +11,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # kind → the sentence, formatted with the note's values. Stages add their kinds here.
-TEMPLATES: dict[str, str] = {}
+_TIED = ("at {count} epochs ({epochs}), so it cannot rank them: epoch {best_epoch} was kept for the lowest val loss "
+         "among them")
+TEMPLATES: dict[str, str] = {
+    # train
+    "augment_not_applied": "data.augment={augment} was not applied: linear_probe computes features once per image. "
+                           "Use strategy partial or finetune to train with augmentation.",
+    "early_stop": "early stop after epoch {epoch}: val accuracy (ties: val loss) had not improved for {patience} "
+                  "epochs",
+    "small_val_split": "the val split has {images} images (one image = {points:.1f} points of val accuracy), too few "
+                       "to rank epochs reliably (under {minimum}); add images or raise `data.val_split`",
+    "saturated_val_accuracy": "val accuracy was 1.0 (saturated) " + _TIED,
+    "tied_val_accuracy": "val accuracy was {accuracy:.4f} " + _TIED,
+}
 
 
 @dataclass(frozen=True)

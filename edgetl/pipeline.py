@@ -16,14 +16,13 @@ import random
 import shutil
 import time
 from dataclasses import asdict, dataclass
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from edgetl import __version__, bundle, data, environment, export, gates, infer, models, quantize, report, train, validate
-from edgetl.adapt import DomainAdversary, adabn
+from edgetl.adapt import DomainAdversary, adabn_stage
 from edgetl.cache import StageCache, file_digest, key
 from edgetl.distill import Distiller, Teacher
 from edgetl.errors import GateFailure, RecipeError
@@ -40,32 +39,10 @@ REPORT_SCHEMA_VERSION = 1
 class BuildResult:
     run_dir: Path
     metrics: dict
-    report: dict  # {} when built with train_only
+    report: dict
 
 
-@dataclass(frozen=True)
-class _Trained:
-    """The train stage's folder; the model is loaded only when a later stage needs it."""
-
-    folder: Path
-    summary: dict  # history, best_epoch, val/test accuracy, train_seconds, notes
-    key: str  # later stages key on it: a different model means a different export
-
-    @cached_property
-    def model(self) -> models.TransferModel:
-        return models.load_checkpoint(self.checkpoint).model
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.folder / "checkpoint.pt"
-
-    def saved_logits(self, split: str) -> np.ndarray | None:
-        """The model's PyTorch logits on `split` (val, test), saved by the stage that made it."""
-        file = self.folder / f"{split}_logits.npy"
-        return np.load(file) if file.is_file() else None
-
-
-def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = False, train_only: bool = False) -> BuildResult:
+def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = False) -> BuildResult:
     """Run every stage of `recipe` into `run_dir`; raise GateFailure (after writing the report) when no variant passes the gates.
 
     Raises RecipeError, DataError, ModelError, ExportError, InferenceError, OutputError (a write the disk refused).
@@ -80,28 +57,14 @@ def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = Fal
     _check_device_runtimes(recipe, runtimes)
     _remove_outputs(run_dir, recipe.name)
     cache = StageCache(run_dir / "stages", force)
-    spec = models.REGISTRY.get(recipe.model.backbone)
-    pre = spec.preprocessing(recipe.data.image_size, recipe.data.crop_pct)
-    log.info("backbone %s (%s), input %d px, weights %s", spec.name, spec.arch, pre.input_size, recipe.model.weights)
-
-    _seed_everything(recipe.seed)
-    dataset = data.run(recipe.data, pre, recipe.seed)
-    log.info("data %s: %s images (train/val/test), %d classes, %d skipped", dataset.origin, "/".join(str(len(dataset.split(s).labels)) for s in data.SPLITS), len(dataset.classes), len(dataset.skipped))
-
-    train_key = key(__version__, recipe.model_dump(mode="json", include={"seed", "model", "train"}), recipe.data.augment, dataset.content_hash)
-    student = _TrainJob("train", spec, recipe.model.weights, recipe.model.dropout, recipe.train, recipe.data.augment, pre, dataset)
-    trained, transfer = _transfer(cache, train_key, student, recipe, run_dir, resume)
-    metrics = _metrics(recipe, spec, pre, dataset, trained.summary, started) | {"transfer": transfer}
-    write_json(run_dir / "metrics.json", metrics)
-    with atomic_path(run_dir / "checkpoint.pt") as tmp:
-        shutil.copyfile(trained.checkpoint, tmp)
-    if train_only:  # benchmarks and tests of the training stage alone
-        return BuildResult(run_dir, metrics, {})
+    training = _data_and_train(recipe, run_dir, cache, resume, started)
+    trained, pre, dataset = training.trained, training.pre, training.dataset
+    metrics, transfer = training.metrics, training.transfer
 
     timings: dict[str, float] = {}
     transfer_sections = [name for name in ("distill", "adapt") if getattr(recipe, name) is not None]  # unset: the hash of a plain recipe stays as it was
     recipe_hash = recipe.section_hash("seed", "data", "model", "train", "export", *transfer_sections)
-    export_key = key(trained.key, recipe.export.model_dump(mode="json"), runtimes)
+    export_key = key(training.key, recipe.export.model_dump(mode="json"), runtimes)
     exported, parity = _export_stage(cache, export_key, trained, pre, dataset, recipe, runtimes, recipe_hash, timings)
     quantized = [_quantize_stage(cache, key(export_key, v.model_dump(mode="json"), recipe.seed), v, exported, trained, dataset, pre, recipe, timings) for v in variants]
 
@@ -121,7 +84,7 @@ def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = Fal
         "recipe_hash": recipe_hash,
         "recipe": recipe.model_dump(mode="json"),
         "dataset": metrics["dataset"],
-        "training": {"strategy": recipe.train.strategy, **trained.summary},
+        "training": {"strategy": recipe.train.strategy, **trained.summary()},
         "transfer": transfer,
         "export": {"opset": exported.opset, "onnx_nodes": exported.node_count, "files": [a.file.name for a in fp32], "parity": parity},
         "quantize": [{k: v for k, v in asdict(q).items() if k != "file"} | {"file": q.file.name} for q in quantized],
@@ -149,6 +112,52 @@ def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = Fal
     return BuildResult(run_dir, metrics, content)
 
 
+def train_model(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = False) -> dict:
+    """Only the data and train stages of `recipe` (with its distillation and adaptation): metrics.json and
+    checkpoint.pt in `run_dir`, for benchmarks and tests of training. Returns metrics.json's content.
+
+    Raises RecipeError, DataError, ModelError, OutputError (a write the disk refused).
+
+    >>> train_model(load_recipe(Path("recipes/quickstart.yaml")), Path("runs/train-only"))["test_accuracy"]
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _remove_outputs(run_dir, recipe.name)
+    return _data_and_train(recipe, run_dir, StageCache(run_dir / "stages", force), resume, time.monotonic()).metrics
+
+
+@dataclass(frozen=True)
+class _Training:
+    """What the data and train stages leave for the later stages."""
+
+    pre: Preprocessing
+    dataset: data.Dataset
+    trained: train.TrainedModel  # the model the later stages ship
+    key: str  # later stages key on it: a different model means a different export
+    transfer: dict  # the report's `transfer` section
+    metrics: dict  # metrics.json's content
+
+
+def _data_and_train(recipe: Recipe, run_dir: Path, cache: StageCache, resume: bool, started: float) -> _Training:
+    """The data stage, then the student's training (with distillation and adaptation); writes metrics.json and
+    run_dir/checkpoint.pt."""
+    spec = models.REGISTRY.get(recipe.model.backbone)
+    pre = spec.preprocessing(recipe.data.image_size, recipe.data.crop_pct)
+    log.info("backbone %s (%s), input %d px, weights %s", spec.name, spec.arch, pre.input_size, recipe.model.weights)
+
+    _seed_everything(recipe.seed)
+    dataset = data.run(recipe.data, pre, recipe.seed)
+    log.info("data %s: %s images (train/val/test), %d classes, %d skipped", dataset.origin, "/".join(str(len(dataset.split(s).labels)) for s in data.SPLITS), len(dataset.classes), len(dataset.skipped))
+
+    train_key = key(__version__, recipe.model_dump(mode="json", include={"seed", "model", "train"}), recipe.data.augment, dataset.content_hash)
+    student = _TrainJob("train", spec, recipe.model.weights, recipe.model.dropout, recipe.train, recipe.data.augment, pre, dataset)
+    trained, trained_key, transfer = _transfer(cache, train_key, student, recipe, run_dir, resume)
+    metrics = _metrics(recipe, spec, pre, dataset, trained.summary(), started) | {"transfer": transfer}
+    write_json(run_dir / "metrics.json", metrics)
+    with atomic_path(run_dir / "checkpoint.pt") as tmp:
+        shutil.copyfile(trained.checkpoint, tmp)
+    return _Training(pre, dataset, trained, trained_key, transfer, metrics)
+
+
 @dataclass(frozen=True)
 class _TrainJob:
     """One model to train: the student, the student alone (for comparison) or the teacher."""
@@ -164,7 +173,7 @@ class _TrainJob:
 
 
 def _train_stage(cache: StageCache, stage_key: str, job: _TrainJob, recipe: Recipe, run_dir: Path, resume: bool,
-                 distiller: Distiller | None = None, target: data.Split | None = None) -> _Trained:
+                 distiller: Distiller | None = None, target: data.Split | None = None) -> train.TrainedModel:
     state_path = run_dir / "state" / f"{job.stage}-{stage_key}.pt"
     if resume and not state_path.is_file():
         log.warning("--resume: no interrupted %s stage of this recipe and data in %s; starting from epoch 1", job.stage, run_dir)
@@ -172,28 +181,24 @@ def _train_stage(cache: StageCache, stage_key: str, job: _TrainJob, recipe: Reci
     def make(out: Path) -> None:
         _seed_everything(recipe.seed)  # the head's init must not depend on how much data loading drew
         model = models.build(job.spec, job.weights, len(job.dataset.classes), job.dropout)
-        adversary = None
-        if target is not None:
-            adversary = DomainAdversary(model.head.in_features, recipe.adapt.domain_hidden, recipe.adapt.dann_weight, target.images)
-        result = train.run(model, job.dataset, job.config, job.pre, job.augment, recipe.seed, state_path, resume, distiller, adversary)
+        terms: list[train.LossTerm] = [distiller] if distiller is not None else []
+        if target is not None:  # built after the model: the head's init draws from the global RNG first
+            terms.append(DomainAdversary(model.head.in_features, recipe.adapt.domain_hidden, recipe.adapt.dann_weight, target.images))
+        train_job = train.TrainJob(job.dataset, job.pre, job.config, job.augment, recipe.seed)
+        result = train.run(model, train_job, terms, state_path, resume)
         log.info("%s %s: best epoch %d, val accuracy %.4f, test accuracy %.4f (%.1fs)", job.stage, job.spec.name, result.best_epoch, result.val_accuracy, result.test_accuracy, result.seconds)
-        models.save_checkpoint(out / "checkpoint.pt", result.model, job.spec, job.pre, job.dataset.classes, recipe)
-        np.save(out / "test_logits.npy", result.test_logits)
-        if result.val_logits is not None:  # None after resuming a snapshot written before they were kept
-            np.save(out / "val_logits.npy", result.val_logits)
-        summary = {"history": result.history, "best_epoch": result.best_epoch, "val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy, "train_seconds": round(result.seconds, 2), "notes": result.notes}
-        write_json(out / "train.json", summary)
+        train.save_result(out, result, job.spec, train_job, recipe)
 
     label = job.stage + f" {job.spec.name}" * (job.stage == "teacher") + " distilled" * (distiller is not None) + " with DANN" * (target is not None)
     folder = cache.run(job.stage, stage_key, make, label=label)
     state_path.unlink(missing_ok=True)  # the finished stage supersedes the resumable snapshot
-    return _Trained(folder, json.loads((folder / "train.json").read_text()), stage_key)
+    return train.TrainedModel.load(folder)
 
 
-def _transfer(cache: StageCache, train_key: str, student: _TrainJob, recipe: Recipe, run_dir: Path, resume: bool) -> tuple[_Trained, dict]:
+def _transfer(cache: StageCache, train_key: str, student: _TrainJob, recipe: Recipe, run_dir: Path, resume: bool) -> tuple[train.TrainedModel, str, dict]:
     """Train the student, with distillation and domain adaptation when the recipe asks for them.
 
-    Returns the model the later stages ship, and the report's `transfer` section: the
+    Returns the model the later stages ship, its stage key, and the report's `transfer` section: the
     teacher, student-alone and distilled student side by side, and source-only vs adapted
     accuracy on the target domain. The student alone is the plain train stage, so a build
     without `distill`/`adapt` reuses it from the cache.
@@ -222,13 +227,14 @@ def _transfer(cache: StageCache, train_key: str, student: _TrainJob, recipe: Rec
     if adapt:
         source_only = trained if adapt.method == "adabn" else alone  # dann: the student trained without the adversary
         if adapt.method == "adabn":
-            trained = _adabn_stage(cache, key(trained.key, "adabn", target.fingerprint()), trained, target, student, recipe)
-        section["adaptation"] = {"method": adapt.method, "target_images": len(target.labels), "source_test_accuracy": {"source_only": source_only.summary["test_accuracy"] if source_only else None, "adapted": trained.summary["test_accuracy"]}}
+            transfer_key = key(transfer_key, "adabn", target.fingerprint())
+            trained = _adabn_stage(cache, transfer_key, trained, target, student, recipe)
+        section["adaptation"] = {"method": adapt.method, "target_images": len(target.labels), "source_test_accuracy": {"source_only": source_only.test_accuracy if source_only else None, "adapted": trained.test_accuracy}}
         if adapt.target_labeled:
             labeled = data.load_labeled(adapt.target_labeled, student.dataset.classes, student.pre, recipe.data, "adapt.target_labeled")
             section["adaptation"]["target_accuracy"] = {"images": len(labeled.labels), "source_only": _mean_correct(source_only.model, labeled, student.pre), "adapted": _mean_correct(trained.model, labeled, student.pre)}
         log.info("adaptation %s: %s", adapt.method, section["adaptation"])
-    return trained, section
+    return trained, transfer_key, section
 
 
 def _teacher(cache: StageCache, recipe: Recipe, student: _TrainJob, run_dir: Path, resume: bool) -> tuple[Teacher, str, dict]:
@@ -251,7 +257,7 @@ def _teacher(cache: StageCache, recipe: Recipe, student: _TrainJob, run_dir: Pat
         teacher_key = key(__version__, config.model_dump(mode="json", exclude={"augment"}), recipe.seed, augment, teacher_data.content_hash)
         trained = _train_stage(cache, teacher_key, job, recipe, run_dir, resume)
         model = trained.model
-        line = {"source": "trained in this build", **_accuracies(trained), "train_seconds": trained.summary["train_seconds"]}
+        line = {"source": "trained in this build", **_accuracies(trained), "train_seconds": trained.train_seconds}
     log.info("teacher %s at %d px: test accuracy %.4f", spec.name, pre.input_size, line["test_accuracy"])
     return Teacher(model.eval(), pre, teacher_data.train.images), teacher_key, {"teacher": {"backbone": spec.name, "input_size": pre.input_size, **line}}
 
@@ -264,38 +270,29 @@ def _teacher_data(recipe: Recipe, pre: Preprocessing, student_data: data.Dataset
     return teacher_data
 
 
-def _adabn_stage(cache: StageCache, stage_key: str, trained: _Trained, target: data.Split, student: _TrainJob, recipe: Recipe) -> _Trained:
+def _adabn_stage(cache: StageCache, stage_key: str, trained: train.TrainedModel, target: data.Split, student: _TrainJob, recipe: Recipe) -> train.TrainedModel:
     def make(out: Path) -> None:
-        adapted = adabn(trained.model, target.images, student.pre)
-        models.save_checkpoint(out / "checkpoint.pt", adapted, student.spec, student.pre, student.dataset.classes, recipe)
-        accuracies = {}
-        for name in ("val", "test"):
-            split = student.dataset.split(name)
-            logits = infer.model_logits(adapted, split.images, student.pre)
-            np.save(out / f"{name}_logits.npy", logits)
-            accuracies[f"{name}_accuracy"] = infer.accuracy(logits, split.labels)
-        summary = trained.summary | accuracies
-        write_json(out / "train.json", summary)
+        adabn_stage(out, trained, target.images, student.dataset, recipe)
 
     folder = cache.run("adabn", stage_key, make, label="adapt BatchNorm statistics")
-    return _Trained(folder, json.loads((folder / "train.json").read_text()), stage_key)
+    return train.TrainedModel.load(folder)
 
 
-def _accuracies(trained: _Trained) -> dict:
-    return {"val_accuracy": trained.summary["val_accuracy"], "test_accuracy": trained.summary["test_accuracy"]}
+def _accuracies(trained: train.TrainedModel) -> dict:
+    return {"val_accuracy": trained.val_accuracy, "test_accuracy": trained.test_accuracy}
 
 
 def _mean_correct(model: models.TransferModel, split: data.Split, pre: Preprocessing) -> float:
     return infer.accuracy(infer.model_logits(model, split.images, pre), split.labels)
 
 
-def _export_stage(cache: StageCache, stage_key: str, trained: _Trained, pre: Preprocessing, dataset: data.Dataset, recipe: Recipe, runtimes: list[str], recipe_hash: str, timings: dict) -> tuple[export.ExportResult, list[dict]]:
+def _export_stage(cache: StageCache, stage_key: str, trained: train.TrainedModel, pre: Preprocessing, dataset: data.Dataset, recipe: Recipe, runtimes: list[str], recipe_hash: str, timings: dict) -> tuple[export.ExportResult, list[dict]]:
     def make(out: Path) -> None:
         result = export.run(trained.model, pre, dataset.classes, out, recipe.export.opset, recipe_hash, want_openvino="openvino" in runtimes)
         fp32 = [validate.Artifact("onnx-fp32", "onnxruntime", "fp32", result.onnx)]
         if result.openvino is not None:
             fp32.append(validate.Artifact("ov-fp32", "openvino", "fp32", result.openvino))
-        parity = validate.parity(trained.model, fp32, dataset.val, pre, recipe.export.parity_tolerance, recipe.measure.threads, trained.saved_logits("val"))
+        parity = validate.parity(trained.model, fp32, dataset.val, pre, recipe.export.parity_tolerance, recipe.measure.threads, trained.val_logits)
         write_json(out / "export.json", {"opset": result.opset, "node_count": result.node_count, "seconds": round(result.seconds, 2), "parity": parity})
 
     started = time.monotonic()
@@ -306,7 +303,7 @@ def _export_stage(cache: StageCache, stage_key: str, trained: _Trained, pre: Pre
     return export.ExportResult(folder / "model.onnx", xml if xml.is_file() else None, facts["node_count"], facts["opset"], facts["seconds"]), facts["parity"]
 
 
-def _quantize_stage(cache: StageCache, stage_key: str, variant: QuantVariant, exported: export.ExportResult, trained: _Trained, dataset: data.Dataset, pre: Preprocessing, recipe: Recipe, timings: dict) -> quantize.QuantizedArtifact:
+def _quantize_stage(cache: StageCache, stage_key: str, variant: QuantVariant, exported: export.ExportResult, trained: train.TrainedModel, dataset: data.Dataset, pre: Preprocessing, recipe: Recipe, timings: dict) -> quantize.QuantizedArtifact:
     def make(out: Path) -> None:
         (made,) = quantize.run(exported, dataset, pre, [variant], out, recipe.seed, recipe.measure.threads, trained.model if variant.method == "qat" else None)
         write_json(out / "quantize.json", {k: v for k, v in asdict(made).items() if k != "file"} | {"file": made.file.name})
@@ -318,9 +315,9 @@ def _quantize_stage(cache: StageCache, stage_key: str, variant: QuantVariant, ex
     return quantize.QuantizedArtifact(**{**facts, "file": folder / facts["file"]})
 
 
-def _validate_stage(cache: StageCache, stage_key: str, trained: _Trained, artifacts: list[validate.Artifact], dataset: data.Dataset, pre: Preprocessing, recipe: Recipe, timings: dict) -> list[dict]:
+def _validate_stage(cache: StageCache, stage_key: str, trained: train.TrainedModel, artifacts: list[validate.Artifact], dataset: data.Dataset, pre: Preprocessing, recipe: Recipe, timings: dict) -> list[dict]:
     def make(out: Path) -> None:
-        write_json(out / "variants.json", validate.run(trained.model, artifacts, dataset.test, pre, recipe.measure, trained.checkpoint, trained.saved_logits("test")))
+        write_json(out / "variants.json", validate.run(trained.model, artifacts, dataset.test, pre, recipe.measure, trained.checkpoint, trained.test_logits))
 
     started = time.monotonic()
     folder = cache.run("validate", stage_key, make)

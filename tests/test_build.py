@@ -56,7 +56,7 @@ def test_same_seed_same_data_gives_same_metrics(tiny_recipe: Path, tmp_path: Pat
 
 def test_data_crop_pct_sets_the_contract_the_checkpoint_carries(tiny_recipe: Path, tmp_path: Path) -> None:
     assert REGISTRY.get("efficientnet_lite0").preprocessing(32).resize_size == 36  # the backbone's 0.875 crop
-    pipeline.build(load_recipe(tiny_recipe, ["data.crop_pct=1.0", "train.epochs=1"]), tmp_path / "run", train_only=True)
+    pipeline.train_model(load_recipe(tiny_recipe, ["data.crop_pct=1.0", "train.epochs=1"]), tmp_path / "run")
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt").preprocessing.resize_size == 32  # the whole frame
 
 

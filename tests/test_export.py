@@ -19,7 +19,7 @@ import pytest
 from edgetl import data, export, quantize, validate
 from edgetl.errors import ExportError, RecipeError
 from edgetl.models import Checkpoint, load_checkpoint
-from edgetl.pipeline import build
+from edgetl.pipeline import train_model
 from edgetl.recipe import MeasureConfig, QuantVariant, load_recipe
 from edgetl.runtime.engines import open_engine
 from edgetl.runtime.preprocess import normalize
@@ -49,7 +49,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
         quantize: []
         """)
     recipe = load_recipe(recipe_path)
-    build(recipe, root / "run", train_only=True)
+    train_model(recipe, root / "run")
     checkpoint = load_checkpoint(root / "run" / "checkpoint.pt")
     dataset = data.run(recipe.data, checkpoint.preprocessing, recipe.seed)
     exported = export.run(checkpoint.model, checkpoint.preprocessing, checkpoint.labels, root / "run" / "export", 17, "cafe", want_openvino=True)
