@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from edgetl.models import REGISTRY, build as build_model
-from edgetl.pipeline import build
+from edgetl.pipeline import train_model
 from edgetl.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parent
@@ -48,7 +48,7 @@ def edgetl_run(name: str, data: dict, size: int, epochs: int, workdir: Path) -> 
         "quantize": [],
     })
     started = time.monotonic()
-    metrics = build(recipe, workdir / name, train_only=True).metrics
+    metrics = train_model(recipe, workdir / name)
     wall = time.monotonic() - started
     train_images = metrics["dataset"]["counts"]["train"]["total"]
     return {

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from edgetl.pipeline import build
+from edgetl.pipeline import build, train_model
 from edgetl.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parent
@@ -67,7 +67,7 @@ def distill(workdir: Path, epochs: int, teacher_epochs: int, setups: list[str], 
             "distill": {"teacher": teacher, "temperature": temperature, "alpha": alpha},
         })
         started = time.monotonic()
-        metrics = build(recipe, workdir / "distill", train_only=True).metrics
+        metrics = train_model(recipe, workdir / "distill")
         section = metrics["transfer"]["distillation"]
         gain = section["student_distilled"]["test_accuracy"] - section["student_alone"]["test_accuracy"]
         rows[setup] = {**section, "student_train": train, "augment": augment, "epochs": epochs, "gain_points": round(100 * gain, 2), "seconds": round(time.monotonic() - started, 1)}
@@ -117,7 +117,7 @@ def adapt(workdir: Path, epochs: int, noise_levels: list[float], dann_weight: fl
                 "adapt": {"target": str(target), "target_labeled": str(target_test), "method": method, "dann_weight": dann_weight},
             })
             started = time.monotonic()
-            rows[method] = build(recipe, workdir / "adapt", train_only=True).metrics["transfer"]["adaptation"] | {"seconds": round(time.monotonic() - started, 1)}
+            rows[method] = train_model(recipe, workdir / "adapt")["transfer"]["adaptation"] | {"seconds": round(time.monotonic() - started, 1)}
         source_accuracy = rows["adabn"]["source_test_accuracy"]["source_only"]
         source_only = rows["adabn"]["target_accuracy"]["source_only"]
         gap = source_accuracy - source_only

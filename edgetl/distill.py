@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from edgetl.infer import model_logits
 from edgetl.models import TransferModel
 from edgetl.runtime.preprocess import Preprocessing
+from edgetl.train.terms import LossTerm, TrainBatch
 
 
 @dataclass(frozen=True)
@@ -27,35 +28,51 @@ class Teacher:
     train_images: np.ndarray  # uint8 (N, S_t, S_t, 3), aligned with the student's train split
 
 
-class Distiller:
-    """Mixes the label loss with the KL term: alpha · T² · KL(teacher_T ‖ student_T) + (1 − alpha) · label loss."""
+class Distiller(LossTerm):
+    """Distillation as a loss term: alpha · kd_loss(student, teacher) on top of (1 − alpha) · the label loss."""
+
+    name = "distillation"
 
     def __init__(self, teacher: Teacher, student_pre: Preprocessing, temperature: float, alpha: float) -> None:
+        super().__init__()
         self.teacher = teacher
         self.student_pre = student_pre
         self.temperature = temperature
         self.alpha = alpha
-        self._table: torch.Tensor | None = None
+        self.label_weight = 1 - alpha
+        self._table: torch.Tensor | None = None  # the teacher's logits per training image, when they are fixed
 
-    def cache_logits(self) -> None:
-        """Run the teacher once over every training image (the student sees fixed inputs)."""
-        self._table = torch.from_numpy(model_logits(self.teacher.model, self.teacher.train_images, self.teacher.pre))
+    def prepare(self, cached: bool) -> None:
+        """With fixed student inputs, run the teacher once over every training image."""
+        if cached:
+            teacher = self.teacher
+            self._table = torch.from_numpy(model_logits(teacher.model, teacher.train_images, teacher.pre))
 
-    def loss(self, label_loss: torch.Tensor, logits: torch.Tensor, index: torch.Tensor, student_input: torch.Tensor | None) -> torch.Tensor:
-        targets = self._table[index] if self._table is not None else self._online(student_input)
-        t = self.temperature
-        kd = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(targets / t, dim=1), reduction="batchmean", log_target=True) * (t * t)
-        return self.alpha * kd + (1 - self.alpha) * label_loss
+    def loss(self, batch: TrainBatch, logits: torch.Tensor, features: torch.Tensor, progress: float) -> torch.Tensor:
+        targets = self._table[batch.index] if self._table is not None else self._online(batch.inputs)
+        return self.alpha * kd_loss(logits, targets, self.temperature)
 
     def _online(self, x: torch.Tensor) -> torch.Tensor:
         """Teacher logits for the student's (augmented, normalized) batch."""
         s, t = self.student_pre, self.teacher.pre
         raw = x * _channels(s.std) + _channels(s.mean)
         if t.input_size != s.input_size:
-            raw = F.interpolate(raw, size=(t.input_size, t.input_size), mode="bilinear", align_corners=False, antialias=t.input_size < s.input_size)
+            raw = F.interpolate(raw, size=(t.input_size, t.input_size), mode="bilinear", align_corners=False,
+                                antialias=t.input_size < s.input_size)
         self.teacher.model.eval()
         with torch.no_grad():
             return self.teacher.model((raw - _channels(t.mean)) / _channels(t.std))
+
+
+def kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T² · KL(teacher_T ‖ student_T) over the batch (T² keeps its gradient's scale independent of T).
+
+    >>> kd_loss(torch.tensor([[2.0, 0.0]]), torch.tensor([[2.0, 0.0]]), 4.0)
+    tensor(0.)
+    """
+    t = temperature
+    return F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1), reduction="batchmean",
+                    log_target=True) * (t * t)
 
 
 def _channels(values: tuple[float, float, float]) -> torch.Tensor:

@@ -1,37 +1,33 @@
 """The build, stage by stage: data → train → export (+ parity) → quantize → validate → gates → report → bundle.
 
-Each stage is a function with typed inputs and outputs; this module only wires them
-together, keys each expensive stage in the stage cache (`edgetl.cache`) and writes the
-run folder. The outputs that say "this build is done" are removed when a build starts
-(with the temporaries a killed build left) and written last, each atomically, in this
-order: bundle/, the archive, report.md, report.html and report.json, so no report says
-"passed" before the bundle and archive are complete, and report.json means "done".
+`build` reads top to bottom as the list of stages; each stage is a function of the build
+context (`edgetl.context`) and of what the stage before it made, keyed in the stage cache
+(`edgetl.cache`) and saving its own files (each result type has `save`/`load`). The outputs
+that say "this build is done" are removed when a build starts (with the temporaries a killed
+build left) and written last, each atomically, in this order: bundle/, the archive,
+report.md, report.html and report.json, so no report says "passed" before the bundle and
+archive are complete, and report.json means "done".
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import random
 import shutil
 import time
 from dataclasses import dataclass, replace
-from functools import cached_property
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from edgetl import __version__, bundle, data, environment, export, gates, infer, models, quantize, report, train, validate
-from edgetl.adapt import DomainAdversary, adabn
-from edgetl.build_report import BuildReport, ExportSummary, ParityOutcome
-from edgetl.cache import StageCache, file_digest, key
-from edgetl.distill import Distiller, Teacher
+from edgetl import __version__, bundle, data, environment, export, gates, models, quantize, report, train, validate
+from edgetl.build_report import BuildReport, ExportSummary
+from edgetl.cache import StageCache, key
+from edgetl.context import BuildContext, seed_everything
 from edgetl.errors import GateFailure, RecipeError
 from edgetl.fileio import atomic_path, remove_temporaries, write_json
-from edgetl.recipe import QuantVariant, Recipe, TrainConfig
+from edgetl.recipe import QuantVariant, Recipe
 from edgetl.runtime.engines import RUNTIMES, is_installed
-from edgetl.runtime.preprocess import Preprocessing
+from edgetl.transfer import Transferred, transfer
 
 log = logging.getLogger(__name__)
 
@@ -40,33 +36,32 @@ log = logging.getLogger(__name__)
 class BuildResult:
     run_dir: Path
     metrics: dict
-    report: BuildReport | None  # None when built with train_only
+    report: BuildReport
 
 
 @dataclass(frozen=True)
-class _Trained:
-    """The train stage's folder; the model is loaded only when a later stage needs it."""
+class _Plan:
+    """What this machine can build of the recipe, decided before any training."""
 
-    folder: Path
-    summary: dict  # history, best_epoch, val/test accuracy, train_seconds, notes
-    key: str  # later stages key on it: a different model means a different export
-
-    @cached_property
-    def model(self) -> models.TransferModel:
-        return models.load_checkpoint(self.checkpoint).model
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.folder / "checkpoint.pt"
-
-    def saved_logits(self, split: str) -> np.ndarray | None:
-        """The model's PyTorch logits on `split` (val, test), saved by the stage that made it."""
-        file = self.folder / f"{split}_logits.npy"
-        return np.load(file) if file.is_file() else None
+    runtimes: list[str]  # the runtimes the FP32 files and variants are validated on
+    variants: list[QuantVariant]  # the quantized variants to make
+    skipped: list[str]  # one line per runtime or variant left out, for the report
 
 
-def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = False, train_only: bool = False) -> BuildResult:
-    """Run every stage of `recipe` into `run_dir`; raise GateFailure (after writing the report) when no variant passes the gates.
+@dataclass(frozen=True)
+class _Made:
+    """What the stages made, for the report."""
+
+    transferred: Transferred
+    metrics: dict
+    recipe_hash: str
+    exported: export.ExportResult
+    quantized: list[quantize.QuantizedArtifact]
+    measured: validate.Validation
+
+
+def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = False) -> BuildResult:
+    """Run every stage of `recipe` into `run_dir`; raise GateFailure (after writing the report) when no variant passes.
 
     Raises RecipeError, DataError, ModelError, ExportError, InferenceError, OutputError (a write the disk refused).
 
@@ -74,73 +69,21 @@ def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = Fal
     'ort-int8'
     """
     started = time.monotonic()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    runtimes, skipped = _available_runtimes(recipe)  # before training: a missing runtime fails fast
-    variants, skipped_variants = _runnable_variants(recipe, runtimes)
-    _check_device_runtimes(recipe, runtimes)
-    _remove_outputs(run_dir, recipe.name)
-    cache = StageCache(run_dir / "stages", force)
-    spec = models.REGISTRY.get(recipe.model.backbone)
-    pre = spec.preprocessing(recipe.data.image_size, recipe.data.crop_pct)
-    log.info("backbone %s (%s), input %d px, weights %s", spec.name, spec.arch, pre.input_size, recipe.model.weights)
-
-    _seed_everything(recipe.seed)
-    dataset = data.run(recipe.data, pre, recipe.seed)
-    log.info("data %s: %s images (train/val/test), %d classes, %d skipped", dataset.origin, "/".join(str(len(dataset.split(s).labels)) for s in data.SPLITS), len(dataset.classes), len(dataset.skipped))
-
-    train_key = key(__version__, recipe.model_dump(mode="json", include={"seed", "model", "train"}), recipe.data.augment, dataset.content_hash)
-    student = _TrainJob("train", spec, recipe.model.weights, recipe.model.dropout, recipe.train, recipe.data.augment, pre, dataset)
-    trained, transfer = _transfer(cache, train_key, student, recipe, run_dir, resume)
-    metrics = _metrics(recipe, spec, pre, dataset, trained.summary, started) | {"transfer": transfer}
-    write_json(run_dir / "metrics.json", metrics)
-    with atomic_path(run_dir / "checkpoint.pt") as tmp:
-        shutil.copyfile(trained.checkpoint, tmp)
-    if train_only:  # benchmarks and tests of the training stage alone
-        return BuildResult(run_dir, metrics, None)
-
-    timings: dict[str, float] = {}
-    transfer_sections = [name for name in ("distill", "adapt") if getattr(recipe, name) is not None]  # unset: the hash of a plain recipe stays as it was
-    recipe_hash = recipe.section_hash("seed", "data", "model", "train", "export", *transfer_sections)
-    export_key = key(trained.key, recipe.export.model_dump(mode="json"), runtimes)
-    exported = _export_stage(cache, export_key, trained, pre, dataset, recipe, runtimes, recipe_hash, timings)
-    inputs = quantize.Inputs(dataset, pre, recipe.seed, recipe.measure.threads)
-    quantized = [_quantize_stage(cache, key(export_key, v.model_dump(mode="json"), recipe.seed), v, exported, trained, inputs, timings) for v in variants]
-
-    fp32 = [validate.Artifact("onnx-fp32", "onnxruntime", "fp32", exported.onnx)]
-    if exported.openvino is not None:
-        fp32.append(validate.Artifact("ov-fp32", "openvino", "fp32", exported.openvino))
-    artifacts = fp32 + [validate.Artifact(q.name, q.runtime, q.precision, q.file, q.float_layers, q.notes) for q in quantized]
-    validate_key = key(export_key, [a.file.parent.name + "/" + a.file.name for a in artifacts], recipe.measure.model_dump(mode="json"), dataset.content_hash)
-    measured = _validate_stage(cache, validate_key, trained, artifacts, dataset, pre, recipe, timings)
-
+    plan = _plan(recipe, run_dir)  # before training: a missing runtime fails fast
+    ctx = _context(recipe, run_dir, resume, force)
+    transferred = transfer(ctx)
+    metrics = _save_training(ctx, transferred, started)
+    recipe_hash = _recipe_hash(recipe)
+    export_key = key(transferred.key, recipe.export.model_dump(mode="json"), plan.runtimes)
+    exported = _export_stage(ctx, transferred.trained, export_key, plan.runtimes, recipe_hash)
+    quantized = [_quantize_stage(ctx, exported, transferred.trained, variant, export_key) for variant in plan.variants]
+    artifacts = _artifacts(exported, quantized)
+    measured = _validate_stage(ctx, transferred.trained, artifacts, export_key)
     decision = gates.run(measured.variants, recipe.gates, recipe.select, recipe.device.runtimes)
-    content = BuildReport(
-        edgetl_version=__version__,
-        name=recipe.name,
-        passed=decision.passed,
-        recipe_hash=recipe_hash,
-        recipe=recipe.model_dump(mode="json"),
-        dataset=metrics["dataset"],
-        training={"strategy": recipe.train.strategy, **trained.summary},
-        transfer=transfer,
-        export=ExportSummary(exported.opset, exported.node_count, [a.file.name for a in fp32], exported.parity),
-        quantize=[q.to_json() for q in quantized],
-        variants=measured.variants,
-        gates=decision.outcomes,
-        selected=decision.selection,
-        skipped=skipped + skipped_variants,
-        stages=cache.status,
-        timings=timings,
-        environment=metrics["environment"],
-    )
+    made = _Made(transferred, metrics, recipe_hash, exported, quantized, measured)
+    content = _report(ctx, plan, made, decision)
     if decision.passed:  # bundle and archive first: no report may say "passed" before they are complete
-        selected = next(a for a in artifacts if a.name == decision.selected)
-        packed = bundle.run(content.selected_variant(), selected.file, dataset.classes, pre, content.recipe,
-                            content.environment["packages"], run_dir)
-        # the digest is what a device pins with --expect-sha256
-        content = replace(content, selected=replace(content.selected, bundle_sha256=packed.digest))
-        log.info("selected %s (%s); bundle %s (sha256 %s); the device needs `%s`", decision.selected, decision.reason,
-                 packed.archive, packed.digest, content.selected.install)
+        content = _bundle(ctx, content, next(a for a in artifacts if a.name == decision.selected), decision.reason)
     content = replace(content, build_seconds=round(time.monotonic() - started, 2))
     report.write_reports(content, run_dir)
     write_json(run_dir / "report.json", content.to_dict())  # last: a report.json means the build is done
@@ -150,195 +93,161 @@ def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = Fal
     return BuildResult(run_dir, metrics, content)
 
 
-@dataclass(frozen=True)
-class _TrainJob:
-    """One model to train: the student, the student alone (for comparison) or the teacher."""
+def train_model(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = False) -> dict:
+    """Only the data and train stages of `recipe` (with its distillation and adaptation): metrics.json and
+    checkpoint.pt in `run_dir`, for benchmarks and tests of training. Returns metrics.json's content.
 
-    stage: str  # cache stage name: train | teacher
-    spec: models.BackboneSpec
-    weights: str
-    dropout: float
-    config: TrainConfig
-    augment: str
-    pre: Preprocessing
-    dataset: data.Dataset
+    Raises RecipeError, DataError, ModelError, OutputError (a write the disk refused).
 
-
-def _train_stage(cache: StageCache, stage_key: str, job: _TrainJob, recipe: Recipe, run_dir: Path, resume: bool,
-                 distiller: Distiller | None = None, target: data.Split | None = None) -> _Trained:
-    state_path = run_dir / "state" / f"{job.stage}-{stage_key}.pt"
-    if resume and not state_path.is_file():
-        log.warning("--resume: no interrupted %s stage of this recipe and data in %s; starting from epoch 1", job.stage, run_dir)
-
-    def make(out: Path) -> None:
-        _seed_everything(recipe.seed)  # the head's init must not depend on how much data loading drew
-        model = models.build(job.spec, job.weights, len(job.dataset.classes), job.dropout)
-        adversary = None
-        if target is not None:
-            adversary = DomainAdversary(model.head.in_features, recipe.adapt.domain_hidden, recipe.adapt.dann_weight, target.images)
-        result = train.run(model, job.dataset, job.config, job.pre, job.augment, recipe.seed, state_path, resume, distiller, adversary)
-        log.info("%s %s: best epoch %d, val accuracy %.4f, test accuracy %.4f (%.1fs)", job.stage, job.spec.name, result.best_epoch, result.val_accuracy, result.test_accuracy, result.seconds)
-        models.save_checkpoint(out / "checkpoint.pt", result.model, job.spec, job.pre, job.dataset.classes, recipe)
-        np.save(out / "test_logits.npy", result.test_logits)
-        if result.val_logits is not None:  # None after resuming a snapshot written before they were kept
-            np.save(out / "val_logits.npy", result.val_logits)
-        summary = {"history": result.history, "best_epoch": result.best_epoch, "val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy, "train_seconds": round(result.seconds, 2), "notes": result.notes}
-        write_json(out / "train.json", summary)
-
-    label = job.stage + f" {job.spec.name}" * (job.stage == "teacher") + " distilled" * (distiller is not None) + " with DANN" * (target is not None)
-    folder = cache.run(job.stage, stage_key, make, label=label)
-    state_path.unlink(missing_ok=True)  # the finished stage supersedes the resumable snapshot
-    return _Trained(folder, json.loads((folder / "train.json").read_text()), stage_key)
-
-
-def _transfer(cache: StageCache, train_key: str, student: _TrainJob, recipe: Recipe, run_dir: Path, resume: bool) -> tuple[_Trained, dict]:
-    """Train the student, with distillation and domain adaptation when the recipe asks for them.
-
-    Returns the model the later stages ship, and the report's `transfer` section: the
-    teacher, student-alone and distilled student side by side, and source-only vs adapted
-    accuracy on the target domain. The student alone is the plain train stage, so a build
-    without `distill`/`adapt` reuses it from the cache.
+    >>> train_model(load_recipe(Path("recipes/quickstart.yaml")), Path("runs/train-only"))["test_accuracy"]
     """
-    distill, adapt = recipe.distill, recipe.adapt
-    target = data.load_unlabeled(adapt.target, student.pre, recipe.data, "adapt.target") if adapt else None
-    dann = target if adapt and adapt.method == "dann" else None
-    section: dict = {}
-    distiller = None
-    transfer_key = train_key
-    if distill:
-        teacher, teacher_key, section["distillation"] = _teacher(cache, recipe, student, run_dir, resume)
-        distiller = Distiller(teacher, student.pre, distill.temperature, distill.alpha)
-        transfer_key = key(transfer_key, distill.model_dump(mode="json", exclude={"compare", "teacher"}), teacher_key)
-    if dann is not None:
-        transfer_key = key(transfer_key, adapt.model_dump(mode="json", include={"method", "dann_weight", "domain_hidden"}), dann.fingerprint())
-    needs_alone = (distill and distill.compare) or (adapt and adapt.target_labeled and dann is not None)
-    alone = _train_stage(cache, train_key, student, recipe, run_dir, resume) if needs_alone or transfer_key == train_key else None
-    trained = alone if transfer_key == train_key else _train_stage(cache, transfer_key, student, recipe, run_dir, resume, distiller, dann)
-    if distill:
-        section["distillation"] |= {
-            "student": student.spec.name, "input_size": student.pre.input_size, "temperature": distill.temperature, "alpha": distill.alpha,
-            "teacher_logits": "cached" if train.caches_inputs(recipe.train, recipe.data.augment) else "online",
-            "student_alone": _accuracies(alone) if distill.compare else None, "student_distilled": _accuracies(trained),
-        }
-    if adapt:
-        source_only = trained if adapt.method == "adabn" else alone  # dann: the student trained without the adversary
-        if adapt.method == "adabn":
-            trained = _adabn_stage(cache, key(trained.key, "adabn", target.fingerprint()), trained, target, student, recipe)
-        section["adaptation"] = {"method": adapt.method, "target_images": len(target.labels), "source_test_accuracy": {"source_only": source_only.summary["test_accuracy"] if source_only else None, "adapted": trained.summary["test_accuracy"]}}
-        if adapt.target_labeled:
-            labeled = data.load_labeled(adapt.target_labeled, student.dataset.classes, student.pre, recipe.data, "adapt.target_labeled")
-            section["adaptation"]["target_accuracy"] = {"images": len(labeled.labels), "source_only": _mean_correct(source_only.model, labeled, student.pre), "adapted": _mean_correct(trained.model, labeled, student.pre)}
-        log.info("adaptation %s: %s", adapt.method, section["adaptation"])
-    return trained, section
-
-
-def _teacher(cache: StageCache, recipe: Recipe, student: _TrainJob, run_dir: Path, resume: bool) -> tuple[Teacher, str, dict]:
-    """The teacher model, its own preprocessing of the student's training images, its cache key and its report line."""
-    config = recipe.distill.teacher
-    if config.checkpoint is not None:
-        loaded = models.load_checkpoint(config.checkpoint)
-        if tuple(loaded.labels) != student.dataset.classes:
-            raise RecipeError(f"`distill.teacher.checkpoint` {config.checkpoint} predicts classes {list(loaded.labels)}, but the data has {list(student.dataset.classes)}; use a teacher trained on these classes.")
-        spec, pre, model = loaded.spec, loaded.preprocessing, loaded.model
-        teacher_data = _teacher_data(recipe, pre, student.dataset)
-        teacher_key = key(file_digest(config.checkpoint), recipe.seed, teacher_data.content_hash)
-        line = {"source": str(config.checkpoint), "val_accuracy": _mean_correct(model, teacher_data.val, pre), "test_accuracy": _mean_correct(model, teacher_data.test, pre)}
-    else:
-        spec = models.REGISTRY.get(config.backbone)
-        pre = spec.preprocessing(config.image_size, recipe.data.crop_pct)  # the data's framing, at the teacher's size
-        teacher_data = _teacher_data(recipe, pre, student.dataset)
-        augment = config.augment or recipe.data.augment
-        job = _TrainJob("teacher", spec, config.weights, recipe.model.dropout, config.train, augment, pre, teacher_data)
-        teacher_key = key(__version__, config.model_dump(mode="json", exclude={"augment"}), recipe.seed, augment, teacher_data.content_hash)
-        trained = _train_stage(cache, teacher_key, job, recipe, run_dir, resume)
-        model = trained.model
-        line = {"source": "trained in this build", **_accuracies(trained), "train_seconds": trained.summary["train_seconds"]}
-    log.info("teacher %s at %d px: test accuracy %.4f", spec.name, pre.input_size, line["test_accuracy"])
-    return Teacher(model.eval(), pre, teacher_data.train.images), teacher_key, {"teacher": {"backbone": spec.name, "input_size": pre.input_size, **line}}
-
-
-def _teacher_data(recipe: Recipe, pre: Preprocessing, student_data: data.Dataset) -> data.Dataset:
-    """The same splits at the teacher's size; the same seed and listing give the same images in the same order."""
-    teacher_data = data.run(recipe.data, pre, recipe.seed)
-    if teacher_data.train.sources != student_data.train.sources:
-        raise RecipeError("The teacher's and the student's training images differ (an image decoded at one size but not the other); fix or remove the unreadable images listed above.")
-    return teacher_data
-
-
-def _adabn_stage(cache: StageCache, stage_key: str, trained: _Trained, target: data.Split, student: _TrainJob, recipe: Recipe) -> _Trained:
-    def make(out: Path) -> None:
-        adapted = adabn(trained.model, target.images, student.pre)
-        models.save_checkpoint(out / "checkpoint.pt", adapted, student.spec, student.pre, student.dataset.classes, recipe)
-        accuracies = {}
-        for name in ("val", "test"):
-            split = student.dataset.split(name)
-            logits = infer.model_logits(adapted, split.images, student.pre)
-            np.save(out / f"{name}_logits.npy", logits)
-            accuracies[f"{name}_accuracy"] = infer.accuracy(logits, split.labels)
-        summary = trained.summary | accuracies
-        write_json(out / "train.json", summary)
-
-    folder = cache.run("adabn", stage_key, make, label="adapt BatchNorm statistics")
-    return _Trained(folder, json.loads((folder / "train.json").read_text()), stage_key)
-
-
-def _accuracies(trained: _Trained) -> dict:
-    return {"val_accuracy": trained.summary["val_accuracy"], "test_accuracy": trained.summary["test_accuracy"]}
-
-
-def _mean_correct(model: models.TransferModel, split: data.Split, pre: Preprocessing) -> float:
-    return infer.accuracy(infer.model_logits(model, split.images, pre), split.labels)
-
-
-def _export_stage(cache: StageCache, stage_key: str, trained: _Trained, pre: Preprocessing, dataset: data.Dataset, recipe: Recipe, runtimes: list[str], recipe_hash: str, timings: dict) -> export.ExportResult:
-    def make(out: Path) -> None:
-        result = export.run(trained.model, pre, dataset.classes, out, recipe.export.opset, recipe_hash, want_openvino="openvino" in runtimes)
-        fp32 = [validate.Artifact("onnx-fp32", "onnxruntime", "fp32", result.onnx)]
-        if result.openvino is not None:
-            fp32.append(validate.Artifact("ov-fp32", "openvino", "fp32", result.openvino))
-        parity = validate.parity(trained.model, fp32, dataset.val, pre, recipe.export.parity_tolerance, recipe.measure.threads, trained.saved_logits("val"))
-        replace(result, parity=parity).save(out)
-
     started = time.monotonic()
-    folder = cache.run("export", stage_key, make)
-    timings["export_seconds"] = round(time.monotonic() - started, 2)
-    return export.ExportResult.load(folder)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _remove_outputs(run_dir, recipe.name)
+    ctx = _context(recipe, run_dir, resume, force)
+    return _save_training(ctx, transfer(ctx), started)
 
 
-def _quantize_stage(cache: StageCache, stage_key: str, variant: QuantVariant, exported: export.ExportResult, trained: _Trained, inputs: quantize.Inputs, timings: dict) -> quantize.QuantizedArtifact:
-    def make(out: Path) -> None:
-        quantize.run_variant(exported, variant, out, inputs, trained.model if variant.method == "qat" else None).save(out)
-
-    started = time.monotonic()
-    folder = cache.run("quantize", stage_key, make, label=f"quantize {variant.display_name}")
-    timings[f"quantize_{variant.display_name}_seconds"] = round(time.monotonic() - started, 2)
-    return quantize.QuantizedArtifact.load(folder)
-
-
-def _validate_stage(cache: StageCache, stage_key: str, trained: _Trained, artifacts: list[validate.Artifact], dataset: data.Dataset, pre: Preprocessing, recipe: Recipe, timings: dict) -> validate.Validation:
-    def make(out: Path) -> None:
-        measured = validate.run(trained.model, artifacts, dataset.test, pre, recipe.measure, trained.checkpoint,
-                                trained.saved_logits("test"))
-        measured.save(out)
-
-    started = time.monotonic()
-    folder = cache.run("validate", stage_key, make)
-    timings["validate_seconds"] = round(time.monotonic() - started, 2)
-    return validate.Validation.load(folder)
+def _plan(recipe: Recipe, run_dir: Path) -> _Plan:
+    """The runtimes and variants this machine builds, checked against the device; the last build's outputs removed."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    runtimes, skipped = _available_runtimes(recipe)
+    variants, skipped_variants = _runnable_variants(recipe, runtimes)
+    _check_device_runtimes(recipe, runtimes)
+    _remove_outputs(run_dir, recipe.name)
+    return _Plan(runtimes, variants, skipped + skipped_variants)
 
 
-def _metrics(recipe: Recipe, spec: models.BackboneSpec, pre: Preprocessing, dataset: data.Dataset, summary: dict, started: float) -> dict:
-    return {
+def _context(recipe: Recipe, run_dir: Path, resume: bool, force: bool) -> BuildContext:
+    """The backbone, its preprocessing contract and the decoded data: what every later stage shares."""
+    spec = models.REGISTRY.get(recipe.model.backbone)
+    pre = spec.preprocessing(recipe.data.image_size, recipe.data.crop_pct)
+    log.info("backbone %s (%s), input %d px, weights %s", spec.name, spec.arch, pre.input_size, recipe.model.weights)
+    seed_everything(recipe.seed)
+    dataset = data.run(recipe.data, pre, recipe.seed)
+    counts = "/".join(str(len(dataset.split(s).labels)) for s in data.SPLITS)
+    log.info("data %s: %s images (train/val/test), %d classes, %d skipped", dataset.origin, counts,
+             len(dataset.classes), len(dataset.skipped))
+    return BuildContext(recipe, run_dir, StageCache(run_dir / "stages", force), spec, pre, dataset, resume)
+
+
+def _save_training(ctx: BuildContext, transferred: Transferred, started: float) -> dict:
+    """metrics.json and checkpoint.pt: the training record and the model, in the run folder."""
+    recipe, spec = ctx.recipe, ctx.spec
+    metrics = {
         "edgetl_version": __version__,
         "recipe": recipe.model_dump(mode="json"),
         "backbone": {"name": spec.name, "arch": spec.arch, "weights": recipe.model.weights, "weights_source": spec.weights},
-        "preprocessing": pre.to_dict(),
-        "dataset": dataset.summary(),
+        "preprocessing": ctx.pre.to_dict(),
+        "dataset": ctx.dataset.summary(),
         "strategy": recipe.train.strategy,
-        **summary,
+        **transferred.trained.summary(),
         "build_seconds": round(time.monotonic() - started, 2),
         "environment": {**environment.describe(), "torch_threads": torch.get_num_threads()},
+        "transfer": transferred.section,
     }
+    write_json(ctx.run_dir / "metrics.json", metrics)
+    with atomic_path(ctx.run_dir / "checkpoint.pt") as tmp:
+        shutil.copyfile(transferred.trained.checkpoint, tmp)
+    return metrics
+
+
+def _recipe_hash(recipe: Recipe) -> str:
+    """The hash the exported files carry: the sections that shape the model (unset distill/adapt leave it as it was)."""
+    transfer_sections = [name for name in ("distill", "adapt") if getattr(recipe, name) is not None]
+    return recipe.section_hash("seed", "data", "model", "train", "export", *transfer_sections)
+
+
+def _export_stage(ctx: BuildContext, trained: train.TrainedModel, stage_key: str, runtimes: list[str],
+                  recipe_hash: str) -> export.ExportResult:
+    """The FP32 ONNX file and IR, each proven against PyTorch on every validation image (parity)."""
+    recipe = ctx.recipe
+
+    def make(out: Path) -> None:
+        result = export.run(trained.model, ctx.pre, ctx.dataset.classes, out, recipe.export.opset, recipe_hash,
+                            want_openvino="openvino" in runtimes)
+        parity = validate.parity(trained.model, _fp32_artifacts(result), ctx.dataset.val, ctx.pre,
+                                 recipe.export.parity_tolerance, recipe.measure.threads, trained.val_logits)
+        replace(result, parity=parity).save(out)
+
+    with ctx.timed("export_seconds"):
+        folder = ctx.cache.run("export", stage_key, make)
+    return export.ExportResult.load(folder)
+
+
+def _quantize_stage(ctx: BuildContext, exported: export.ExportResult, trained: train.TrainedModel,
+                    variant: QuantVariant, export_key: str) -> quantize.QuantizedArtifact:
+    inputs = quantize.Inputs(ctx.dataset, ctx.pre, ctx.recipe.seed, ctx.recipe.measure.threads)
+
+    def make(out: Path) -> None:
+        model = trained.model if variant.method == "qat" else None
+        quantize.run_variant(exported, variant, out, inputs, model).save(out)
+
+    stage_key = key(export_key, variant.model_dump(mode="json"), ctx.recipe.seed)
+    with ctx.timed(f"quantize_{variant.display_name}_seconds"):
+        folder = ctx.cache.run("quantize", stage_key, make, label=f"quantize {variant.display_name}")
+    return quantize.QuantizedArtifact.load(folder)
+
+
+def _fp32_artifacts(exported: export.ExportResult) -> list[validate.Artifact]:
+    fp32 = [validate.Artifact("onnx-fp32", "onnxruntime", "fp32", exported.onnx)]
+    if exported.openvino is not None:
+        fp32.append(validate.Artifact("ov-fp32", "openvino", "fp32", exported.openvino))
+    return fp32
+
+
+def _artifacts(exported: export.ExportResult, quantized: list[quantize.QuantizedArtifact]) -> list[validate.Artifact]:
+    """Every file × runtime the validation matrix measures: the FP32 files, then the quantized variants."""
+    made = [validate.Artifact(q.name, q.runtime, q.precision, q.file, q.float_layers, q.notes) for q in quantized]
+    return _fp32_artifacts(exported) + made
+
+
+def _validate_stage(ctx: BuildContext, trained: train.TrainedModel, artifacts: list[validate.Artifact],
+                    export_key: str) -> validate.Validation:
+    def make(out: Path) -> None:
+        validate.run(trained.model, artifacts, ctx.dataset.test, ctx.pre, ctx.recipe.measure, trained.checkpoint,
+                     trained.test_logits).save(out)
+
+    files = [a.file.parent.name + "/" + a.file.name for a in artifacts]
+    stage_key = key(export_key, files, ctx.recipe.measure.model_dump(mode="json"), ctx.dataset.content_hash)
+    with ctx.timed("validate_seconds"):
+        folder = ctx.cache.run("validate", stage_key, make)
+    return validate.Validation.load(folder)
+
+
+def _report(ctx: BuildContext, plan: _Plan, made: _Made, decision: gates.Decision) -> BuildReport:
+    """report.json's content (without build_seconds, and the bundle's digest until it is packed)."""
+    recipe, exported = ctx.recipe, made.exported
+    fp32_files = [a.file.name for a in _fp32_artifacts(exported)]
+    return BuildReport(
+        edgetl_version=__version__,
+        name=recipe.name,
+        passed=decision.passed,
+        recipe_hash=made.recipe_hash,
+        recipe=recipe.model_dump(mode="json"),
+        dataset=made.metrics["dataset"],
+        training={"strategy": recipe.train.strategy, **made.transferred.trained.summary()},
+        transfer=made.transferred.section,
+        export=ExportSummary(exported.opset, exported.node_count, fp32_files, exported.parity),
+        quantize=[q.to_json() for q in made.quantized],
+        variants=made.measured.variants,
+        gates=decision.outcomes,
+        selected=decision.selection,
+        skipped=plan.skipped,
+        stages=ctx.cache.status,
+        timings=ctx.timings,
+        environment=made.metrics["environment"],
+    )
+
+
+def _bundle(ctx: BuildContext, content: BuildReport, selected: validate.Artifact, reason: str) -> BuildReport:
+    """Pack the selected variant into bundle/ and the archive; the report gains the bundle's digest."""
+    packed = bundle.run(content.selected_variant(), selected.file, ctx.dataset.classes, ctx.pre, content.recipe,
+                        content.environment["packages"], ctx.run_dir)
+    log.info("selected %s (%s); bundle %s (sha256 %s); the device needs `%s`", selected.name, reason, packed.archive,
+             packed.digest, content.selected.install)
+    # the digest is what a device pins with --expect-sha256
+    return replace(content, selected=replace(content.selected, bundle_sha256=packed.digest))
 
 
 def _remove_outputs(run_dir: Path, name: str) -> None:
@@ -393,9 +302,3 @@ def _runnable_variants(recipe: Recipe, runtimes: list[str]) -> tuple[list[QuantV
             skipped.append(f"quantize variant {variant.display_name} skipped: {variant.runtime} is not available")
             log.warning(skipped[-1])
     return runnable, skipped
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)

@@ -18,6 +18,7 @@ from edgetl import pipeline
 from edgetl.models import REGISTRY, build, load_checkpoint
 from edgetl.recipe import load_recipe
 from edgetl.infer import model_logits
+from edgetl.train import TrainedModel
 
 
 def edgetl(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -44,6 +45,13 @@ def test_build_writes_a_checkpoint_that_reproduces_its_metrics(tiny_recipe: Path
     for split in ("val", "test"):  # the export parity check and validation reuse them as PyTorch's logits
         expected = model_logits(checkpoint.model, dataset.split(split).images, checkpoint.preprocessing)
         np.testing.assert_allclose(np.load(stage / f"{split}_logits.npy"), expected, atol=1e-4)
+    trained = TrainedModel.load(stage)  # what later stages get back from the cache
+    assert trained.summary() == json.loads((stage / "train.json").read_text())
+    assert trained.summary().items() <= metrics.items() and trained.checkpoint == stage / "checkpoint.pt"
+    np.testing.assert_array_equal(trained.test_logits, np.load(stage / "test_logits.npy"))
+    (stage / "val_logits.npy").unlink()  # as a stage folder written before val logits were kept
+    assert TrainedModel.load(stage).val_logits is None and torch.equal(
+        TrainedModel.load(stage).model.head.weight, checkpoint.model.head.weight)
 
 
 def test_same_seed_same_data_gives_same_metrics(tiny_recipe: Path, tmp_path: Path) -> None:
@@ -56,7 +64,7 @@ def test_same_seed_same_data_gives_same_metrics(tiny_recipe: Path, tmp_path: Pat
 
 def test_data_crop_pct_sets_the_contract_the_checkpoint_carries(tiny_recipe: Path, tmp_path: Path) -> None:
     assert REGISTRY.get("efficientnet_lite0").preprocessing(32).resize_size == 36  # the backbone's 0.875 crop
-    pipeline.build(load_recipe(tiny_recipe, ["data.crop_pct=1.0", "train.epochs=1"]), tmp_path / "run", train_only=True)
+    pipeline.train_model(load_recipe(tiny_recipe, ["data.crop_pct=1.0", "train.epochs=1"]), tmp_path / "run")
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt").preprocessing.resize_size == 32  # the whole frame
 
 

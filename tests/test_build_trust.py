@@ -30,7 +30,8 @@ from edgetl.models import load_checkpoint
 from edgetl.recipe import GatesConfig, load_recipe
 from edgetl.runtime.metrics import Latency, VariantMetrics
 from edgetl.runtime.predictor import Predictor
-from edgetl.train import _ranking_notes
+from edgetl.notes import Note, render
+from edgetl.train import ranking_notes
 from tests.conftest import write_folder, write_recipe
 
 # Runs the CLI like the `edgetl` console script does (its own folder first on sys.path, not
@@ -231,7 +232,7 @@ def test_the_recipe_refuses_non_finite_numbers_naming_the_field(base, override: 
 def test_weight_decay_1e30_stops_training_with_a_recipe_error_naming_the_epoch(base, tmp_path: Path) -> None:
     recipe = load_recipe(base[0], ["train.weight_decay=1e30"])
     with pytest.raises(RecipeError, match=r"training diverged in epoch 1: ") as raised:
-        pipeline.build(recipe, tmp_path / "run", train_only=True)
+        pipeline.train_model(recipe, tmp_path / "run")
     assert raised.value.exit_code == 2 and "lower `train.lr` (e.g. 0.001)" in str(raised.value)
     assert not list((tmp_path / "run" / "stages").glob("train-*"))  # nothing that looks trained
 
@@ -289,10 +290,15 @@ def test_tied_val_accuracy_is_ranked_by_val_loss_and_the_notes_say_the_split_can
 
 def test_a_saturated_val_split_is_named_as_such() -> None:
     history = [{"epoch": e, "val_accuracy": 1.0} for e in (1, 2, 3)] + [{"epoch": 4, "val_accuracy": 0.97}]
-    notes = _ranking_notes(history, 3, 37)
-    assert notes[0].startswith("the val split has 37 images")
-    assert notes[1].startswith("val accuracy was 1.0 (saturated) at 3 epochs (1, 2, 3)")
-    assert _ranking_notes(history, 3, 500) == [notes[1]] and _ranking_notes(history[2:], 3, 500) == []
+    notes = ranking_notes(history, 3, 37)
+    assert notes[0] == Note("small_val_split", {"images": 37, "points": 100 / 37, "minimum": 50})
+    assert notes[1] == Note("saturated_val_accuracy", {"count": 3, "epochs": "1, 2, 3", "best_epoch": 3})
+    assert render(notes[1]).startswith("val accuracy was 1.0 (saturated) at 3 epochs (1, 2, 3)")
+    assert ranking_notes(history, 3, 500) == [notes[1]] and ranking_notes(history[2:], 3, 500) == []
+    tied = ranking_notes([{"epoch": e, "val_accuracy": 0.75} for e in (1, 2)], 2, 500)
+    assert tied == [Note("tied_val_accuracy", {"accuracy": 0.75, "count": 2, "epochs": "1, 2", "best_epoch": 2})]
+    assert render(tied[0]) == ("val accuracy was 0.7500 at 2 epochs (1, 2), so it cannot rank them: epoch 2 was kept "
+                               "for the lowest val loss among them")
 
 
 # 11: the device's runtimes ---------------------------------------------------------------------------

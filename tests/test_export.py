@@ -20,7 +20,7 @@ from edgetl import data, export, validate
 from edgetl.errors import ExportError, RecipeError
 from edgetl.notes import Note, render
 from edgetl.models import Checkpoint, load_checkpoint
-from edgetl.pipeline import build
+from edgetl.pipeline import train_model
 from edgetl.quantize import Inputs, QuantizedArtifact, run_variant
 from edgetl.quantize.ort import weight_rounding_errors
 from edgetl.recipe import MeasureConfig, QuantVariant, load_recipe
@@ -53,7 +53,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
         quantize: []
         """)
     recipe = load_recipe(recipe_path)
-    build(recipe, root / "run", train_only=True)
+    train_model(recipe, root / "run")
     checkpoint = load_checkpoint(root / "run" / "checkpoint.pt")
     dataset = data.run(recipe.data, checkpoint.preprocessing, recipe.seed)
     exported = export.run(checkpoint.model, checkpoint.preprocessing, checkpoint.labels, root / "run" / "export", 17, "cafe", want_openvino=True)

@@ -11,12 +11,14 @@ import torch
 from PIL import Image, ImageOps
 
 from conftest import write_folder, write_recipe
-from edgetl import models, pipeline
+from edgetl import data, models, pipeline, train
 from edgetl.adapt import DomainAdversary, adabn
-from edgetl.distill import Distiller, Teacher
+from edgetl.distill import Distiller, Teacher, kd_loss
 from edgetl.errors import DataError, RecipeError
+from edgetl.infer import model_logits
 from edgetl.recipe import load_recipe
 from edgetl.runtime.preprocess import normalize
+from edgetl.train import LossTerm, TrainBatch
 
 FAST = """
 measure: {latency_rounds: 2, latency_runs: 3, warmup: 2, throughput_batch: 4}
@@ -88,16 +90,30 @@ def test_a_teacher_checkpoint_with_other_classes_is_refused(tmp_path: Path, imag
 
 def test_kd_loss_is_zero_at_the_teacher_and_its_gradient_pulls_the_student_there() -> None:
     teacher_logits = torch.tensor([[4.0, 0.0, -2.0], [0.0, 3.0, 1.0]])
-    distiller = Distiller(Teacher(None, None, None), None, temperature=3.0, alpha=1.0)
-    distiller._table = teacher_logits
-    index = torch.tensor([0, 1])
-    assert distiller.loss(torch.tensor(9.0), teacher_logits + 5.0, index, None).item() == pytest.approx(0.0, abs=1e-6)  # softmax ignores shifts
+    # softmax ignores shifts
+    assert kd_loss(teacher_logits + 5.0, teacher_logits, 3.0).item() == pytest.approx(0.0, abs=1e-6)
     student = torch.zeros(2, 3, requires_grad=True)
-    distiller.loss(torch.tensor(0.0), student, index, None).backward()
+    kd_loss(student, teacher_logits, 3.0).backward()
     assert (torch.sign(-student.grad) == torch.sign(teacher_logits - teacher_logits.mean(1, keepdim=True))).all()
-    mixed = Distiller(Teacher(None, None, None), None, temperature=3.0, alpha=0.25)
-    mixed._table = teacher_logits
-    assert mixed.loss(torch.tensor(2.0), teacher_logits, index, None).item() == pytest.approx(0.75 * 2.0, abs=1e-6)
+
+
+def test_the_distiller_looks_up_the_teachers_logits_of_the_batch_images_and_weighs_the_label_loss() -> None:
+    spec = models.REGISTRY.get("efficientnet_lite0")
+    pre = spec.preprocessing(32)
+    torch.manual_seed(0)
+    teacher = models.build(spec, "none", 3).eval()
+    with torch.no_grad():
+        teacher.head.weight.mul_(100)  # apart enough that another image's logits would not pass for these
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    distiller = Distiller(Teacher(teacher, pre, images), pre, temperature=3.0, alpha=0.25)
+    distiller.prepare(cached=True)  # fixed student inputs: one teacher pass over the train images
+    table = torch.from_numpy(model_logits(teacher, images, pre))
+    batch = TrainBatch(index=torch.tensor([3, 0]), inputs=torch.zeros(2, 8), labels=torch.tensor([0, 1]))
+    assert distiller.label_weight == 0.75
+    assert distiller.loss(batch, table[[3, 0]] + 5.0, torch.zeros(2, 8), 0.0).item() == pytest.approx(0.0, abs=1e-6)
+    student = torch.zeros(2, 3)
+    expected = 0.25 * kd_loss(student, table[[3, 0]], 3.0).item()
+    assert distiller.loss(batch, student, torch.zeros(2, 8), 0.0).item() == pytest.approx(expected)
 
 
 def test_adabn_sets_batchnorm_statistics_to_the_target_images_and_leaves_the_source_model_alone() -> None:
@@ -120,7 +136,7 @@ def test_gradient_reversal_flips_the_domain_gradient_with_the_dann_ramp() -> Non
     assert adversary.reversal_weight(0.0) == 0.0 and adversary.reversal_weight(1.0) == pytest.approx(0.5, abs=1e-4)
     assert 0 < adversary.reversal_weight(0.1) < adversary.reversal_weight(0.3) < 0.5
     source, target = torch.randn(3, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
-    adversary.loss(source, target, progress=1.0).backward()
+    adversary.domain_loss(source, target, progress=1.0).backward()
     reversed_grad = source.grad.clone()
     source.grad = None
     plain = torch.nn.functional.binary_cross_entropy_with_logits(adversary.classifier(torch.cat([source, target.detach()])).squeeze(1), torch.cat([torch.zeros(3), torch.ones(3)]))
@@ -163,3 +179,59 @@ def test_a_target_labeled_class_the_training_data_lacks_is_an_error(tmp_path: Pa
 def test_a_teacher_needs_exactly_one_of_backbone_or_checkpoint(tmp_path: Path, image_folder: Path, teacher: str) -> None:
     with pytest.raises(RecipeError, match=r"distill.teacher.*exactly one of `distill.teacher.backbone`"):
         load_recipe(_recipe(tmp_path, image_folder, f"distill: {{teacher: {teacher}}}"))
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _StopAt(LossTerm):
+    """Adds nothing; stops training at the first step at `progress` (as a kill after the last snapshot would)."""
+
+    name = "stop"
+
+    def __init__(self, progress: float) -> None:
+        super().__init__()
+        self.at = progress
+
+    def loss(self, batch: TrainBatch, logits: torch.Tensor, features: torch.Tensor, progress: float) -> torch.Tensor:
+        if progress >= self.at:
+            raise _Interrupted
+        return logits.new_zeros(())
+
+
+def test_a_dann_run_resumed_from_its_snapshot_ends_where_an_uninterrupted_one_does(tmp_path: Path,
+                                                                                   image_folder: Path) -> None:
+    target = _inverted(image_folder, tmp_path / "target")
+    student = "{strategy: partial, unfreeze: 1, epochs: 2, batch_size: 8, lr: 0.01}"
+    adapt = f"adapt: {{target: {target}, method: dann}}"
+    recipe = load_recipe(_recipe(tmp_path, image_folder, adapt, student, augment="default"))
+    spec = models.REGISTRY.get("efficientnet_lite0")
+    pre = spec.preprocessing(32)
+    job = train.TrainJob(data.run(recipe.data, pre, 0), pre, recipe.train, "default", seed=0)
+    target_images = data.load_unlabeled(target, pre, recipe.data, "adapt.target").images
+
+    def fresh(*more: LossTerm) -> tuple[models.TransferModel, list[LossTerm]]:
+        torch.manual_seed(0)
+        model = models.build(spec, "pretrained", 2)
+        return model, [DomainAdversary(model.head.in_features, 16, 1.0, target_images), *more]
+
+    model, reference_terms = fresh()
+    reference = train.run(model, job, reference_terms)
+    snapshot = tmp_path / "state.pt"
+    model, terms = fresh(_StopAt(0.5))
+    with pytest.raises(_Interrupted):
+        train.run(model, job, terms, snapshot)  # at the first step of epoch 2
+    assert torch.load(snapshot, weights_only=False)["epoch"] == 1
+    model, terms = fresh()
+    resumed = train.run(model, job, terms, snapshot, resume=True)
+
+    def without_seconds(history: list[dict]) -> list[dict]:
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+    assert len(resumed.history) == 2 and without_seconds(resumed.history) == without_seconds(reference.history)
+    assert resumed.best_epoch == reference.best_epoch and resumed.test_accuracy == reference.test_accuracy
+    assert torch.equal(resumed.model.head.weight, reference.model.head.weight)
+    # the domain classifier's weights came back from the snapshot and trained on as they did uninterrupted
+    assert torch.equal(terms[0].classifier[0].weight, reference_terms[0].classifier[0].weight)
+    assert not torch.equal(terms[0].classifier[0].weight, fresh()[1][0].classifier[0].weight)

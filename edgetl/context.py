@@ -1,0 +1,59 @@
+"""The build context: what every stage of one build shares, made once and passed once.
+
+Before it, each stage function took the cache, the run folder, the seed, the preprocessing,
+the dataset, the threads and the timings as separate arguments (8–9 of them); now a stage
+takes the context and what is its own (the model it exports, the variant it quantizes).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgetl.cache import StageCache
+from edgetl.data import Dataset
+from edgetl.models import BackboneSpec
+from edgetl.recipe import Recipe
+from edgetl.runtime.preprocess import Preprocessing
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """One build's recipe, run folder, stage cache, backbone, preprocessing contract and data.
+
+    `timings` is the one mutable part: each stage adds the seconds it took in this build.
+    """
+
+    recipe: Recipe
+    run_dir: Path
+    cache: StageCache
+    spec: BackboneSpec
+    pre: Preprocessing
+    dataset: Dataset
+    resume: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def snapshot_path(self, stage: str, stage_key: str) -> Path:
+        """Where an unfinished training of this stage keeps its resumable snapshot."""
+        return self.run_dir / "state" / f"{stage}-{stage_key}.pt"
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Record the block's seconds as `timings[name]` (0.0-ish when its stage was reused)."""
+        started = time.monotonic()
+        yield
+        self.timings[name] = round(time.monotonic() - started, 2)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

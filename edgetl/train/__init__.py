@@ -1,0 +1,17 @@
+"""Train stage: linear probe, partial or full fine-tuning of a TransferModel.
+
+- `run` / `Trainer` (trainer.py): the training run, its best epoch and its notes.
+- inputs.py: what makes it fast on a laptop CPU, the frozen prefix run once per image.
+- `LossTerm` / `TrainBatch` (terms.py): what distillation and DANN add to the label loss.
+- `TrainedModel` (trained.py): the stage folder's files (checkpoint.pt, train.json, logits).
+"""
+
+from edgetl.train.inputs import caches_inputs
+from edgetl.train.terms import LossTerm, TrainBatch
+from edgetl.train.trained import CHECKPOINT, TrainedModel, save_result
+from edgetl.train.trainer import SMALL_VAL_SPLIT, BestEpoch, Trainer, TrainJob, TrainResult, ranking_notes, run
+
+__all__ = [
+    "CHECKPOINT", "SMALL_VAL_SPLIT", "BestEpoch", "LossTerm", "TrainBatch", "TrainJob", "TrainResult", "TrainedModel",
+    "Trainer", "caches_inputs", "ranking_notes", "run", "save_result",
+]

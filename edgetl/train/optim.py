@@ -1,0 +1,58 @@
+"""The optimizer, learning-rate schedule, loss weighting and epoch order of a training run."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from edgetl.models import TransferModel
+from edgetl.recipe import TrainConfig
+
+
+def optimizer(model: TransferModel, config: TrainConfig, extra: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW: the head and `extra` (loss terms' parameters) at `train.lr`, the trainable backbone at
+    `train.lr × train.backbone_lr_mult`."""
+    backbone = [p for p in model.stages.parameters() if p.requires_grad]
+    groups = [{"params": list(model.head.parameters()) + list(extra), "lr": config.lr}]
+    if backbone:
+        groups.append({"params": backbone, "lr": config.lr * config.backbone_lr_mult})
+    return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+
+
+def schedule(optim: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int) -> LambdaLR:
+    """Linear warm-up over `train.warmup_epochs`, then cosine decay to 0 at the last step."""
+    factor = warmup_cosine(config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch)
+    return LambdaLR(optim, factor)
+
+
+def warmup_cosine(warmup_steps: float, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def criterion(config: TrainConfig, labels: torch.Tensor, num_classes: int) -> nn.CrossEntropyLoss:
+    """The label loss: cross-entropy with `train.label_smoothing`, class-weighted for `weighted_loss`."""
+    weight = class_weights(labels, num_classes) if config.class_balance == "weighted_loss" else None
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
+
+
+def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    return counts.sum() / (num_classes * counts.clamp(min=1))
+
+
+def epoch_order(labels: torch.Tensor, balance: str, generator: torch.Generator, num_classes: int) -> torch.Tensor:
+    """The train split's indices for one epoch, drawn from `generator`."""
+    if balance == "balanced_sampler":  # draw with replacement, each class equally likely
+        weights = class_weights(labels, num_classes)[labels]
+        return torch.multinomial(weights, len(labels), replacement=True, generator=generator)
+    return torch.randperm(len(labels), generator=generator)
