@@ -10,7 +10,7 @@ the fine-tuned model has the larger margins INT8 needs); cifar10-dev's `val` fol
 split the validation matrix reports on, and the recipe's val split (accuracy control) is
 carved out of train, so the bound is chosen and checked on different images. Variants:
 ONNX Runtime INT8 and OpenVINO INT8, each plain and with `max_accuracy_drop: 0.005`, and an
-FP16 IR. Latencies are interleaved in one run, so compare them as ratios (FACTS.md).
+FP16 IR. Latencies are interleaved in one run, so compare them as ratios.
 `--workdir DIR` keeps the run folder, so a rerun reuses the trained model from the stage cache.
 Results: benchmarks/results/export_quantize[-digits].json.
 """

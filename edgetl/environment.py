@@ -1,6 +1,6 @@
 """What machine and software a build measured on: latencies mean nothing without it.
 
-INT8 speed depends on the CPU's instruction sets (FACTS.md: without VNNI, only uint8
+INT8 speed depends on the CPU's instruction sets (measured on lite0: without VNNI, only uint8
 activations are faster than FP32 in ONNX Runtime), so the flags go into every report.
 """
 

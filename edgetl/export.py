@@ -25,7 +25,6 @@ from edgetl.build_report import ParityOutcome
 from edgetl.errors import ExportError
 from edgetl.fileio import atomic_path, write_json
 from edgetl.models import TransferModel
-from edgetl.runtime.engines import is_installed
 from edgetl.runtime.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)

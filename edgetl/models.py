@@ -156,7 +156,7 @@ _LITE_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "con
 
 
 def remap_lite_keys(state: dict[str, torch.Tensor], repeats: list[int]) -> dict[str, torch.Tensor]:
-    """lukemelas EfficientNet-PyTorch names → timm `tf_efficientnet_lite*` names (see FACTS.md)."""
+    """lukemelas EfficientNet-PyTorch names → timm `tf_efficientnet_lite*` names (they then load strictly)."""
     positions = [(stage, index) for stage, count in enumerate(repeats) for index in range(count)]
     out = {}
     for key, value in state.items():

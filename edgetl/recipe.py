@@ -19,9 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from edgetl.errors import RecipeError
 from edgetl.runtime.decode import DEFAULT_MAX_PIXELS
 
-BUILTIN_DATASETS = ("digits",)
-
-
 class _Section(BaseModel):
     # allow_inf_nan=False: `.inf`/`.nan` in YAML (or --set) is refused in every number field;
     # `train.weight_decay: .inf` once trained a model whose logits were all NaN.

@@ -20,6 +20,8 @@ from edgetl.recipe import load_recipe
 from edgetl.infer import model_logits
 from edgetl.train import TrainedModel
 
+pytestmark = pytest.mark.slow  # whole builds: `pytest -m 'not slow'` skips them
+
 
 def edgetl(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "edgetl", *args], capture_output=True, text=True, **kwargs)

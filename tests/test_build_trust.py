@@ -58,6 +58,8 @@ if file_limit:  # writes past it fail with EFBIG, a real OSError, as on a full d
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (int(file_limit), int(file_limit)))
 from edgetl.cli import main
+
+pytestmark = pytest.mark.slow  # whole builds: `pytest -m 'not slow'` skips them
 sys.exit(main(argv))
 '''
 

@@ -30,6 +30,8 @@ from edgetl.infer import model_logits
 from edgetl.notes import TEMPLATES, Note
 from tests.conftest import write_folder, write_recipe
 
+pytestmark = pytest.mark.slow  # whole builds: `pytest -m 'not slow'` skips them
+
 FAST = MeasureConfig(latency_rounds=2, latency_runs=3, warmup=1, throughput_batch=4)
 
 

@@ -20,6 +20,8 @@ from edgetl.recipe import load_recipe
 from edgetl.runtime.preprocess import normalize
 from edgetl.train import LossTerm, TrainBatch
 
+pytestmark = pytest.mark.slow  # whole builds: `pytest -m 'not slow'` skips them
+
 FAST = """
 measure: {latency_rounds: 2, latency_runs: 3, warmup: 2, throughput_batch: 4}
 quantize: []

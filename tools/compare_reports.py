@@ -1,13 +1,14 @@
 """Compare two report.json files in every field except timings, latencies and timestamps.
 
-Usage: python tools/compare_reports.py BEFORE/report.json AFTER/report.json
+Usage: python tools/compare_reports.py BEFORE/report.json AFTER/report.json [--allow-added]
 
 For a change that must not change behaviour (a refactor): prints each differing field by its
 path and exits 1, or says the reports are equal and exits 0. Ignored, because they are measured
 or stamped anew by every build: wall times (`*seconds`, `timings`), latency and throughput,
 load time and peak memory of the probe process, millisecond figures quoted in notes, and the
 bundle digest (its manifest carries a
-creation time and the measured latencies).
+creation time and the measured latencies). With `--allow-added`, fields only AFTER has are
+listed but allowed: report.json's schema only ever adds fields.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def differences(before: Any, after: Any, path: str = "") -> list[str]:
 def main() -> int:
     before, after = (json.loads(Path(arg).read_text()) for arg in sys.argv[1:3])
     found = differences(before, after)
+    if "--allow-added" in sys.argv[3:]:
+        added = [line for line in found if line.endswith(": only in after")]
+        for line in added:
+            print(f"added (allowed): {line.removesuffix(': only in after')}")
+        found = [line for line in found if line not in added]
     for line in found:
         print(line)
     print(f"{len(found)} difference(s) outside timings, latencies and timestamps" if found else "equal outside timings, latencies and timestamps")

@@ -1,8 +1,8 @@
 """Latency measurement that survives a noisy shared machine.
 
 Variants are timed round-robin (interleaved), so a slow spell on the machine hits every
-variant alike and their ratios stay meaningful (FACTS.md: absolute milliseconds drift by
-up to 1.6× between runs here).
+variant alike and their ratios stay meaningful (absolute milliseconds were measured to drift
+by up to 1.6× between runs on the project's shared 2-core machines).
 """
 
 from __future__ import annotations
