@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh clone (offline, from PyPI packages alone):
 #   make demo   creates .venv, installs edgetl[train], runs `edgetl build recipes/quickstart.yaml`
 #   make test   creates .venv, installs edgetl[train,dev], runs the test suite
+#   make lint   ruff's lint and format checks (CI runs them before the tests)
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[train,dev]'
 	touch $@
 
-.PHONY: install demo test
+.PHONY: install demo test lint
 install: $(BIN)/.installed
 
 demo: install
@@ -18,3 +19,7 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .

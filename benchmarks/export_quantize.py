@@ -57,18 +57,23 @@ def cifar_recipe(workdir: Path, strategy: str, epochs: int, variants: list[dict]
         if not (layout / split).exists():
             (layout / split).symlink_to(CIFAR / source)
     train, augment = TRAINING[strategy]
-    return Recipe.model_validate({
-        "name": "bench-export-cifar", "seed": 0,
-        "data": {"path": str(layout), "val_split": 0.15, "image_size": 224, "augment": augment},
-        "model": {"backbone": "efficientnet_lite0", "weights": "pretrained"},
-        "train": {**train, "epochs": epochs},
-        "quantize": variants,
-    })
+    return Recipe.model_validate(
+        {
+            "name": "bench-export-cifar",
+            "seed": 0,
+            "data": {"path": str(layout), "val_split": 0.15, "image_size": 224, "augment": augment},
+            "model": {"backbone": "efficientnet_lite0", "weights": "pretrained"},
+            "train": {**train, "epochs": epochs},
+            "quantize": variants,
+        }
+    )
 
 
 def digits_recipe(variants: list[dict] = VARIANTS) -> Recipe:
     quickstart = load_recipe(ROOT.parent / "recipes" / "quickstart.yaml")
-    return Recipe.model_validate({**quickstart.model_dump(mode="json"), "name": "bench-export-digits", "quantize": variants})
+    return Recipe.model_validate(
+        {**quickstart.model_dump(mode="json"), "name": "bench-export-digits", "quantize": variants}
+    )
 
 
 def forget_all_but_training(run_dir: Path) -> None:
@@ -81,25 +86,40 @@ def forget_all_but_training(run_dir: Path) -> None:
 def summary(report: dict) -> dict:
     rows = {v["name"]: v for v in report["variants"]}
     # an "int8" variant whose weights all stayed float (accuracy control gave up) is not INT8
-    int8 = [v for v in report["variants"] if v["precision"] == "int8" and v["size_mb"] < 0.5 * rows["onnx-fp32"]["size_mb"]]
+    int8 = [
+        v for v in report["variants"] if v["precision"] == "int8" and v["size_mb"] < 0.5 * rows["onnx-fp32"]["size_mb"]
+    ]
     p50 = {name: row["latency_ms"]["p50"] for name, row in rows.items()}
     best_int8 = min(int8, key=lambda v: v["latency_ms"]["p50"])
     return {
-        "parity": [{k: p[k] for k in ("name", "agreement", "max_abs_logit_delta", "images")} for p in report["export"]["parity"]],
+        "parity": [
+            {k: p[k] for k in ("name", "agreement", "max_abs_logit_delta", "images")}
+            for p in report["export"]["parity"]
+        ],
         "best_int8": best_int8["name"],
         "best_int8_latency_vs_ort_fp32": round(p50[best_int8["name"]] / p50["onnx-fp32"], 3),
         "ort_fp32_latency_vs_pytorch": round(p50["onnx-fp32"] / p50["pytorch-fp32"], 3),
-        "min_int8_accuracy_drop_points": {rt: round(100 * min(v["accuracy_drop"] for v in int8 if v["runtime"] == rt), 2) for rt in ("onnxruntime", "openvino")},
+        "min_int8_accuracy_drop_points": {
+            rt: round(100 * min(v["accuracy_drop"] for v in int8 if v["runtime"] == rt), 2)
+            for rt in ("onnxruntime", "openvino")
+        },
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", choices=["cifar", "digits"], default="cifar" if CIFAR.is_dir() else "digits")
-    parser.add_argument("--strategy", choices=list(TRAINING), default="linear_probe", help="cifar: how lite0 is trained")
+    parser.add_argument(
+        "--strategy", choices=list(TRAINING), default="linear_probe", help="cifar: how lite0 is trained"
+    )
     parser.add_argument("--epochs", type=int, default=10, help="cifar: training epochs")
     parser.add_argument("--workdir", type=Path, help="keep the run here (default: a temporary folder)")
-    parser.add_argument("--variants", choices=["all", "budget"], default="all", help="budget: only ort-int8 and ov-int8, timed end to end (issue #3's 2-minute budget)")
+    parser.add_argument(
+        "--variants",
+        choices=["all", "budget"],
+        default="all",
+        help="budget: only ort-int8 and ov-int8, timed end to end (issue #3's 2-minute budget)",
+    )
     args = parser.parse_args()
     variants = BUDGET_VARIANTS if args.variants == "budget" else VARIANTS
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -107,26 +127,67 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         workdir = args.workdir or Path(scratch)
         workdir.mkdir(parents=True, exist_ok=True)
-        recipe = cifar_recipe(workdir, args.strategy, args.epochs, variants) if args.data == "cifar" else digits_recipe(variants)
+        recipe = (
+            cifar_recipe(workdir, args.strategy, args.epochs, variants)
+            if args.data == "cifar"
+            else digits_recipe(variants)
+        )
         forget_all_but_training(workdir / "run")
         report = build(recipe, workdir / "run").report.to_dict()
-    columns = ("name", "runtime", "precision", "size_mb", "accuracy", "accuracy_ci95", "agreement", "accuracy_drop", "accuracy_drop_ci95", "latency_ms", "throughput_ips", "load_seconds", "peak_rss_mb", "float_layers", "notes")
+    columns = (
+        "name",
+        "runtime",
+        "precision",
+        "size_mb",
+        "accuracy",
+        "accuracy_ci95",
+        "agreement",
+        "accuracy_drop",
+        "accuracy_drop_ci95",
+        "latency_ms",
+        "throughput_ips",
+        "load_seconds",
+        "peak_rss_mb",
+        "float_layers",
+        "notes",
+    )
     results = {
-        "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(), "threads": report["environment"]["torch_threads"], "cpu_model": report["environment"]["cpu_model"], "cpu_flags": report["environment"]["cpu_flags"]},
-        "data": args.data, "strategy": report["recipe"]["train"]["strategy"], "test_images": report["variants"][0]["test_images"], "val_images": report["dataset"]["counts"]["val"]["total"],
-        "image_size": report["recipe"]["data"]["image_size"], "train_test_accuracy": report["training"]["test_accuracy"],
-        "timings": report["timings"], "onnx_nodes": report["export"]["onnx_nodes"],
+        "machine": {
+            "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine(),
+            "threads": report["environment"]["torch_threads"],
+            "cpu_model": report["environment"]["cpu_model"],
+            "cpu_flags": report["environment"]["cpu_flags"],
+        },
+        "data": args.data,
+        "strategy": report["recipe"]["train"]["strategy"],
+        "test_images": report["variants"][0]["test_images"],
+        "val_images": report["dataset"]["counts"]["val"]["total"],
+        "image_size": report["recipe"]["data"]["image_size"],
+        "train_test_accuracy": report["training"]["test_accuracy"],
+        "timings": report["timings"],
+        "onnx_nodes": report["export"]["onnx_nodes"],
         "quantize_seconds": {q["name"]: q["seconds"] for q in report["quantize"]},
         "variants": [{k: v[k] for k in columns} for v in report["variants"]],
         "summary": summary(report),
     }
     if args.variants == "budget":
         timings = report["timings"]
-        results["export_quantize_validate_seconds"] = round(timings["export_seconds"] + sum(v for k, v in timings.items() if k.startswith("quantize_")) + timings["validate_seconds"], 1)
+        results["export_quantize_validate_seconds"] = round(
+            timings["export_seconds"]
+            + sum(v for k, v in timings.items() if k.startswith("quantize_"))
+            + timings["validate_seconds"],
+            1,
+        )
     for row in results["variants"]:
-        print(f"{row['name']:14s} acc {row['accuracy']:.4f} drop {100 * row['accuracy_drop']:+.2f} pts agree {row['agreement']:.4f} p50 {row['latency_ms']['p50']:.2f} ms {row['throughput_ips']:.0f} img/s {row['size_mb']:.2f} MB")
+        print(
+            f"{row['name']:14s} acc {row['accuracy']:.4f} drop {100 * row['accuracy_drop']:+.2f} pts agree "
+            f"{row['agreement']:.4f} p50 {row['latency_ms']['p50']:.2f} ms {row['throughput_ips']:.0f} img/s "
+            f"{row['size_mb']:.2f} MB"
+        )
     print(json.dumps(results["summary"], indent=2))
-    out = ROOT / "results" / f"export_quantize{'' if args.data == 'cifar' else '-digits'}{'-budget' if args.variants == 'budget' else ''}.json"
+    suffix = ("" if args.data == "cifar" else "-digits") + ("-budget" if args.variants == "budget" else "")
+    out = ROOT / "results" / f"export_quantize{suffix}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}", file=sys.stderr)

@@ -37,7 +37,8 @@ predictor.predict(image)
 first = time.perf_counter()
 for _ in range(50):
     predictor.predict(image)
-print(json.dumps({"import_seconds": imported - started, "cold_start_seconds": first - imported, "peak_rss_mb": peak_rss_kb() / 1024}))
+figures = {"import_seconds": imported - started, "cold_start_seconds": first - imported}
+print(json.dumps(figures | {"peak_rss_mb": peak_rss_kb() / 1024}))
 """
 
 # Runs in a fresh process from one checkout (PYTHONPATH): median end-to-end ms over `runs` calls.
@@ -65,9 +66,18 @@ def side_by_side(bundle: Path, image_path: Path, checkouts: dict[str, Path], rou
     for _ in range(rounds):
         for name, source in checkouts.items():
             env = {**os.environ, "PYTHONPATH": str(source)}
-            done = subprocess.run([sys.executable, "-c", SIDE_BY_SIDE, str(bundle), str(image_path), str(runs)], capture_output=True, text=True, check=True, env=env)
+            done = subprocess.run(
+                [sys.executable, "-c", SIDE_BY_SIDE, str(bundle), str(image_path), str(runs)],
+                capture_output=True,
+                text=True,
+                check=True,
+                env=env,
+            )
             medians[name].append(json.loads(done.stdout))
-    return {name: {"p50_ms": round(sorted(values)[len(values) // 2], 3), "round_medians_ms": [round(v, 3) for v in values]} for name, values in medians.items()}
+    return {
+        name: {"p50_ms": round(sorted(values)[len(values) // 2], 3), "round_medians_ms": [round(v, 3) for v in values]}
+        for name, values in medians.items()
+    }
 
 
 def photo_jpeg() -> bytes:
@@ -75,7 +85,9 @@ def photo_jpeg() -> bytes:
     from sklearn.datasets import load_sample_images
 
     buffer = io.BytesIO()
-    Image.fromarray(load_sample_images().images[0]).resize((500, 375), Image.Resampling.LANCZOS).save(buffer, "JPEG", quality=90)
+    Image.fromarray(load_sample_images().images[0]).resize((500, 375), Image.Resampling.LANCZOS).save(
+        buffer, "JPEG", quality=90
+    )
     return buffer.getvalue()
 
 
@@ -108,24 +120,48 @@ def main() -> None:
             "normalize": lambda: normalize(crop[None], pre),
             "postprocess": lambda: predictor.predictions(logits, 5),
         },
-        rounds=max(1, args.runs // 10), runs_per_round=10, warmup=20,
+        rounds=max(1, args.runs // 10),
+        runs_per_round=10,
+        warmup=20,
     )
     image_path = ROOT / "results" / ".runtime-bench.jpg"
     image_path.parent.mkdir(exist_ok=True)
     image_path.write_bytes(image)
     try:
-        fresh = [json.loads(subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(args.bundle), str(image_path)], capture_output=True, text=True, check=True).stdout) for _ in range(3)]
-        against = side_by_side(args.bundle, image_path, {"this": ROOT.parent, "against": args.against.resolve()}) if args.against else None
+        fresh = [
+            json.loads(
+                subprocess.run(
+                    [sys.executable, "-c", FRESH_PROCESS, str(args.bundle), str(image_path)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+            )
+            for _ in range(3)
+        ]
+        against = (
+            side_by_side(args.bundle, image_path, {"this": ROOT.parent, "against": args.against.resolve()})
+            if args.against
+            else None
+        )
     finally:
         image_path.unlink(missing_ok=True)
     manifest = predictor.bundle.manifest
     result = {
         "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine()},
-        "bundle": {"variant": manifest.get("variant"), "runtime": manifest["runtime"], "precision": manifest.get("precision"), "input_size": predictor.bundle.preprocessing.input_size},
+        "bundle": {
+            "variant": manifest.get("variant"),
+            "runtime": manifest["runtime"],
+            "precision": manifest.get("precision"),
+            "input_size": predictor.bundle.preprocessing.input_size,
+        },
         "image_bytes": len(image),
         "latency_ms": {name: {k: round(v, 3) for k, v in t.items()} for name, t in timings.items()},
         "pre_post_overhead": round(timings["end_to_end"]["p50"] / timings["bare_model"]["p50"] - 1, 3),
-        "overhead_parts_vs_bare_model": {part: round(timings[part]["p50"] / timings["bare_model"]["p50"], 3) for part in ("decode", "resize_crop", "normalize", "postprocess")},
+        "overhead_parts_vs_bare_model": {
+            part: round(timings[part]["p50"] / timings["bare_model"]["p50"], 3)
+            for part in ("decode", "resize_crop", "normalize", "postprocess")
+        },
         "fresh_process_runs": [{k: round(v, 3) for k, v in run.items()} for run in fresh],
         "cold_start_seconds_median": round(sorted(r["cold_start_seconds"] for r in fresh)[1], 3),
         "peak_rss_mb_max": round(max(r["peak_rss_mb"] for r in fresh), 1),

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from edgetl.models import REGISTRY, build as build_model
+from edgetl.models import REGISTRY
+from edgetl.models import build as build_model
 from edgetl.pipeline import train_model
 from edgetl.recipe import Recipe
 
@@ -40,21 +41,30 @@ STRATEGIES = {
 
 def edgetl_run(name: str, data: dict, size: int, epochs: int, workdir: Path) -> dict:
     train, augment = STRATEGIES[name]
-    recipe = Recipe.model_validate({
-        "name": f"bench-{name}", "seed": 0,
-        "data": {**data, "image_size": size, "augment": augment},
-        "model": {"backbone": "efficientnet_lite0", "weights": "pretrained"},
-        "train": {"epochs": epochs, "batch_size": 32, **train},
-        "quantize": [],
-    })
+    recipe = Recipe.model_validate(
+        {
+            "name": f"bench-{name}",
+            "seed": 0,
+            "data": {**data, "image_size": size, "augment": augment},
+            "model": {"backbone": "efficientnet_lite0", "weights": "pretrained"},
+            "train": {"epochs": epochs, "batch_size": 32, **train},
+            "quantize": [],
+        }
+    )
     started = time.monotonic()
     metrics = train_model(recipe, workdir / name)
     wall = time.monotonic() - started
     train_images = metrics["dataset"]["counts"]["train"]["total"]
     return {
-        "strategy": name, "augment": augment, "epochs": epochs, "wall_seconds": round(wall, 1), "train_seconds": metrics["train_seconds"],
+        "strategy": name,
+        "augment": augment,
+        "epochs": epochs,
+        "wall_seconds": round(wall, 1),
+        "train_seconds": metrics["train_seconds"],
         "images_per_second": round(train_images * len(metrics["history"]) / metrics["train_seconds"], 1),
-        "val_accuracy": metrics["val_accuracy"], "test_accuracy": metrics["test_accuracy"], "best_epoch": metrics["best_epoch"],
+        "val_accuracy": metrics["val_accuracy"],
+        "test_accuracy": metrics["test_accuracy"],
+        "best_epoch": metrics["best_epoch"],
         "train_images": train_images,
     }
 
@@ -66,8 +76,12 @@ def tutorial_run(root: Path, size: int, epochs: int) -> dict:
     spec = REGISTRY.get("efficientnet_lite0")
     pre = spec.preprocessing(size)
     normalize = transforms.Normalize(pre.mean, pre.std)
-    train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize])
-    val_tf = transforms.Compose([transforms.Resize(pre.resize_size), transforms.CenterCrop(size), transforms.ToTensor(), normalize])
+    train_tf = transforms.Compose(
+        [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize]
+    )
+    val_tf = transforms.Compose(
+        [transforms.Resize(pre.resize_size), transforms.CenterCrop(size), transforms.ToTensor(), normalize]
+    )
     train_set = datasets.ImageFolder(root / "train", train_tf)
     val_set = datasets.ImageFolder(root / "val", val_tf)
     loaders = {
@@ -97,8 +111,11 @@ def tutorial_run(root: Path, size: int, epochs: int) -> dict:
         print(f"tutorial epoch {len(epoch_seconds)}: {epoch_seconds[-1]:.1f}s val {accuracy:.4f}", flush=True)
     per_epoch = sum(epoch_seconds) / len(epoch_seconds)
     return {
-        "strategy": "tutorial_fixed_feature_extractor", "epochs_measured": epochs, "seconds_per_epoch": round(per_epoch, 1),
-        "ten_epoch_seconds_extrapolated": round(per_epoch * 10, 1), "images_per_second": round(len(train_set) / per_epoch, 1),
+        "strategy": "tutorial_fixed_feature_extractor",
+        "epochs_measured": epochs,
+        "seconds_per_epoch": round(per_epoch, 1),
+        "ten_epoch_seconds_extrapolated": round(per_epoch * 10, 1),
+        "images_per_second": round(len(train_set) / per_epoch, 1),
         "val_accuracy_after_measured_epochs": accuracy,
     }
 
@@ -114,9 +131,21 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("edgetl").setLevel(logging.INFO)  # per-epoch lines from the build
-    data = {"path": str(args.data), "val_split": 0.15, "test_split": 0.15} if args.data.is_dir() else {"builtin": "digits"}
+    data = (
+        {"path": str(args.data), "val_split": 0.15, "test_split": 0.15} if args.data.is_dir() else {"builtin": "digits"}
+    )
     print(f"data: {data}", flush=True)
-    results = {"machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}, "data": data, "image_size": args.size, "runs": []}
+    results = {
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(),
+        },
+        "data": data,
+        "image_size": args.size,
+        "runs": [],
+    }
     with tempfile.TemporaryDirectory() as workdir:
         for name in args.strategies:
             results["runs"].append(edgetl_run(name, data, args.size, args.epochs, Path(workdir)))
@@ -127,7 +156,9 @@ def main() -> None:
         print(json.dumps(tutorial), flush=True)
         probe = next((r for r in results["runs"] if r["strategy"] == "linear_probe"), None)
         if probe:
-            results["linear_probe_speedup_vs_tutorial_10_epochs"] = round(tutorial["ten_epoch_seconds_extrapolated"] / probe["wall_seconds"], 2)
+            results["linear_probe_speedup_vs_tutorial_10_epochs"] = round(
+                tutorial["ten_epoch_seconds_extrapolated"] / probe["wall_seconds"], 2
+            )
     out = ROOT / "results" / args.out
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

@@ -44,34 +44,58 @@ from export_quantize import CIFAR, cifar_recipe  # noqa: E402  (a sibling script
 
 RESULTS = ROOT / "results" / "transfer_methods.json"
 STUDENT_SETUPS = {
-    "finetune_augment": ({"strategy": "finetune", "lr": 0.001, "backbone_lr_mult": 0.3, "warmup_epochs": 0.5}, "default"),
+    "finetune_augment": (
+        {"strategy": "finetune", "lr": 0.001, "backbone_lr_mult": 0.3, "warmup_epochs": 0.5},
+        "default",
+    ),
     "partial_cached": ({"strategy": "partial", "unfreeze": 2, "lr": 0.001}, "none"),
 }
 
 
-def distill(workdir: Path, epochs: int, teacher_epochs: int, setups: list[str], temperature: float, alpha: float) -> dict:
+def distill(
+    workdir: Path, epochs: int, teacher_epochs: int, setups: list[str], temperature: float, alpha: float
+) -> dict:
     layout = workdir / "cifar10-dev"
     layout.mkdir(parents=True, exist_ok=True)
     for split, source in (("train", "train"), ("test", "val")):
         if not (layout / split).exists():
             (layout / split).symlink_to(CIFAR / source)
-    teacher = {"backbone": "efficientnet_lite2", "image_size": 224, "train": {"strategy": "partial", "unfreeze": 2, "epochs": teacher_epochs, "lr": 0.001}, "augment": "default"}
+    teacher = {
+        "backbone": "efficientnet_lite2",
+        "image_size": 224,
+        "train": {"strategy": "partial", "unfreeze": 2, "epochs": teacher_epochs, "lr": 0.001},
+        "augment": "default",
+    }
     rows = {}
     for setup in setups:
         train, augment = STUDENT_SETUPS[setup]
-        recipe = Recipe.model_validate({
-            "name": f"bench-distill-{setup}", "seed": 0,
-            "data": {"path": str(layout), "val_split": 0.15, "image_size": 128, "augment": augment},
-            "model": {"backbone": "efficientnet_lite0"},
-            "train": {**train, "epochs": epochs},
-            "distill": {"teacher": teacher, "temperature": temperature, "alpha": alpha},
-        })
+        recipe = Recipe.model_validate(
+            {
+                "name": f"bench-distill-{setup}",
+                "seed": 0,
+                "data": {"path": str(layout), "val_split": 0.15, "image_size": 128, "augment": augment},
+                "model": {"backbone": "efficientnet_lite0"},
+                "train": {**train, "epochs": epochs},
+                "distill": {"teacher": teacher, "temperature": temperature, "alpha": alpha},
+            }
+        )
         started = time.monotonic()
         metrics = train_model(recipe, workdir / "distill")
         section = metrics["transfer"]["distillation"]
         gain = section["student_distilled"]["test_accuracy"] - section["student_alone"]["test_accuracy"]
-        rows[setup] = {**section, "student_train": train, "augment": augment, "epochs": epochs, "gain_points": round(100 * gain, 2), "seconds": round(time.monotonic() - started, 1)}
-        print(f"distill {setup}: teacher {section['teacher']['test_accuracy']:.4f}  alone {section['student_alone']['test_accuracy']:.4f}  distilled {section['student_distilled']['test_accuracy']:.4f}  gain {100 * gain:+.2f} pt")
+        rows[setup] = {
+            **section,
+            "student_train": train,
+            "augment": augment,
+            "epochs": epochs,
+            "gain_points": round(100 * gain, 2),
+            "seconds": round(time.monotonic() - started, 1),
+        }
+        print(
+            f"distill {setup}: teacher {section['teacher']['test_accuracy']:.4f}  alone "
+            f"{section['student_alone']['test_accuracy']:.4f}  distilled "
+            f"{section['student_distilled']['test_accuracy']:.4f}  gain {100 * gain:+.2f} pt"
+        )
     return {"data": "cifar10-dev (test = its val folder, 1,000 images)", "teacher": teacher, "setups": rows}
 
 
@@ -90,7 +114,11 @@ def digit_folders(root: Path, noise: float, size: int = 32) -> tuple[Path, Path,
     rng = np.random.default_rng(0)
     order = rng.permutation(len(digits.target))
     half = len(order) // 2
-    folders = {"source": order[:half], "target": order[half : half + half // 2], "target_test": order[half + half // 2 :]}
+    folders = {
+        "source": order[:half],
+        "target": order[half : half + half // 2],
+        "target_test": order[half + half // 2 :],
+    }
     for name, indices in folders.items():
         for i in indices:
             image = Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).resize((size, size), Image.BILINEAR)
@@ -109,56 +137,132 @@ def adapt(workdir: Path, epochs: int, noise_levels: list[float], dann_weight: fl
         source, target, target_test = digit_folders(workdir / f"digits-shift-noise{noise:g}", noise)
         rows = {}
         for method in ("adabn", "dann"):
-            recipe = Recipe.model_validate({
-                "name": f"bench-adapt-{method}", "seed": 0,
-                "data": {"path": str(source), "val_split": 0.15, "test_split": 0.15, "image_size": 64, "augment": "none"},
-                "model": {"backbone": "efficientnet_lite0"},
-                "train": {"strategy": "finetune", "epochs": epochs, "lr": 0.001, "backbone_lr_mult": 0.3, "warmup_epochs": 0.5},
-                "adapt": {"target": str(target), "target_labeled": str(target_test), "method": method, "dann_weight": dann_weight},
-            })
+            recipe = Recipe.model_validate(
+                {
+                    "name": f"bench-adapt-{method}",
+                    "seed": 0,
+                    "data": {
+                        "path": str(source),
+                        "val_split": 0.15,
+                        "test_split": 0.15,
+                        "image_size": 64,
+                        "augment": "none",
+                    },
+                    "model": {"backbone": "efficientnet_lite0"},
+                    "train": {
+                        "strategy": "finetune",
+                        "epochs": epochs,
+                        "lr": 0.001,
+                        "backbone_lr_mult": 0.3,
+                        "warmup_epochs": 0.5,
+                    },
+                    "adapt": {
+                        "target": str(target),
+                        "target_labeled": str(target_test),
+                        "method": method,
+                        "dann_weight": dann_weight,
+                    },
+                }
+            )
             started = time.monotonic()
-            rows[method] = train_model(recipe, workdir / "adapt")["transfer"]["adaptation"] | {"seconds": round(time.monotonic() - started, 1)}
+            rows[method] = train_model(recipe, workdir / "adapt")["transfer"]["adaptation"] | {
+                "seconds": round(time.monotonic() - started, 1)
+            }
         source_accuracy = rows["adabn"]["source_test_accuracy"]["source_only"]
         source_only = rows["adabn"]["target_accuracy"]["source_only"]
         gap = source_accuracy - source_only
-        summary = {"source_accuracy_on_source_test": source_accuracy, "source_only_on_target": source_only, "gap_points": round(100 * gap, 2)}
+        summary = {
+            "source_accuracy_on_source_test": source_accuracy,
+            "source_only_on_target": source_only,
+            "gap_points": round(100 * gap, 2),
+        }
         for method, row in rows.items():
             adapted = row["target_accuracy"]["adapted"]
             summary[f"{method}_on_target"] = adapted
-            summary[f"{method}_gap_recovered"] = round((adapted - row["target_accuracy"]["source_only"]) / gap, 3) if gap > 0 else None
-            print(f"adapt noise {noise:g} {method}: source-only {row['target_accuracy']['source_only']:.4f} → adapted {adapted:.4f} on target (source {source_accuracy:.4f}); gap recovered {summary[f'{method}_gap_recovered']}")
+            summary[f"{method}_gap_recovered"] = (
+                round((adapted - row["target_accuracy"]["source_only"]) / gap, 3) if gap > 0 else None
+            )
+            print(
+                f"adapt noise {noise:g} {method}: source-only {row['target_accuracy']['source_only']:.4f} → "
+                f"adapted {adapted:.4f} on target (source {source_accuracy:.4f}); gap recovered "
+                f"{summary[f'{method}_gap_recovered']}"
+            )
         shifts[f"noise_{noise:g}"] = {"methods": rows, "summary": summary}
-    return {"data": "sklearn digits, disjoint halves; target = contrast ×0.35 on grey 110, Gaussian blur 1.2 px, Gaussian noise σ (grey levels) at 32 px; 64 px model input",
-            "epochs": epochs, "dann_weight": dann_weight, "shifts": shifts}
+    return {
+        "data": "sklearn digits, disjoint halves; target = contrast ×0.35 on grey 110, Gaussian blur 1.2 px, "
+        "Gaussian noise σ (grey levels) at 32 px; 64 px model input",
+        "epochs": epochs,
+        "dann_weight": dann_weight,
+        "shifts": shifts,
+    }
 
 
 def qat(eq_workdir: Path, epochs: int, qat_epochs: int) -> dict:
     base = cifar_recipe(eq_workdir, "finetune", epochs)
-    recipe = Recipe.model_validate({**base.model_dump(mode="json"), "quantize": [{"runtime": "onnxruntime"}, {"runtime": "openvino"}, {"runtime": "openvino", "method": "qat", "qat_epochs": qat_epochs}]})
+    recipe = Recipe.model_validate(
+        {
+            **base.model_dump(mode="json"),
+            "quantize": [
+                {"runtime": "onnxruntime"},
+                {"runtime": "openvino"},
+                {"runtime": "openvino", "method": "qat", "qat_epochs": qat_epochs},
+            ],
+        }
+    )
     report = build(recipe, eq_workdir / "run").report.to_dict()
-    rows = {v["name"]: {k: v[k] for k in ("accuracy", "accuracy_drop", "accuracy_drop_ci95", "agreement", "latency_ms", "size_mb")} for v in report["variants"]}
+    rows = {
+        v["name"]: {
+            k: v[k] for k in ("accuracy", "accuracy_drop", "accuracy_drop_ci95", "agreement", "latency_ms", "size_mb")
+        }
+        for v in report["variants"]
+    }
     for name, row in rows.items():
-        print(f"qat: {name:14s} acc {row['accuracy']:.4f} drop {100 * row['accuracy_drop']:+.2f} pt agree {row['agreement']:.4f} p50 {row['latency_ms']['p50']:.2f} ms")
+        print(
+            f"qat: {name:14s} acc {row['accuracy']:.4f} drop {100 * row['accuracy_drop']:+.2f} pt agree "
+            f"{row['agreement']:.4f} p50 {row['latency_ms']['p50']:.2f} ms"
+        )
     notes = {q["name"]: q["notes"] for q in report["quantize"]}
-    return {"model": "lite0 224 px fine-tuned on cifar10-dev (export_quantize.py --strategy finetune)", "qat_epochs": qat_epochs, "variants": rows, "quantize_notes": notes,
-            "quantize_seconds": {q["name"]: q["seconds"] for q in report["quantize"]}, "qat_drop_not_worse_than_ptq": rows["ov-int8-qat"]["accuracy_drop"] <= rows["ov-int8"]["accuracy_drop"]}
+    return {
+        "model": "lite0 224 px fine-tuned on cifar10-dev (export_quantize.py --strategy finetune)",
+        "qat_epochs": qat_epochs,
+        "variants": rows,
+        "quantize_notes": notes,
+        "quantize_seconds": {q["name"]: q["seconds"] for q in report["quantize"]},
+        "qat_drop_not_worse_than_ptq": rows["ov-int8-qat"]["accuracy_drop"] <= rows["ov-int8"]["accuracy_drop"],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["distill", "adapt", "qat", "all"], default="all")
     parser.add_argument("--workdir", type=Path, help="keep runs here (default: a temporary folder)")
-    parser.add_argument("--eq-workdir", type=Path, help="qat: the workdir of export_quantize.py --strategy finetune (default: --workdir/eq)")
+    parser.add_argument(
+        "--eq-workdir",
+        type=Path,
+        help="qat: the workdir of export_quantize.py --strategy finetune (default: --workdir/eq)",
+    )
     parser.add_argument("--epochs", type=int, default=8, help="student epochs (distill), source epochs (adapt)")
     parser.add_argument("--teacher-epochs", type=int, default=8)
     parser.add_argument("--setups", nargs="+", choices=list(STUDENT_SETUPS), default=list(STUDENT_SETUPS))
     parser.add_argument("--temperature", type=float, default=4.0)
     parser.add_argument("--alpha", type=float, default=0.7)
-    parser.add_argument("--noise", type=float, nargs="+", default=[0.0, 4.0, 12.0], help="adapt: target noise levels (σ, grey levels)")
+    parser.add_argument(
+        "--noise", type=float, nargs="+", default=[0.0, 4.0, 12.0], help="adapt: target noise levels (σ, grey levels)"
+    )
     parser.add_argument("--dann-weight", type=float, default=1.0, help="adapt: the reversal weight DANN ramps up to")
     parser.add_argument("--qat-epochs", type=int, default=2)
-    parser.add_argument("--finetune-epochs", type=int, default=8, help="qat: epochs of the fine-tuned model (must match its workdir to reuse it)")
-    parser.add_argument("--write-shift", type=Path, metavar="DIR", help="only write the digits source/target folders (noise σ 4) for recipes/adapt.yaml")
+    parser.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=8,
+        help="qat: epochs of the fine-tuned model (must match its workdir to reuse it)",
+    )
+    parser.add_argument(
+        "--write-shift",
+        type=Path,
+        metavar="DIR",
+        help="only write the digits source/target folders (noise σ 4) for recipes/adapt.yaml",
+    )
     args = parser.parse_args()
     if args.write_shift:
         print("wrote", *digit_folders(args.write_shift, noise=4.0))
@@ -174,8 +278,13 @@ def main() -> None:
                 measured = distill(workdir, args.epochs, args.teacher_epochs, args.setups, args.temperature, args.alpha)
             else:
                 measured = qat(args.eq_workdir or workdir / "eq", args.finetune_epochs, args.qat_epochs)
-            results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}  # read late: parts may run in parallel
-            results |= {"machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine()}, part: measured}
+            results = (
+                json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+            )  # read late: parts may run in parallel
+            results |= {
+                "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine()},
+                part: measured,
+            }
             RESULTS.parent.mkdir(exist_ok=True)
             RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {RESULTS}", file=sys.stderr)

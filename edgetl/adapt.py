@@ -43,8 +43,9 @@ def adabn(model: models.TransferModel, target_images: np.ndarray, pre: Preproces
     return adapted.eval()
 
 
-def adabn_stage(folder: Path, source: TrainedModel, target_images: np.ndarray, dataset: Dataset,
-                recipe: Recipe) -> TrainedModel:
+def adabn_stage(
+    folder: Path, source: TrainedModel, target_images: np.ndarray, dataset: Dataset, recipe: Recipe
+) -> TrainedModel:
     """The AdaBN stage into `folder`: `source`'s model with the target images' BatchNorm statistics, saved
     like a train stage (its checkpoint, its val/test logits and accuracies, the rest of `source`'s train.json).
 
@@ -55,8 +56,14 @@ def adabn_stage(folder: Path, source: TrainedModel, target_images: np.ndarray, d
     models.save_checkpoint(folder / CHECKPOINT, adapted, loaded.spec, loaded.preprocessing, loaded.labels, recipe)
     val = model_logits(adapted, dataset.val.images, loaded.preprocessing)
     test = model_logits(adapted, dataset.test.images, loaded.preprocessing)
-    result = replace(source, checkpoint=folder / CHECKPOINT, val_logits=val, test_logits=test,
-                     val_accuracy=accuracy(val, dataset.val.labels), test_accuracy=accuracy(test, dataset.test.labels))
+    result = replace(
+        source,
+        checkpoint=folder / CHECKPOINT,
+        val_logits=val,
+        test_logits=test,
+        val_accuracy=accuracy(val, dataset.val.labels),
+        test_accuracy=accuracy(test, dataset.test.labels),
+    )
     result.save(folder)
     return result
 
@@ -82,8 +89,9 @@ class DomainAdversary(LossTerm):
 
     def __init__(self, num_features: int, hidden: int, weight: float, target_images: np.ndarray) -> None:
         super().__init__()
-        self.classifier = nn.Sequential(nn.Linear(num_features, hidden), nn.ReLU(), nn.Dropout(0.5),
-                                        nn.Linear(hidden, 1))
+        self.classifier = nn.Sequential(
+            nn.Linear(num_features, hidden), nn.ReLU(), nn.Dropout(0.5), nn.Linear(hidden, 1)
+        )
         self.weight = weight
         self.target_images = target_images  # uint8 (N, S, S, 3): the trainer prepares them like its own inputs
 
@@ -93,8 +101,9 @@ class DomainAdversary(LossTerm):
     def loss(self, batch: TrainBatch, logits: torch.Tensor, features: torch.Tensor, progress: float) -> torch.Tensor:
         return self.domain_loss(features, batch.target_features, progress)
 
-    def domain_loss(self, source_features: torch.Tensor, target_features: torch.Tensor,
-                    progress: float) -> torch.Tensor:
+    def domain_loss(
+        self, source_features: torch.Tensor, target_features: torch.Tensor, progress: float
+    ) -> torch.Tensor:
         """Binary domain loss (source 0, target 1); its gradient reaches the backbone reversed."""
         features = _ReverseGradient.apply(torch.cat([source_features, target_features]), self.reversal_weight(progress))
         domains = torch.cat([torch.zeros(len(source_features)), torch.ones(len(target_features))])

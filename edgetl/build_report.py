@@ -51,8 +51,12 @@ class ExportSummary:
     parity: list[ParityOutcome]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"opset": self.opset, "onnx_nodes": self.onnx_nodes, "files": self.files,
-                "parity": [p.to_dict() for p in self.parity]}
+        return {
+            "opset": self.opset,
+            "onnx_nodes": self.onnx_nodes,
+            "files": self.files,
+            "parity": [p.to_dict() for p in self.parity],
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExportSummary:
@@ -119,12 +123,15 @@ class BuildReport:
         """Raises KeyError naming a missing field; TypeError (or AttributeError, IndexError) when a
         section has the wrong shape."""
         content = known_fields(cls, data)
-        return cls(**content | {
-            "export": ExportSummary.from_dict(content["export"]),
-            "variants": [VariantMetrics.from_dict(v) for v in content["variants"]],
-            "gates": [GateOutcome.from_dict(g) for g in content["gates"]],
-            "selected": Selection.from_dict(content["selected"]) if content["selected"] is not None else None,
-        })
+        return cls(
+            **content
+            | {
+                "export": ExportSummary.from_dict(content["export"]),
+                "variants": [VariantMetrics.from_dict(v) for v in content["variants"]],
+                "gates": [GateOutcome.from_dict(g) for g in content["gates"]],
+                "selected": Selection.from_dict(content["selected"]) if content["selected"] is not None else None,
+            }
+        )
 
     @classmethod
     def from_json(cls, text: str) -> BuildReport:

@@ -38,8 +38,15 @@ class BundleResult:
     digest: str  # sha256 of edgetl.json's bytes (the same in the folder and the archive): the bundle's digest
 
 
-def run(variant: VariantMetrics, file: Path, labels: tuple[str, ...], pre: Preprocessing, recipe: dict, versions: dict,
-        run_dir: Path) -> BundleResult:
+def run(
+    variant: VariantMetrics,
+    file: Path,
+    labels: tuple[str, ...],
+    pre: Preprocessing,
+    recipe: dict,
+    versions: dict,
+    run_dir: Path,
+) -> BundleResult:
     """Pack the selected `variant` (its artifact is `file`) into `run_dir/bundle` and `run_dir/<name>.tar.gz`,
     where `name` is the recipe's. Raises OutputError when the disk refuses a write.
 
@@ -81,17 +88,18 @@ def run(variant: VariantMetrics, file: Path, labels: tuple[str, ...], pre: Prepr
 
 
 def _readme(manifest: dict, metrics: VariantMetrics) -> str:
-    return f"""# {manifest['name']}: edgetl deploy bundle
+    model = f"`{manifest['model']}` ({manifest['variant']}: {manifest['precision']} for {manifest['runtime']})"
+    return f"""# {manifest["name"]}: edgetl deploy bundle
 
-`{manifest['model']}` ({manifest['variant']}: {manifest['precision']} for {manifest['runtime']}), {len(manifest['labels'])} classes.
+{model}, {len(manifest["labels"])} classes.
 Measured at build time on the test split: accuracy {metrics.accuracy:.4f}, top-1 agreement with PyTorch FP32
 {metrics.agreement:.4f}, p50 latency {metrics.latency_ms.p50:.2f} ms at batch 1, {metrics.size_mb:.2f} MB.
 
-On the device: `{install_command(manifest['runtime'])}` (Python 3.10+), then
+On the device: `{install_command(manifest["runtime"])}` (Python 3.10+), then
 `edgetl predict <this bundle> image.jpg` or `edgetl serve <this bundle>`; in Python,
 `edgetl.runtime.predictor.Predictor.load(<this bundle>)`.
 
-The model takes `{manifest['input']['name']}`, float32 {manifest['input']['shape']}, preprocessed as `edgetl.json` says
+The model takes `{manifest["input"]["name"]}`, float32 {manifest["input"]["shape"]}, preprocessed as `edgetl.json` says
 (`edgetl.runtime.preprocess.preprocess` applies it with numpy and Pillow only), and returns logits.
 
 `edgetl.json` holds the labels, the preprocessing contract (resize, crop, interpolation, mean,

@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from edgetl.fileio import atomic_dir
 

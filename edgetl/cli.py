@@ -30,16 +30,29 @@ from edgetl.runtime.warnlog import route_warnings
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgetl", description="Transfer-learn, quantize, validate and ship a compact vision model.")
+    parser = argparse.ArgumentParser(
+        prog="edgetl", description="Transfer-learn, quantize, validate and ship a compact vision model."
+    )
     parser.add_argument("--version", action="version", version=f"edgetl {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    build = commands.add_parser("build", help="run a recipe: data, transfer, export, quantize, validate, gates, report, bundle")
+    build = commands.add_parser(
+        "build", help="run a recipe: data, transfer, export, quantize, validate, gates, report, bundle"
+    )
     build.add_argument("recipe", type=Path)
     build.add_argument("--output", "-o", type=Path, help="run folder (default: runs/<recipe name>)")
-    build.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE", help="override a recipe field, e.g. --set train.epochs=5 (repeatable)")
-    build.add_argument("--resume", action="store_true", help="continue an interrupted build from its last finished epoch")
+    build.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a recipe field, e.g. --set train.epochs=5 (repeatable)",
+    )
+    build.add_argument(
+        "--resume", action="store_true", help="continue an interrupted build from its last finished epoch"
+    )
     build.add_argument("--force", action="store_true", help="rebuild every stage instead of reusing cached ones")
 
     report = commands.add_parser("report", help="compare several runs in one chart and table")
@@ -110,7 +123,8 @@ def _build(args: argparse.Namespace) -> int:
     selected = report.selected_variant()
     print(
         f"{recipe.name}: selected {selected.name} ({selected.runtime} {selected.precision}): "
-        f"accuracy {selected.accuracy:.4f}, agreement {selected.agreement:.4f}, p50 {selected.latency_ms.p50:.2f} ms, {selected.size_mb:.2f} MB; "
+        f"accuracy {selected.accuracy:.4f}, agreement {selected.agreement:.4f}, p50 {selected.latency_ms.p50:.2f} "
+        f"ms, {selected.size_mb:.2f} MB; "
         f"bundle {run_dir / (recipe.name + '.tar.gz')} (sha256 {report.selected.bundle_sha256}; "
         f"device: `{install_command(selected.runtime)}`); "
         f"report {run_dir / 'report.html'}"
@@ -139,7 +153,10 @@ def _backbones(args: argparse.Namespace) -> int:
     for name in REGISTRY.names():
         spec = REGISTRY.get(name)
         pre = spec.preprocessing()
-        print(f"{name:20s} {spec.source:12s} {pre.input_size}px resize {pre.resize_size} {pre.interpolation:8s} mean {pre.mean} std {pre.std}  weights: {spec.weights}")
+        print(
+            f"{name:20s} {spec.source:12s} {pre.input_size}px resize {pre.resize_size} {pre.interpolation:8s} mean "
+            f"{pre.mean} std {pre.std}  weights: {spec.weights}"
+        )
     print("timm:<name>          any timm model; weights from the timm hub or `model.weights: <file>`")
     return 0
 

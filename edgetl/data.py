@@ -69,7 +69,9 @@ class Dataset:
         return {
             "origin": self.origin,
             "classes": list(self.classes),
-            "counts": {s: {"total": len(self.split(s).labels), "per_class": self.split(s).class_counts(n)} for s in SPLITS},
+            "counts": {
+                s: {"total": len(self.split(s).labels), "per_class": self.split(s).class_counts(n)} for s in SPLITS
+            },
             "skipped": [{"path": s.path, "reason": s.reason} for s in self.skipped],
             "content_hash": self.content_hash,
         }
@@ -96,13 +98,17 @@ def run(config: DataConfig, pre: Preprocessing, seed: int) -> Dataset:
         _require_every_class(split, classes, name, origin)
     if skipped:
         log.warning("skipped %d unreadable file(s); they are listed in metrics.json", len(skipped))
-    return Dataset(classes, splits["train"], splits["val"], splits["test"], tuple(skipped), _content_hash(classes, splits), origin)
+    return Dataset(
+        classes, splits["train"], splits["val"], splits["test"], tuple(skipped), _content_hash(classes, splits), origin
+    )
 
 
 def load_unlabeled(folder: Path, pre: Preprocessing, config: DataConfig, field: str) -> Split:
     """Every image file under `folder` (any layout), decoded once; labels are -1."""
     if not folder.is_dir():
-        raise DataError(f"`{field}` {folder} is not a folder. Point it at a folder of images from the deployment domain.")
+        raise DataError(
+            f"`{field}` {folder} is not a folder. Point it at a folder of images from the deployment domain."
+        )
     split = _decode([(path, -1, str(path)) for path in candidate_files(folder)], pre, field, [], config)
     if not len(split.labels):
         raise DataError(f"`{field}` {folder} has no readable images. Add images from the deployment domain.")
@@ -112,10 +118,15 @@ def load_unlabeled(folder: Path, pre: Preprocessing, config: DataConfig, field: 
 def load_labeled(folder: Path, classes: tuple[str, ...], pre: Preprocessing, config: DataConfig, field: str) -> Split:
     """<folder>/<class>/* with the training classes (some may be absent), decoded once."""
     if not folder.is_dir():
-        raise DataError(f"`{field}` {folder} is not a folder. Lay it out as <root>/<class>/<image> with the training classes.")
+        raise DataError(
+            f"`{field}` {folder} is not a folder. Lay it out as <root>/<class>/<image> with the training classes."
+        )
     extra = sorted(set(_class_names(folder, need_two=False)) - set(classes))
     if extra:
-        raise DataError(f"`{field}` {folder} has class folder(s) {extra} that the training data lacks; use the training classes {list(classes)}.")
+        raise DataError(
+            f"`{field}` {folder} has class folder(s) {extra} that the training data lacks; use the training "
+            f"classes {list(classes)}."
+        )
     split = _decode(_list_files(folder, classes, allow_empty=True), pre, field, [], config)
     if not len(split.labels):
         raise DataError(f"`{field}` {folder} has no readable images in any class folder.")
@@ -129,15 +140,23 @@ def _digits_listing(config: DataConfig, seed: int) -> tuple[tuple[str, ...], _Li
 
     digits = load_digits()
     pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 ink → 0..255
-    items = [(Image.fromarray(img, "L"), int(label), f"digits[{i}]") for i, (img, label) in enumerate(zip(pixels, digits.target))]
+    items = [
+        (Image.fromarray(img, "L"), int(label), f"digits[{i}]")
+        for i, (img, label) in enumerate(zip(pixels, digits.target))
+    ]
     classes = tuple(str(name) for name in digits.target_names)
     return classes, _stratified(items, classes, config, seed, "builtin digits"), "builtin:digits"
 
 
 def _folder_listing(root: Path, config: DataConfig, seed: int) -> tuple[tuple[str, ...], _Listing, str]:
     if not root.is_dir():
-        raise DataError(f"`data.path` {root} is not a folder. Point it at an image folder laid out as <root>/<class>/*, or use `data.builtin: digits`.")
-    split_dirs = {name: next((root / f for f in folders if (root / f).is_dir()), None) for name, folders in _SPLIT_FOLDERS.items()}
+        raise DataError(
+            f"`data.path` {root} is not a folder. Point it at an image folder laid out as <root>/<class>/*, or use "
+            "`data.builtin: digits`."
+        )
+    split_dirs = {
+        name: next((root / f for f in folders if (root / f).is_dir()), None) for name, folders in _SPLIT_FOLDERS.items()
+    }
     if split_dirs["train"] is None:
         classes = _class_names(root)
         items = _list_files(root, classes)
@@ -149,13 +168,18 @@ def _folder_listing(root: Path, config: DataConfig, seed: int) -> tuple[tuple[st
         if folder is not None:
             extra = sorted(set(_class_names(folder, need_two=False)) - set(classes))
             if extra:
-                raise DataError(f"{folder} has class folder(s) {extra} that {split_dirs['train']} lacks. Every class must have training images.")
+                raise DataError(
+                    f"{folder} has class folder(s) {extra} that {split_dirs['train']} lacks. Every class must have "
+                    "training images."
+                )
             listing[name] = _list_files(folder, classes, allow_empty=True)
     missing = [name for name in ("val", "test") if name not in listing]
     if missing:
         # Hold the missing split(s) out of train, stratified.
         fractions = {"val": config.val_split, "test": config.test_split}
-        carved = _stratified(listing["train"], classes, config, seed, str(split_dirs["train"]), only=missing, fractions=fractions)
+        carved = _stratified(
+            listing["train"], classes, config, seed, str(split_dirs["train"]), only=missing, fractions=fractions
+        )
         listing.update(carved)
     return classes, listing, str(root)
 
@@ -163,7 +187,10 @@ def _folder_listing(root: Path, config: DataConfig, seed: int) -> tuple[tuple[st
 def _class_names(folder: Path, need_two: bool = True) -> tuple[str, ...]:
     names = tuple(sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")))
     if need_two and len(names) < 2:
-        raise DataError(f"{folder} has {len(names)} class folder(s) {list(names)}; edgetl needs at least 2, laid out as {folder}/<class>/<image>.")
+        raise DataError(
+            f"{folder} has {len(names)} class folder(s) {list(names)}; edgetl needs at least 2, laid out as "
+            f"{folder}/<class>/<image>."
+        )
     return names
 
 
@@ -178,7 +205,9 @@ def _list_files(folder: Path, classes: tuple[str, ...], allow_empty: bool = Fals
     return items
 
 
-def _stratified(items, classes, config: DataConfig, seed: int, origin: str, only=SPLITS[1:], fractions=None) -> _Listing:
+def _stratified(
+    items, classes, config: DataConfig, seed: int, origin: str, only=SPLITS[1:], fractions=None
+) -> _Listing:
     """Seeded per-class split; every class gets at least one image in every split."""
     fractions = fractions or {"val": config.val_split, "test": config.test_split}
     rng = np.random.default_rng(seed)
@@ -187,7 +216,10 @@ def _stratified(items, classes, config: DataConfig, seed: int, origin: str, only
         members = [item for item in items if item[1] == label]
         needed = 1 + len(only)
         if len(members) < needed:
-            raise DataError(f"Class '{name}' in {origin} has {len(members)} image(s); splitting it into train/{'/'.join(only)} needs at least {needed}. Add images, or provide explicit split folders.")
+            raise DataError(
+                f"Class '{name}' in {origin} has {len(members)} image(s); splitting it into train/{'/'.join(only)} "
+                f"needs at least {needed}. Add images, or provide explicit split folders."
+            )
         order = rng.permutation(len(members))
         start = 0
         for split in only:
@@ -205,7 +237,9 @@ def _decode(items, pre: Preprocessing, split: str, skipped: list[SkippedImage], 
             return preprocess_uint8(source, pre, name, config.max_image_pixels), label, name
         except ImageDecodeError as exc:
             if config.on_bad_image == "error":
-                raise DataError(f"{exc}. Remove or replace it, or set `data.on_bad_image: skip` to skip unreadable images.") from None
+                raise DataError(
+                    f"{exc}. Remove or replace it, or set `data.on_bad_image: skip` to skip unreadable images."
+                ) from None
             return SkippedImage(name, str(exc))
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # Pillow releases the GIL while decoding
@@ -227,7 +261,10 @@ def _require_every_class(split: Split, classes: tuple[str, ...], name: str, orig
     counts = split.class_counts(len(classes))
     missing = [classes[i] for i, c in enumerate(counts) if c == 0]
     if missing:
-        raise DataError(f"The {name} split of {origin} has no readable images of class(es) {missing}. Every class needs images in every split: add some, or fix the unreadable ones listed above.")
+        raise DataError(
+            f"The {name} split of {origin} has no readable images of class(es) {missing}. Every class needs images "
+            "in every split: add some, or fix the unreadable ones listed above."
+        )
 
 
 def _content_hash(classes: tuple[str, ...], splits: dict[str, Split]) -> str:

@@ -57,8 +57,13 @@ class Distiller(LossTerm):
         s, t = self.student_pre, self.teacher.pre
         raw = x * _channels(s.std) + _channels(s.mean)
         if t.input_size != s.input_size:
-            raw = F.interpolate(raw, size=(t.input_size, t.input_size), mode="bilinear", align_corners=False,
-                                antialias=t.input_size < s.input_size)
+            raw = F.interpolate(
+                raw,
+                size=(t.input_size, t.input_size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=t.input_size < s.input_size,
+            )
         self.teacher.model.eval()
         with torch.no_grad():
             return self.teacher.model((raw - _channels(t.mean)) / _channels(t.std))
@@ -71,8 +76,12 @@ def kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: flo
     tensor(0.)
     """
     t = temperature
-    return F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1), reduction="batchmean",
-                    log_target=True) * (t * t)
+    return F.kl_div(
+        F.log_softmax(logits / t, dim=1),
+        F.log_softmax(teacher_logits / t, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    ) * (t * t)
 
 
 def _channels(values: tuple[float, float, float]) -> torch.Tensor:

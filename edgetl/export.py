@@ -15,7 +15,6 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -61,11 +60,25 @@ class ExportResult:
         """
         facts = json.loads((folder / FACTS_FILE).read_text())
         xml = folder / "model.xml"
-        return cls(folder / "model.onnx", xml if xml.is_file() else None, facts["node_count"], facts["opset"],
-                   facts["seconds"], [ParityOutcome.from_dict(p) for p in facts["parity"]])
+        return cls(
+            folder / "model.onnx",
+            xml if xml.is_file() else None,
+            facts["node_count"],
+            facts["opset"],
+            facts["seconds"],
+            [ParityOutcome.from_dict(p) for p in facts["parity"]],
+        )
 
 
-def run(model: TransferModel, pre: Preprocessing, labels: tuple[str, ...], out_dir: Path, opset: int, recipe_hash: str, want_openvino: bool) -> ExportResult:
+def run(
+    model: TransferModel,
+    pre: Preprocessing,
+    labels: tuple[str, ...],
+    out_dir: Path,
+    opset: int,
+    recipe_hash: str,
+    want_openvino: bool,
+) -> ExportResult:
     """Write `out_dir/model.onnx` and, when wanted and installed, `out_dir/model.xml`.
 
     >>> run(checkpoint.model, checkpoint.preprocessing, checkpoint.labels, run_dir / "export", 17, "ab12", True).onnx
@@ -81,12 +94,19 @@ def run(model: TransferModel, pre: Preprocessing, labels: tuple[str, ...], out_d
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the TorchScript exporter's constant-folding chatter
                 torch.onnx.export(
-                    exportable, (example,), str(tmp), dynamo=False, opset_version=opset,
-                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                    exportable,
+                    (example,),
+                    str(tmp),
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME],
                     dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                 )
         except Exception as exc:  # the exporter raises many types; all mean "this model does not export"
-            raise ExportError(f"torch.onnx.export failed for this model at opset {opset}: {type(exc).__name__}: {exc}") from None
+            raise ExportError(
+                f"torch.onnx.export failed for this model at opset {opset}: {type(exc).__name__}: {exc}"
+            ) from None
         graph = _optimize(tmp)
         onnx.helper.set_model_props(graph, metadata(pre, labels, recipe_hash))
         try:
@@ -171,8 +191,11 @@ def static_same_padding(model: nn.Module, size: int) -> nn.Module:
 
     inputs: dict[str, tuple[int, int]] = {}
     hooks = [
-        module.register_forward_pre_hook(lambda _m, args, name=name: inputs.__setitem__(name, tuple(args[0].shape[-2:])))
-        for name, module in model.named_modules() if isinstance(module, Conv2dSame)
+        module.register_forward_pre_hook(
+            lambda _m, args, name=name: inputs.__setitem__(name, tuple(args[0].shape[-2:]))
+        )
+        for name, module in model.named_modules()
+        if isinstance(module, Conv2dSame)
     ]
     with torch.no_grad():
         model(torch.zeros(1, 3, size, size))
@@ -182,7 +205,16 @@ def static_same_padding(model: nn.Module, size: int) -> nn.Module:
         conv = model.get_submodule(name)
         pad_h = _same_pad(height, conv.kernel_size[0], conv.stride[0], conv.dilation[0])
         pad_w = _same_pad(width, conv.kernel_size[1], conv.stride[1], conv.dilation[1])
-        plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation, conv.groups, conv.bias is not None)
+        plain = nn.Conv2d(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            0,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+        )
         plain.load_state_dict(conv.state_dict())
         padded = nn.Sequential(nn.ZeroPad2d((pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)), plain)
         parent_name, _, child = name.rpartition(".")

@@ -16,9 +16,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from edgetl.errors import OutputError
 
@@ -148,4 +149,3 @@ def remove_temporaries(folder: Path, names: Iterable[str] | None = None) -> list
         else:
             path.unlink(missing_ok=True)
     return removed
-

@@ -11,8 +11,9 @@ names each failing gate, its threshold and the measured value.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 from edgetl.recipe import GatesConfig
 from edgetl.runtime.metrics import VariantMetrics, known_fields
@@ -83,8 +84,10 @@ class GateOutcome:
     def describe(self) -> str:
         """One line: gate, threshold, measured value, variant."""
         gate = GATES[self.gate]
-        return (f"gate {self.gate} failed for {self.variant}: needs {gate.relation} {self.threshold:g}{gate.suffix}, "
-                f"measured {self.value:.4g}{gate.suffix}")
+        return (
+            f"gate {self.gate} failed for {self.variant}: needs {gate.relation} {self.threshold:g}{gate.suffix}, "
+            f"measured {self.value:.4g}{gate.suffix}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,15 +136,21 @@ class Decision:
         """The report's `selected`: None when no variant passes."""
         if self.selected is None:
             return None
-        return Selection(name=self.selected, policy=self.policy, reason=self.reason, runtime=self.runtime,
-                         install=install_command(self.runtime))
+        return Selection(
+            name=self.selected,
+            policy=self.policy,
+            reason=self.reason,
+            runtime=self.runtime,
+            install=install_command(self.runtime),
+        )
 
     def failures(self) -> list[str]:
         return [o.describe() for o in self.outcomes if not o.passed]
 
 
-def run(variants: list[VariantMetrics], config: GatesConfig, policy: str,
-        device_runtimes: Sequence[str] | None = None) -> Decision:
+def run(
+    variants: list[VariantMetrics], config: GatesConfig, policy: str, device_runtimes: Sequence[str] | None = None
+) -> Decision:
     """Check every deployable variant against the recipe's gates and select one that runs on
     `device_runtimes` (None: any runtime).
 

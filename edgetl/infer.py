@@ -23,8 +23,12 @@ EVAL_BATCH = 64  # crops per forward pass in every eval loop: ~38 MB of float32 
 T = TypeVar("T")
 
 
-def in_batches(run: Callable[[np.ndarray], T], items: np.ndarray | torch.Tensor, batch_size: int = EVAL_BATCH,
-               description: str | None = None) -> list[T]:
+def in_batches(
+    run: Callable[[np.ndarray], T],
+    items: np.ndarray | torch.Tensor,
+    batch_size: int = EVAL_BATCH,
+    description: str | None = None,
+) -> list[T]:
     """`run` on consecutive slices of `items` (the last may be shorter), under torch's inference
     mode; with `description`, a progress bar.
 
@@ -38,7 +42,9 @@ def in_batches(run: Callable[[np.ndarray], T], items: np.ndarray | torch.Tensor,
         return [run(items[i : i + batch_size]) for i in starts]
 
 
-def model_logits(model: TransferModel, images: np.ndarray, pre: Preprocessing, batch_size: int = EVAL_BATCH) -> np.ndarray:
+def model_logits(
+    model: TransferModel, images: np.ndarray, pre: Preprocessing, batch_size: int = EVAL_BATCH
+) -> np.ndarray:
     """(N, classes) eval-mode logits for uint8 (N, S, S, 3) crops, through the shared preprocessing.
 
     The batches go in channels_last: PyTorch's CPU convolutions then run 1.6× faster
@@ -68,4 +74,3 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 def agreement(logits: np.ndarray, reference: np.ndarray) -> float:
     """Share of images whose top-1 class equals the reference logits' top-1."""
     return float((logits.argmax(1) == reference.argmax(1)).mean()) if len(logits) else 0.0
-

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # kind → the sentence, formatted with the note's values. Stages add their kinds here.
-_TIED = ("at {count} epochs ({epochs}), so it cannot rank them: epoch {best_epoch} was kept for the lowest val loss "
-         "among them")
+_TIED = (
+    "at {count} epochs ({epochs}), so it cannot rank them: epoch {best_epoch} was kept for the lowest val loss "
+    "among them"
+)
 TEMPLATES: dict[str, str] = {
     # a sentence saved before notes were records (the stage folders of earlier builds)
     "text": "{text}",
@@ -33,11 +35,11 @@ TEMPLATES: dict[str, str] = {
     "(best epoch {best_epoch} of {epochs}, {seconds:.0f}s)",
     # train
     "augment_not_applied": "data.augment={augment} was not applied: linear_probe computes features once per image. "
-                           "Use strategy partial or finetune to train with augmentation.",
+    "Use strategy partial or finetune to train with augmentation.",
     "early_stop": "early stop after epoch {epoch}: val accuracy (ties: val loss) had not improved for {patience} "
-                  "epochs",
+    "epochs",
     "small_val_split": "the val split has {images} images (one image = {points:.1f} points of val accuracy), too few "
-                       "to rank epochs reliably (under {minimum}); add images or raise `data.val_split`",
+    "to rank epochs reliably (under {minimum}); add images or raise `data.val_split`",
     "saturated_val_accuracy": "val accuracy was 1.0 (saturated) " + _TIED,
     "tied_val_accuracy": "val accuracy was {accuracy:.4f} " + _TIED,
 }

@@ -126,8 +126,13 @@ def _context(recipe: Recipe, run_dir: Path, resume: bool, force: bool) -> BuildC
     seed_everything(recipe.seed)
     dataset = data.run(recipe.data, pre, recipe.seed)
     counts = "/".join(str(len(dataset.split(s).labels)) for s in data.SPLITS)
-    log.info("data %s: %s images (train/val/test), %d classes, %d skipped", dataset.origin, counts,
-             len(dataset.classes), len(dataset.skipped))
+    log.info(
+        "data %s: %s images (train/val/test), %d classes, %d skipped",
+        dataset.origin,
+        counts,
+        len(dataset.classes),
+        len(dataset.skipped),
+    )
     return BuildContext(recipe, run_dir, StageCache(run_dir / "stages", force), spec, pre, dataset, resume)
 
 
@@ -137,7 +142,12 @@ def _save_training(ctx: BuildContext, transferred: Transferred, started: float) 
     metrics = {
         "edgetl_version": __version__,
         "recipe": recipe.model_dump(mode="json"),
-        "backbone": {"name": spec.name, "arch": spec.arch, "weights": recipe.model.weights, "weights_source": spec.weights},
+        "backbone": {
+            "name": spec.name,
+            "arch": spec.arch,
+            "weights": recipe.model.weights,
+            "weights_source": spec.weights,
+        },
         "preprocessing": ctx.pre.to_dict(),
         "dataset": ctx.dataset.summary(),
         "strategy": recipe.train.strategy,
@@ -158,16 +168,31 @@ def _recipe_hash(recipe: Recipe) -> str:
     return recipe.section_hash("seed", "data", "model", "train", "export", *transfer_sections)
 
 
-def _export_stage(ctx: BuildContext, trained: train.TrainedModel, stage_key: str, runtimes: list[str],
-                  recipe_hash: str) -> export.ExportResult:
+def _export_stage(
+    ctx: BuildContext, trained: train.TrainedModel, stage_key: str, runtimes: list[str], recipe_hash: str
+) -> export.ExportResult:
     """The FP32 ONNX file and IR, each proven against PyTorch on every validation image (parity)."""
     recipe = ctx.recipe
 
     def make(out: Path) -> None:
-        result = export.run(trained.model, ctx.pre, ctx.dataset.classes, out, recipe.export.opset, recipe_hash,
-                            want_openvino="openvino" in runtimes)
-        parity = validate.parity(trained.model, _fp32_artifacts(result), ctx.dataset.val, ctx.pre,
-                                 recipe.export.parity_tolerance, recipe.measure.threads, trained.val_logits)
+        result = export.run(
+            trained.model,
+            ctx.pre,
+            ctx.dataset.classes,
+            out,
+            recipe.export.opset,
+            recipe_hash,
+            want_openvino="openvino" in runtimes,
+        )
+        parity = validate.parity(
+            trained.model,
+            _fp32_artifacts(result),
+            ctx.dataset.val,
+            ctx.pre,
+            recipe.export.parity_tolerance,
+            recipe.measure.threads,
+            trained.val_logits,
+        )
         replace(result, parity=parity).save(out)
 
     with ctx.timed("export_seconds"):
@@ -175,8 +200,13 @@ def _export_stage(ctx: BuildContext, trained: train.TrainedModel, stage_key: str
     return export.ExportResult.load(folder)
 
 
-def _quantize_stage(ctx: BuildContext, exported: export.ExportResult, trained: train.TrainedModel,
-                    variant: QuantVariant, export_key: str) -> quantize.QuantizedArtifact:
+def _quantize_stage(
+    ctx: BuildContext,
+    exported: export.ExportResult,
+    trained: train.TrainedModel,
+    variant: QuantVariant,
+    export_key: str,
+) -> quantize.QuantizedArtifact:
     inputs = quantize.Inputs(ctx.dataset, ctx.pre, ctx.recipe.seed, ctx.recipe.measure.threads)
 
     def make(out: Path) -> None:
@@ -202,11 +232,19 @@ def _artifacts(exported: export.ExportResult, quantized: list[quantize.Quantized
     return _fp32_artifacts(exported) + made
 
 
-def _validate_stage(ctx: BuildContext, trained: train.TrainedModel, artifacts: list[validate.Artifact],
-                    export_key: str) -> validate.Validation:
+def _validate_stage(
+    ctx: BuildContext, trained: train.TrainedModel, artifacts: list[validate.Artifact], export_key: str
+) -> validate.Validation:
     def make(out: Path) -> None:
-        validate.run(trained.model, artifacts, ctx.dataset.test, ctx.pre, ctx.recipe.measure, trained.checkpoint,
-                     trained.test_logits).save(out)
+        validate.run(
+            trained.model,
+            artifacts,
+            ctx.dataset.test,
+            ctx.pre,
+            ctx.recipe.measure,
+            trained.checkpoint,
+            trained.test_logits,
+        ).save(out)
 
     files = [a.file.parent.name + "/" + a.file.name for a in artifacts]
     stage_key = key(export_key, files, ctx.recipe.measure.model_dump(mode="json"), ctx.dataset.content_hash)
@@ -242,10 +280,23 @@ def _report(ctx: BuildContext, plan: _Plan, made: _Made, decision: gates.Decisio
 
 def _bundle(ctx: BuildContext, content: BuildReport, selected: validate.Artifact, reason: str) -> BuildReport:
     """Pack the selected variant into bundle/ and the archive; the report gains the bundle's digest."""
-    packed = bundle.run(content.selected_variant(), selected.file, ctx.dataset.classes, ctx.pre, content.recipe,
-                        content.environment["packages"], ctx.run_dir)
-    log.info("selected %s (%s); bundle %s (sha256 %s); the device needs `%s`", selected.name, reason, packed.archive,
-             packed.digest, content.selected.install)
+    packed = bundle.run(
+        content.selected_variant(),
+        selected.file,
+        ctx.dataset.classes,
+        ctx.pre,
+        content.recipe,
+        content.environment["packages"],
+        ctx.run_dir,
+    )
+    log.info(
+        "selected %s (%s); bundle %s (sha256 %s); the device needs `%s`",
+        selected.name,
+        reason,
+        packed.archive,
+        packed.digest,
+        content.selected.install,
+    )
     # the digest is what a device pins with --expect-sha256
     return replace(content, selected=replace(content.selected, bundle_sha256=packed.digest))
 
@@ -257,8 +308,11 @@ def _remove_outputs(run_dir: Path, name: str) -> None:
     for output in outputs:
         (run_dir / output).unlink(missing_ok=True)
     shutil.rmtree(run_dir / "bundle", ignore_errors=True)
-    leftovers = [*remove_temporaries(run_dir, [*outputs, "bundle"]), *remove_temporaries(run_dir / "stages"),
-                 *remove_temporaries(run_dir / "state")]
+    leftovers = [
+        *remove_temporaries(run_dir, [*outputs, "bundle"]),
+        *remove_temporaries(run_dir / "stages"),
+        *remove_temporaries(run_dir / "state"),
+    ]
     if leftovers:
         names = ", ".join(p.name for p in leftovers)
         log.info("removed %d temporary file(s) a killed build left: %s", len(leftovers), names)
@@ -269,9 +323,16 @@ def _available_runtimes(recipe: Recipe) -> tuple[list[str], list[str]]:
     if recipe.export.runtimes is not None:
         missing = [r for r in recipe.export.runtimes if not is_installed(r)]
         if missing:
-            raise RecipeError(f"`export.runtimes` asks for {missing}, which is not installed; install it (`pip install 'edgetl[train]'`) or remove it from the list.")
+            raise RecipeError(
+                f"`export.runtimes` asks for {missing}, which is not installed; install it (`pip install "
+                "'edgetl[train]'`) or remove it from the list."
+            )
         return list(recipe.export.runtimes), []
-    skipped = [f"{r} is not installed: its variants were skipped (install it with `pip install 'edgetl[train]'`)" for r in RUNTIMES if not is_installed(r)]
+    skipped = [
+        f"{r} is not installed: its variants were skipped (install it with `pip install 'edgetl[train]'`)"
+        for r in RUNTIMES
+        if not is_installed(r)
+    ]
     for line in skipped:
         log.warning(line)
     return [r for r in RUNTIMES if is_installed(r)], skipped
@@ -284,9 +345,11 @@ def _check_device_runtimes(recipe: Recipe, runtimes: list[str]) -> None:
     OpenVINO-only device with OpenVINO missing here (or left out of `export.runtimes`) fails.
     """
     if "onnxruntime" not in recipe.device.runtimes and "openvino" not in runtimes:
-        raise RecipeError("`device.runtimes` is [openvino], but this build measures no variant on OpenVINO (not "
-                          "installed here, or not in `export.runtimes`); install it (`pip install 'edgetl[train]'`) "
-                          "or add onnxruntime to `device.runtimes`.")
+        raise RecipeError(
+            "`device.runtimes` is [openvino], but this build measures no variant on OpenVINO (not "
+            "installed here, or not in `export.runtimes`); install it (`pip install 'edgetl[train]'`) "
+            "or add onnxruntime to `device.runtimes`."
+        )
 
 
 def _runnable_variants(recipe: Recipe, runtimes: list[str]) -> tuple[list[QuantVariant], list[str]]:
@@ -297,7 +360,10 @@ def _runnable_variants(recipe: Recipe, runtimes: list[str]) -> tuple[list[QuantV
         if variant.runtime in runtimes:
             runnable.append(variant)
         elif explicit:
-            raise RecipeError(f"quantize variant {variant.display_name} needs {variant.runtime}, which is not installed or not in `export.runtimes`; install it or remove the variant.")
+            raise RecipeError(
+                f"quantize variant {variant.display_name} needs {variant.runtime}, which is not installed or not "
+                "in `export.runtimes`; install it or remove the variant."
+            )
         else:
             skipped.append(f"quantize variant {variant.display_name} skipped: {variant.runtime} is not available")
             log.warning(skipped[-1])

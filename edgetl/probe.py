@@ -42,7 +42,6 @@ def main(runtime: str, target: str, size: int, threads: int) -> dict:
     return {"load_seconds": round(loaded - started, 4), "peak_rss_mb": round(peak_rss_kb() / 1024, 1)}
 
 
-
 if __name__ == "__main__":
     runtime, target, size, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     print(json.dumps(main(runtime, target, size, threads)))

@@ -9,9 +9,9 @@ lives in `report_content`, the page in `report_html`, the charts in `report_char
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from edgetl.build_report import BuildReport
 from edgetl.errors import DataError
@@ -92,7 +92,9 @@ def build_markdown(report: BuildReport) -> str:
         lines += ["", "**Selected:** none; no variant passes every gate."]
     lines += ["", f"**Pareto front** (fastest first): {_front_names([('', v) for v in variants])}"]
     for table in transfer_tables(report):
-        lines += ["", f"**{table.title}**", ""] + _markdown_table(table.headers, table.rows, [False] + [True] * (len(table.headers) - 1))
+        lines += ["", f"**{table.title}**", ""] + _markdown_table(
+            table.headers, table.rows, [False] + [True] * (len(table.headers) - 1)
+        )
     lines += ["", f"**Stages:** {stage_summary(report)}", ""]
     return "\n".join(lines)
 
@@ -133,8 +135,9 @@ def _markdown_row(cells: Sequence[str]) -> str:
 def _front_names(rows: Sequence[tuple[str, VariantMetrics]]) -> str:
     """The Pareto-optimal variants, fastest first, named run/variant when a run label is set."""
     front = [rows[i] for i in pareto_front([(v.latency_ms.p50, v.accuracy) for _, v in rows])]
-    named = (f"`{label + '/' if label else ''}{v.name}` ({v.latency_ms.p50:.2f} ms, {pct(v.accuracy)})"
-             for label, v in front)
+    named = (
+        f"`{label + '/' if label else ''}{v.name}` ({v.latency_ms.p50:.2f} ms, {pct(v.accuracy)})" for label, v in front
+    )
     return " → ".join(named) or DASH
 
 
@@ -144,7 +147,9 @@ def _load(run_dir: Path) -> BuildReport:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise DataError(f"{path} does not exist: run `edgetl build` for this run first, then pass its run directory.") from None
+        raise DataError(
+            f"{path} does not exist: run `edgetl build` for this run first, then pass its run directory."
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path} is not a readable report ({exc}); rebuild it with `edgetl build`.") from None
     try:

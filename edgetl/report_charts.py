@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -89,10 +90,7 @@ def accuracy_latency_svg(
         if front:
             xs, ys = _steps(front, right=max(p.latency_ms for p in everything))
             ax.plot(xs, ys, color="0.4", linewidth=1.2, zorder=2, label="Pareto front")
-        if min_accuracy is not None:
-            ax.axhline(min_accuracy * 100, color="tab:red", linestyle="--", linewidth=1, label=f"gate min_accuracy {min_accuracy * 100:.2f}%")
-        if max_latency_ms is not None:
-            ax.axvline(max_latency_ms, color="tab:purple", linestyle=":", linewidth=1.4, label=f"gate max_latency_ms {max_latency_ms:g} ms")
+        _gate_lines(ax, min_accuracy, max_latency_ms)
         latencies = [p.latency_ms for p in everything] + ([max_latency_ms] if max_latency_ms is not None else [])
         _latency_axis(ax, latencies)
         ax.margins(x=0.12, y=0.2)  # room for two rows of names above the top points
@@ -104,8 +102,20 @@ def accuracy_latency_svg(
         ax.grid(alpha=0.1, which="minor")
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8)
         # One run: dark names. Several: each name in its run's colour, so it is clear whose it is.
-        _label_points(fig, ax, [(p, f"C{k % 10}" if len(series) > 1 else "0.15") for k, s in enumerate(series) for p in s.points])
+        _label_points(
+            fig, ax, [(p, f"C{k % 10}" if len(series) > 1 else "0.15") for k, s in enumerate(series) for p in s.points]
+        )
         return _svg(fig)
+
+
+def _gate_lines(ax: Axes, min_accuracy: float | None, max_latency_ms: float | None) -> None:
+    """The accuracy and latency gates, where the recipe sets them, as a horizontal and a vertical line."""
+    if min_accuracy is not None:
+        label = f"gate min_accuracy {min_accuracy * 100:.2f}%"
+        ax.axhline(min_accuracy * 100, color="tab:red", linestyle="--", linewidth=1, label=label)
+    if max_latency_ms is not None:
+        label = f"gate max_latency_ms {max_latency_ms:g} ms"
+        ax.axvline(max_latency_ms, color="tab:purple", linestyle=":", linewidth=1.4, label=label)
 
 
 def confusion_svg(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> str:
@@ -121,7 +131,9 @@ def confusion_svg(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> st
         share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
         ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
         long_names = max(map(len, classes)) > 3  # would collide side by side under the columns
-        ax.set_xticks(range(k), labels=list(classes), rotation=45 if long_names else 0, ha="right" if long_names else "center")
+        ax.set_xticks(
+            range(k), labels=list(classes), rotation=45 if long_names else 0, ha="right" if long_names else "center"
+        )
         ax.set_yticks(range(k), labels=list(classes))
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
@@ -129,7 +141,9 @@ def confusion_svg(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> st
             for i in range(k):
                 for j in range(k):
                     colour = "white" if share[i, j] > 0.6 else ("0.2" if counts[i, j] else "0.7")
-                    ax.text(j, i, str(counts[i, j]), ha="center", va="center", color=colour, fontsize=8 if k > 12 else 9)
+                    ax.text(
+                        j, i, str(counts[i, j]), ha="center", va="center", color=colour, fontsize=8 if k > 12 else 9
+                    )
         return _svg(fig)
 
 
@@ -147,12 +161,21 @@ def training_svg(history: Sequence[dict], best_epoch: int | None) -> str:
         acc_ax.set_title("validation accuracy (%)", fontsize=9)
         for ax in (loss_ax, acc_ax):
             if best_epoch is not None:
-                ax.axvline(best_epoch, color="tab:orange", linestyle="--", linewidth=1, label=f"best epoch {best_epoch}")
+                ax.axvline(
+                    best_epoch, color="tab:orange", linestyle="--", linewidth=1, label=f"best epoch {best_epoch}"
+                )
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
         if best_epoch in epochs:
-            acc_ax.plot([best_epoch], [val[epochs.index(best_epoch)]], marker="*", markersize=12, color="tab:orange", linestyle="none")
+            acc_ax.plot(
+                [best_epoch],
+                [val[epochs.index(best_epoch)]],
+                marker="*",
+                markersize=12,
+                color="tab:orange",
+                linestyle="none",
+            )
         acc_ax.legend(loc="lower right", fontsize=8)
         fig.set_layout_engine("constrained")
         return _svg(fig)
@@ -182,7 +205,12 @@ def _svg(fig: Figure) -> str:
         # browser draws a class name's emoji or CJK glyphs with its own fonts; matplotlib only
         # measures them, and warns that its DejaVu Sans lacks them.
         warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", category=UserWarning)
-        fig.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
+        fig.savefig(
+            buffer,
+            format="svg",
+            bbox_inches="tight",
+            metadata={"Date": None, "Creator": None, "Format": None, "Type": None},
+        )
     text = buffer.getvalue()
     return text[text.index("<svg") :]
 
@@ -236,7 +264,10 @@ def _label_points(fig: Figure, ax: Axes, points: Sequence[tuple[ChartPoint, str]
     for line in ax.get_lines():  # the front and the gate lines; all their segments are axis-aligned
         if line.get_linestyle() not in ("None", ""):
             xy = line.get_transform().transform(line.get_xydata())
-            taken += [(Bbox([[min(a[0], b[0]) - 1, min(a[1], b[1]) - 1], [max(a[0], b[0]) + 1, max(a[1], b[1]) + 1]]), 1) for a, b in zip(xy[:-1], xy[1:])]
+            taken += [
+                (Bbox([[min(a[0], b[0]) - 1, min(a[1], b[1]) - 1], [max(a[0], b[0]) + 1, max(a[1], b[1]) + 1]]), 1)
+                for a, b in zip(xy[:-1], xy[1:])
+            ]
     for p, colour in sorted(points, key=lambda pc: (pc[0].latency_ms, -pc[0].accuracy)):
         best: tuple[int, Text, Bbox] | None = None
         for offset in _LABEL_OFFSETS:

@@ -7,9 +7,9 @@ without matplotlib or HTML.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from edgetl.build_report import BuildReport
 from edgetl.gates import GATES, GateOutcome
@@ -129,8 +129,6 @@ def stage_summary(report: BuildReport) -> str:
     return " · ".join(parts) or DASH
 
 
-
-
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices of the (latency, accuracy) points no other point beats, fastest first.
 
@@ -223,17 +221,30 @@ def transfer_tables(report: BuildReport) -> list[TransferTable]:
         teacher, alone, distilled = distill["teacher"], distill.get("student_alone") or {}, distill["student_distilled"]
         student = f"{distill['student']} @ {distill['input_size']} px"
         rows = [
-            (f"teacher {teacher['backbone']} @ {teacher['input_size']} px", pct(teacher["val_accuracy"]), pct(teacher["test_accuracy"])),
+            (
+                f"teacher {teacher['backbone']} @ {teacher['input_size']} px",
+                pct(teacher["val_accuracy"]),
+                pct(teacher["test_accuracy"]),
+            ),
             (f"student alone {student}", pct(alone.get("val_accuracy")), pct(alone.get("test_accuracy"))),
             (f"student distilled {student}", pct(distilled["val_accuracy"]), pct(distilled["test_accuracy"])),
         ]
-        title = f"Distillation (T = {distill['temperature']}, alpha = {distill['alpha']}, teacher logits {distill['teacher_logits']})"
+        title = (
+            f"Distillation (T = {distill['temperature']}, alpha = {distill['alpha']}, "
+            f"teacher logits {distill['teacher_logits']})"
+        )
         tables.append(TransferTable(title, ("model", "val accuracy", "test accuracy"), tuple(rows)))
     adapt = transfer.get("adaptation")
     if adapt:
         target = adapt.get("target_accuracy") or {}
         source = adapt["source_test_accuracy"]
-        rows = [(name, pct(target.get(field)), pct(source.get(field))) for name, field in (("source only", "source_only"), (f"adapted ({adapt['method']})", "adapted"))]
-        title = f"Domain adaptation ({adapt['method']}, {adapt['target_images']} unlabeled target images, {target.get('images', 0)} labeled)"
+        rows = [
+            (name, pct(target.get(field)), pct(source.get(field)))
+            for name, field in (("source only", "source_only"), (f"adapted ({adapt['method']})", "adapted"))
+        ]
+        title = (
+            f"Domain adaptation ({adapt['method']}, {adapt['target_images']} unlabeled target images, "
+            f"{target.get('images', 0)} labeled)"
+        )
         tables.append(TransferTable(title, ("model", "target accuracy", "source test accuracy"), tuple(rows)))
     return tables

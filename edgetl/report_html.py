@@ -7,8 +7,8 @@ text from the report goes through `html.escape`: names, notes and paths come fro
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from html import escape
-from typing import Sequence
 
 from edgetl.build_report import BuildReport
 from edgetl.report_charts import ChartPoint, Series, accuracy_latency_svg, confusion_svg, training_svg
@@ -31,7 +31,8 @@ from edgetl.report_content import (
 from edgetl.runtime.metrics import VariantMetrics
 
 _CSS = """
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1f2328; margin: 0; background: #f6f8fa; }
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1f2328; margin: 0;
+       background: #f6f8fa; }
 main { max-width: 1240px; margin: 0 auto; padding: 24px 28px 48px; background: #fff; }
 h1 { margin: 0 0 8px; font-size: 26px; }
 h2 { margin: 32px 0 10px; font-size: 18px; border-bottom: 1px solid #d0d7de; padding-bottom: 4px; }
@@ -71,7 +72,17 @@ def build_page(report: BuildReport) -> str:
         _section("Gates", _gate_table(report)),
         _focus_section(report),
         _training_section(report.training),
-        *(_section(t.title, _table(t.headers, [[(row[0], False)] + [(c, True) for c in row[1:]] for row in t.rows], [None] * len(t.rows))) for t in transfer_tables(report)),
+        *(
+            _section(
+                t.title,
+                _table(
+                    t.headers,
+                    [[(row[0], False)] + [(c, True) for c in row[1:]] for row in t.rows],
+                    [None] * len(t.rows),
+                ),
+            )
+            for t in transfer_tables(report)
+        ),
         _dataset_section(report.dataset),
         _build_section(report),
     ]
@@ -84,7 +95,9 @@ def compare_page(runs: Sequence[Run]) -> str:
     series = [Series(run.label, tuple(_points(run.report.variants))) for run in runs]
     summaries = [run_summary(run) for run in runs]
     headers = list(summaries[0])
-    summary = _table(headers, [[(s[h], h == "test accuracy") for h in headers] for s in summaries], [None] * len(summaries))
+    summary = _table(
+        headers, [[(s[h], h == "test accuracy") for h in headers] for s in summaries], [None] * len(summaries)
+    )
     sections = [
         _section("Runs", summary),
         # Points carry the bare variant name; the colour and legend say which run it came from.
@@ -92,7 +105,14 @@ def compare_page(runs: Sequence[Run]) -> str:
         _section("All variants", _variant_table(run_variants(runs), None)),
     ]
     title = f"{len(runs)} runs compared"
-    return _page(f"edgetl · {title}", title, passed == len(runs), f"{passed} of {len(runs)} runs pass their gates", ", ".join(r.label for r in runs), sections)
+    return _page(
+        f"edgetl · {title}",
+        title,
+        passed == len(runs),
+        f"{passed} of {len(runs)} runs pass their gates",
+        ", ".join(r.label for r in runs),
+        sections,
+    )
 
 
 def _page(title: str, heading: str, good: bool, banner: str, meta: str, sections: Sequence[str]) -> str:
@@ -120,12 +140,19 @@ def _section(heading: str, body: str) -> str:
     return f"<section><h2>{escape(heading)}</h2>\n{body}\n</section>"
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[tuple[str, bool]]], row_classes: Sequence[str | None], table_class: str = "") -> str:
+def _table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[tuple[str, bool]]],
+    row_classes: Sequence[str | None],
+    table_class: str = "",
+) -> str:
     """Rows of (text, numeric) cells, all escaped here, once; no header row when `headers` is empty."""
     head = "<thead><tr>" + "".join(f"<th>{escape(h)}</th>" for h in headers) + "</tr></thead>" if headers else ""
     body = []
     for cells, row_class in zip(rows, row_classes):
-        tds = "".join(f'<td class="num">{escape(text)}</td>' if numeric else f"<td>{escape(text)}</td>" for text, numeric in cells)
+        tds = "".join(
+            f'<td class="num">{escape(text)}</td>' if numeric else f"<td>{escape(text)}</td>" for text, numeric in cells
+        )
         body.append(f'<tr class="{row_class}">{tds}</tr>' if row_class else f"<tr>{tds}</tr>")
     table = f'<table class="{table_class}">' if table_class else "<table>"
     return f"{table}{head}<tbody>{''.join(body)}</tbody></table>"
@@ -175,11 +202,23 @@ def _focus_section(report: BuildReport) -> str:
     scores = class_scores(variant.confusion_matrix, classes)
     table = _table(
         ["class", "support", "precision", "recall", "F1"],
-        [[(s.name, False), (str(s.support), True), (pct(s.precision), True), (pct(s.recall), True), (pct(s.f1), True)] for s in scores],
+        [
+            [
+                (s.name, False),
+                (str(s.support), True),
+                (pct(s.precision), True),
+                (pct(s.recall), True),
+                (pct(s.f1), True),
+            ]
+            for s in scores
+        ],
         [None] * len(scores),
     )
     chart = confusion_svg(variant.confusion_matrix, classes)
-    body = f'<p class="meta">Test split, rows true class, columns predicted.</p><div class="side"><div class="chart">{chart}</div>{table}</div>'
+    body = (
+        '<p class="meta">Test split, rows true class, columns predicted.</p>'
+        f'<div class="side"><div class="chart">{chart}</div>{table}</div>'
+    )
     return _section(f"Errors per class: {variant.name} ({why})", body)
 
 
@@ -200,14 +239,22 @@ def _dataset_section(dataset: dict) -> str:
     classes = dataset.get("classes") or []
     counts = dataset.get("counts") or {}
     splits = [s for s in ("train", "val", "test") if s in counts]
-    rows = [[(name, False)] + [(str(counts[s]["per_class"][k]), True) for s in splits] for k, name in enumerate(classes)]
+    rows = [
+        [(name, False)] + [(str(counts[s]["per_class"][k]), True) for s in splits] for k, name in enumerate(classes)
+    ]
     rows.append([("total", False)] + [(str(counts[s]["total"]), True) for s in splits])
     table = _table(["class", *splits], rows, [None] * (len(rows) - 1) + ["total"])
     skipped = dataset.get("skipped") or []
-    listed = "".join(f"<li><code>{escape(str(s['path']))}</code>: {escape(str(s['reason']))}</li>" for s in skipped[:50])
+    listed = "".join(
+        f"<li><code>{escape(str(s['path']))}</code>: {escape(str(s['reason']))}</li>" for s in skipped[:50]
+    )
     more = f"<li>… and {len(skipped) - 50} more</li>" if len(skipped) > 50 else ""
-    skipped_html = f"<p>{len(skipped)} file(s) skipped:</p><ul>{listed}{more}</ul>" if skipped else "<p>No files skipped.</p>"
-    return _section("Dataset", f'<p class="meta">origin {escape(str(dataset.get("origin", DASH)))}</p>{table}{skipped_html}')
+    skipped_html = (
+        f"<p>{len(skipped)} file(s) skipped:</p><ul>{listed}{more}</ul>" if skipped else "<p>No files skipped.</p>"
+    )
+    return _section(
+        "Dataset", f'<p class="meta">origin {escape(str(dataset.get("origin", DASH)))}</p>{table}{skipped_html}'
+    )
 
 
 def _build_section(report: BuildReport) -> str:
@@ -226,8 +273,10 @@ def _build_section(report: BuildReport) -> str:
 
 
 def _points(variants: Sequence[VariantMetrics]) -> list[ChartPoint]:
-    return [ChartPoint(v.name, v.latency_ms.p50, v.accuracy, tuple(v.accuracy_ci95) if v.accuracy_ci95 else None)
-            for v in variants]
+    return [
+        ChartPoint(v.name, v.latency_ms.p50, v.accuracy, tuple(v.accuracy_ci95) if v.accuracy_ci95 else None)
+        for v in variants
+    ]
 
 
 def _seconds(value: float | None) -> str:

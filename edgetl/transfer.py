@@ -53,10 +53,22 @@ def transfer(ctx: BuildContext) -> Transferred:
     Raises RecipeError (a teacher for other classes, a diverging training), DataError, ModelError.
     """
     recipe = ctx.recipe
-    train_key = key(__version__, recipe.model_dump(mode="json", include={"seed", "model", "train"}), recipe.data.augment,
-                    ctx.dataset.content_hash)
-    student = _Job("train", ctx.spec, recipe.model.weights, recipe.model.dropout, recipe.train, recipe.data.augment,
-                   ctx.pre, ctx.dataset)
+    train_key = key(
+        __version__,
+        recipe.model_dump(mode="json", include={"seed", "model", "train"}),
+        recipe.data.augment,
+        ctx.dataset.content_hash,
+    )
+    student = _Job(
+        "train",
+        ctx.spec,
+        recipe.model.weights,
+        recipe.model.dropout,
+        recipe.train,
+        recipe.data.augment,
+        ctx.pre,
+        ctx.dataset,
+    )
     distill, adapt = recipe.distill, recipe.adapt
     target = data.load_unlabeled(adapt.target, ctx.pre, recipe.data, "adapt.target") if adapt else None
     dann = target if adapt and adapt.method == "dann" else None
@@ -74,23 +86,30 @@ def transfer(ctx: BuildContext) -> Transferred:
     trained = alone if transfer_key == train_key else _train_stage(ctx, transfer_key, student, distiller, dann)
     if distill:
         section["distillation"] |= {
-            "student": student.spec.name, "input_size": ctx.pre.input_size, "temperature": distill.temperature,
+            "student": student.spec.name,
+            "input_size": ctx.pre.input_size,
+            "temperature": distill.temperature,
             "alpha": distill.alpha,
             "teacher_logits": "cached" if train.caches_inputs(recipe.train, recipe.data.augment) else "online",
-            "student_alone": _accuracies(alone) if distill.compare else None, "student_distilled": _accuracies(trained),
+            "student_alone": _accuracies(alone) if distill.compare else None,
+            "student_distilled": _accuracies(trained),
         }
     if adapt:
         trained, transfer_key, section["adaptation"] = _adaptation(ctx, trained, alone, target, transfer_key)
     return Transferred(trained, transfer_key, section)
 
 
-def _train_stage(ctx: BuildContext, stage_key: str, job: _Job, distiller: Distiller | None = None,
-                 target: data.Split | None = None) -> train.TrainedModel:
+def _train_stage(
+    ctx: BuildContext, stage_key: str, job: _Job, distiller: Distiller | None = None, target: data.Split | None = None
+) -> train.TrainedModel:
     recipe = ctx.recipe
     state_path = ctx.snapshot_path(job.stage, stage_key)
     if ctx.resume and not state_path.is_file():
-        log.warning("--resume: no interrupted %s stage of this recipe and data in %s; starting from epoch 1", job.stage,
-                    ctx.run_dir)
+        log.warning(
+            "--resume: no interrupted %s stage of this recipe and data in %s; starting from epoch 1",
+            job.stage,
+            ctx.run_dir,
+        )
 
     def make(out: Path) -> None:
         seed_everything(recipe.seed)  # the head's init must not depend on how much data loading drew
@@ -101,12 +120,23 @@ def _train_stage(ctx: BuildContext, stage_key: str, job: _Job, distiller: Distil
             terms.append(DomainAdversary(model.head.in_features, adapt.domain_hidden, adapt.dann_weight, target.images))
         train_job = train.TrainJob(job.dataset, job.pre, job.config, job.augment, recipe.seed)
         result = train.run(model, train_job, terms, state_path, ctx.resume)
-        log.info("%s %s: best epoch %d, val accuracy %.4f, test accuracy %.4f (%.1fs)", job.stage, job.spec.name,
-                 result.best_epoch, result.val_accuracy, result.test_accuracy, result.seconds)
+        log.info(
+            "%s %s: best epoch %d, val accuracy %.4f, test accuracy %.4f (%.1fs)",
+            job.stage,
+            job.spec.name,
+            result.best_epoch,
+            result.val_accuracy,
+            result.test_accuracy,
+            result.seconds,
+        )
         train.save_result(out, result, job.spec, train_job, recipe)
 
-    label = (job.stage + f" {job.spec.name}" * (job.stage == "teacher") + " distilled" * (distiller is not None)
-             + " with DANN" * (target is not None))
+    label = (
+        job.stage
+        + f" {job.spec.name}" * (job.stage == "teacher")
+        + " distilled" * (distiller is not None)
+        + " with DANN" * (target is not None)
+    )
     folder = ctx.cache.run(job.stage, stage_key, make, label=label)
     state_path.unlink(missing_ok=True)  # the finished stage supersedes the resumable snapshot
     return train.TrainedModel.load(folder)
@@ -119,22 +149,31 @@ def _teacher(ctx: BuildContext, student: _Job) -> tuple[Teacher, str, dict]:
         loaded = models.load_checkpoint(config.checkpoint)
         if tuple(loaded.labels) != student.dataset.classes:
             raise RecipeError(
-                f"`distill.teacher.checkpoint` {config.checkpoint} predicts classes {list(loaded.labels)}, but the data "
+                f"`distill.teacher.checkpoint` {config.checkpoint} predicts classes {list(loaded.labels)}, but the "
+                "data "
                 f"has {list(student.dataset.classes)}; use a teacher trained on these classes."
             )
         spec, pre, model = loaded.spec, loaded.preprocessing, loaded.model
         teacher_data = _teacher_data(ctx, pre)
         teacher_key = key(file_digest(config.checkpoint), recipe.seed, teacher_data.content_hash)
-        line = {"source": str(config.checkpoint), "val_accuracy": _accuracy(model, teacher_data.val, pre),
-                "test_accuracy": _accuracy(model, teacher_data.test, pre)}
+        line = {
+            "source": str(config.checkpoint),
+            "val_accuracy": _accuracy(model, teacher_data.val, pre),
+            "test_accuracy": _accuracy(model, teacher_data.test, pre),
+        }
     else:
         spec = models.REGISTRY.get(config.backbone)
         pre = spec.preprocessing(config.image_size, recipe.data.crop_pct)  # the data's framing, at the teacher's size
         teacher_data = _teacher_data(ctx, pre)
         augment = config.augment or recipe.data.augment
         job = _Job("teacher", spec, config.weights, recipe.model.dropout, config.train, augment, pre, teacher_data)
-        teacher_key = key(__version__, config.model_dump(mode="json", exclude={"augment"}), recipe.seed, augment,
-                          teacher_data.content_hash)
+        teacher_key = key(
+            __version__,
+            config.model_dump(mode="json", exclude={"augment"}),
+            recipe.seed,
+            augment,
+            teacher_data.content_hash,
+        )
         trained = _train_stage(ctx, teacher_key, job)
         model = trained.model
         line = {"source": "trained in this build", **_accuracies(trained), "train_seconds": trained.train_seconds}
@@ -147,13 +186,20 @@ def _teacher_data(ctx: BuildContext, pre: Preprocessing) -> data.Dataset:
     """The same splits at the teacher's size; the same seed and listing give the same images in the same order."""
     teacher_data = data.run(ctx.recipe.data, pre, ctx.recipe.seed)
     if teacher_data.train.sources != ctx.dataset.train.sources:
-        raise RecipeError("The teacher's and the student's training images differ (an image decoded at one size but not "
-                          "the other); fix or remove the unreadable images listed above.")
+        raise RecipeError(
+            "The teacher's and the student's training images differ (an image decoded at one size but not "
+            "the other); fix or remove the unreadable images listed above."
+        )
     return teacher_data
 
 
-def _adaptation(ctx: BuildContext, trained: train.TrainedModel, alone: train.TrainedModel | None,
-                target: data.Split, transfer_key: str) -> tuple[train.TrainedModel, str, dict]:
+def _adaptation(
+    ctx: BuildContext,
+    trained: train.TrainedModel,
+    alone: train.TrainedModel | None,
+    target: data.Split,
+    transfer_key: str,
+) -> tuple[train.TrainedModel, str, dict]:
     """AdaBN's stage (dann trained already), and the report's `adaptation` section: source-only vs adapted."""
     adapt = ctx.recipe.adapt
     source_only = trained if adapt.method == "adabn" else alone  # dann: the student trained without the adversary
@@ -163,15 +209,26 @@ def _adaptation(ctx: BuildContext, trained: train.TrainedModel, alone: train.Tra
         def make(out: Path) -> None:
             adabn_stage(out, trained, target.images, ctx.dataset, ctx.recipe)
 
-        trained = train.TrainedModel.load(ctx.cache.run("adabn", transfer_key, make, label="adapt BatchNorm statistics"))
-    section = {"method": adapt.method, "target_images": len(target.labels), "source_test_accuracy": {
-        "source_only": source_only.test_accuracy if source_only else None, "adapted": trained.test_accuracy}}
+        trained = train.TrainedModel.load(
+            ctx.cache.run("adabn", transfer_key, make, label="adapt BatchNorm statistics")
+        )
+    section = {
+        "method": adapt.method,
+        "target_images": len(target.labels),
+        "source_test_accuracy": {
+            "source_only": source_only.test_accuracy if source_only else None,
+            "adapted": trained.test_accuracy,
+        },
+    }
     if adapt.target_labeled:
-        labeled = data.load_labeled(adapt.target_labeled, ctx.dataset.classes, ctx.pre, ctx.recipe.data,
-                                    "adapt.target_labeled")
-        section["target_accuracy"] = {"images": len(labeled.labels),
-                                      "source_only": _accuracy(source_only.model, labeled, ctx.pre),
-                                      "adapted": _accuracy(trained.model, labeled, ctx.pre)}
+        labeled = data.load_labeled(
+            adapt.target_labeled, ctx.dataset.classes, ctx.pre, ctx.recipe.data, "adapt.target_labeled"
+        )
+        section["target_accuracy"] = {
+            "images": len(labeled.labels),
+            "source_only": _accuracy(source_only.model, labeled, ctx.pre),
+            "adapted": _accuracy(trained.model, labeled, ctx.pre),
+        }
     log.info("adaptation %s: %s", adapt.method, section)
     return trained, transfer_key, section
 

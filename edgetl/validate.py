@@ -18,9 +18,10 @@ import site
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,8 +75,15 @@ class Validation:
         return cls([VariantMetrics.from_dict(v) for v in json.loads((folder / "variants.json").read_text())])
 
 
-def parity(model: TransferModel, artifacts: list[Artifact], val: Split, pre: Preprocessing, tolerance: float, threads: int | None,
-           val_logits: np.ndarray | None = None) -> list[ParityOutcome]:
+def parity(
+    model: TransferModel,
+    artifacts: list[Artifact],
+    val: Split,
+    pre: Preprocessing,
+    tolerance: float,
+    threads: int | None,
+    val_logits: np.ndarray | None = None,
+) -> list[ParityOutcome]:
     """Every FP32 artifact must match PyTorch on every validation image, or the build stops.
 
     `val_logits`: the PyTorch logits training computed at its best epoch (checked on a few images).
@@ -91,16 +99,34 @@ def parity(model: TransferModel, artifacts: list[Artifact], val: Split, pre: Pre
         delta = np.abs(logits - reference).max(axis=1)  # (N,); NaN where either side is NaN
         disagree = logits.argmax(1) != reference.argmax(1)
         bad = np.flatnonzero(disagree | ~(delta <= tolerance))  # ~(<=): a NaN delta fails
-        outcome = ParityOutcome(artifact.name, artifact.runtime, len(val.labels), float(1 - disagree.mean()),
-                                float(delta.max()), tolerance, not len(bad))
+        outcome = ParityOutcome(
+            artifact.name,
+            artifact.runtime,
+            len(val.labels),
+            float(1 - disagree.mean()),
+            float(delta.max()),
+            tolerance,
+            not len(bad),
+        )
         outcomes.append(outcome)
-        log.info("parity %s: agreement %.4f, max |Δlogit| %.2e (tolerance %.0e)", artifact.name, outcome.agreement,
-                 outcome.max_abs_logit_delta, tolerance)
+        log.info(
+            "parity %s: agreement %.4f, max |Δlogit| %.2e (tolerance %.0e)",
+            artifact.name,
+            outcome.agreement,
+            outcome.max_abs_logit_delta,
+            tolerance,
+        )
         _check_finite(artifact, logits, reference, val)
         if len(bad):
             worst = bad[np.argsort(-delta[bad])][:5]
-            listing = "; ".join(f"{val.sources[i]} (|Δlogit| {delta[i]:.2e}{', top-1 differs' if disagree[i] else ''})" for i in worst)
-            raise ExportError(f"{artifact.name} on {artifact.runtime} disagrees with PyTorch on {len(bad)} of {len(val.labels)} validation images beyond |Δlogit| {tolerance:g}: {listing}. Check the export (opset, custom layers), or raise `export.parity_tolerance` if the difference is expected.")
+            listing = "; ".join(
+                f"{val.sources[i]} (|Δlogit| {delta[i]:.2e}{', top-1 differs' if disagree[i] else ''})" for i in worst
+            )
+            raise ExportError(
+                f"{artifact.name} on {artifact.runtime} disagrees with PyTorch on {len(bad)} of {len(val.labels)} "
+                f"validation images beyond |Δlogit| {tolerance:g}: {listing}. Check the export (opset, custom "
+                "layers), or raise `export.parity_tolerance` if the difference is expected."
+            )
     return outcomes
 
 
@@ -118,8 +144,15 @@ def _check_finite(artifact: Artifact, logits: np.ndarray, reference: np.ndarray,
         )
 
 
-def run(model: TransferModel, artifacts: list[Artifact], test: Split, pre: Preprocessing, config: MeasureConfig, checkpoint: Path,
-        test_logits: np.ndarray | None = None) -> Validation:
+def run(
+    model: TransferModel,
+    artifacts: list[Artifact],
+    test: Split,
+    pre: Preprocessing,
+    config: MeasureConfig,
+    checkpoint: Path,
+    test_logits: np.ndarray | None = None,
+) -> Validation:
     """Measure the PyTorch baseline and every artifact on the test split; one row per variant.
 
     `test_logits`: the baseline's logits as training computed them (one PyTorch pass over
@@ -135,28 +168,51 @@ def run(model: TransferModel, artifacts: list[Artifact], test: Split, pre: Prepr
     # latency and throughput below are timed as users run eager PyTorch: plain NCHW.
     passes = {a.name: _run_batches(engines[a.name], test.images, pre, a, config.throughput_batch) for a in artifacts}
     logits = {baseline.name: pytorch_logits(model, test, pre, test_logits)} | {name: p[0] for name, p in passes.items()}
-    one = normalize(test.images[:1], pre)
-    # After the batches above (PyTorch's included): glibc then keeps PyTorch's activations
-    # mapped between calls; before, each batch-1 forward page-faults them in (19 vs 24-27 ms).
-    latency = interleaved_latency({n: (lambda e=e: e.run(one)) for n, e in engines.items()}, config.latency_rounds, config.latency_runs, config.warmup)
-    throughput = {name: config.throughput_batch / seconds for name, seconds in _batch_seconds(engines, passes, test, pre, config.throughput_batch).items()}
+    latency, throughput = _speed(engines, passes, test, pre, config)
     rows = []
     for artifact in (baseline, *artifacts):
         process = _probe_process(artifact, checkpoint, threads, pre.input_size)
         file = artifact.file or checkpoint
-        rows.append(VariantMetrics(
-            name=artifact.name, runtime=artifact.runtime, precision=artifact.precision, file=file.name,
-            size_mb=round(_size_mb(file), 3),
-            latency_ms=Latency(**{k: round(latency[artifact.name][k], 3) for k in ("p50", "p90", "p99")}),
-            throughput_ips=round(throughput[artifact.name], 1),
-            load_seconds=process["load_seconds"], peak_rss_mb=process["peak_rss_mb"], test_images=len(test.labels),
-            float_layers=artifact.float_layers, **_notes(artifact.notes),
+        measured = {
+            "latency_ms": Latency(**{k: round(latency[artifact.name][k], 3) for k in ("p50", "p90", "p99")}),
+            "throughput_ips": round(throughput[artifact.name], 1),
+            **process,  # load_seconds, peak_rss_mb
             **_scores(logits[artifact.name], logits[baseline.name], test.labels),
-        ))
-        row = rows[-1]
-        log.info("%-14s acc %.4f  agree %.4f  drop %+.4f  p50 %.2f ms  %.1f img/s  %.2f MB", row.name, row.accuracy,
-                 row.agreement, row.accuracy_drop, row.latency_ms.p50, row.throughput_ips, row.size_mb)
+        }
+        row = VariantMetrics(
+            name=artifact.name, runtime=artifact.runtime, precision=artifact.precision, file=file.name,
+            size_mb=round(_size_mb(file), 3), test_images=len(test.labels), float_layers=artifact.float_layers,
+            **_notes(artifact.notes), **measured,
+        )  # fmt: skip
+        rows.append(row)
+        log.info(
+            "%-14s acc %.4f  agree %.4f  drop %+.4f  p50 %.2f ms  %.1f img/s  %.2f MB",
+            row.name,
+            row.accuracy,
+            row.agreement,
+            row.accuracy_drop,
+            row.latency_ms.p50,
+            row.throughput_ips,
+            row.size_mb,
+        )
     return Validation(rows)
+
+
+def _speed(
+    engines: dict[str, Engine],
+    passes: dict[str, tuple[np.ndarray, list[float]]],
+    test: Split,
+    pre: Preprocessing,
+    config: MeasureConfig,
+) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Interleaved batch-1 latency percentiles (ms) and throughput (images/s) of every engine."""
+    one = normalize(test.images[:1], pre)
+    # After the test-pass batches (PyTorch's included): glibc then keeps PyTorch's activations
+    # mapped between calls; before, each batch-1 forward page-faults them in (19 vs 24-27 ms).
+    calls = {name: (lambda e=e: e.run(one)) for name, e in engines.items()}
+    latency = interleaved_latency(calls, config.latency_rounds, config.latency_runs, config.warmup)
+    seconds = _batch_seconds(engines, passes, test, pre, config.throughput_batch)
+    return latency, {name: config.throughput_batch / s for name, s in seconds.items()}
 
 
 def _scores(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
@@ -165,7 +221,8 @@ def _scores(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> di
     predicted = logits.argmax(1)
     correct, correct_reference = predicted == labels, reference.argmax(1) == labels
     return {
-        "accuracy": accuracy(logits, labels), "accuracy_ci95": wilson_interval(int(correct.sum()), len(labels)),
+        "accuracy": accuracy(logits, labels),
+        "accuracy_ci95": wilson_interval(int(correct.sum()), len(labels)),
         "agreement": agreement(logits, reference),
         "accuracy_drop": float(correct_reference.mean() - correct.mean()),
         "accuracy_drop_ci95": paired_drop_interval(correct_reference, correct),
@@ -204,7 +261,9 @@ def open_checked(artifact: Artifact, threads: int | None) -> Engine:
     return engine
 
 
-def _run_batches(engine: Engine, images: np.ndarray, pre: Preprocessing, artifact: Artifact, batch: int) -> tuple[np.ndarray, list[float]]:
+def _run_batches(
+    engine: Engine, images: np.ndarray, pre: Preprocessing, artifact: Artifact, batch: int
+) -> tuple[np.ndarray, list[float]]:
     """Logits over `images`, and the seconds each full batch took in the runtime (normalizing not counted).
 
     Raises ExportError naming the artifact when the runtime fails on a batch."""
@@ -225,7 +284,13 @@ def _run_batches(engine: Engine, images: np.ndarray, pre: Preprocessing, artifac
     return np.concatenate(outputs), seconds
 
 
-def _batch_seconds(engines: dict[str, Engine], passes: dict[str, tuple[np.ndarray, list[float]]], test: Split, pre: Preprocessing, batch: int) -> dict[str, float]:
+def _batch_seconds(
+    engines: dict[str, Engine],
+    passes: dict[str, tuple[np.ndarray, list[float]]],
+    test: Split,
+    pre: Preprocessing,
+    batch: int,
+) -> dict[str, float]:
     """Median seconds per full batch for each engine, for its throughput. The test pass's
     batches when there are enough of them (31 of 32 images at 1,000 test images: a steadier
     median than timing extra batches, and no extra time); otherwise, and for PyTorch, whose
@@ -287,10 +352,14 @@ def _probe_process(artifact: Artifact, checkpoint: Path, threads: int | None, si
     """
     target = Path(artifact.file or checkpoint).resolve()
     command = [sys.executable, "-m", "edgetl.probe", artifact.runtime, str(target), str(size), str(threads or 0)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=target.parent,
-                          env=_probe_environment())
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, cwd=target.parent, env=_probe_environment()
+    )
     if done.returncode != 0:
-        raise ExportError(f"measuring {artifact.name} in a fresh process failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+        raise ExportError(
+            f"measuring {artifact.name} in a fresh process failed: "
+            f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"
+        )
     return json.loads(done.stdout)
 
 

@@ -48,7 +48,9 @@ def write_recipe(path: Path, body: str) -> Path:
 def tiny_recipe(tmp_path: Path, image_folder: Path) -> Path:
     """A fast real build: two photo classes, pretrained lite0 at 32 px, linear probe,
     exported and validated in FP32 only (the quantization tests add their variants)."""
-    return write_recipe(tmp_path / "recipe.yaml", f"""
+    return write_recipe(
+        tmp_path / "recipe.yaml",
+        f"""
         name: tiny
         seed: 0
         data:
@@ -70,4 +72,5 @@ def tiny_recipe(tmp_path: Path, image_folder: Path) -> Path:
           latency_runs: 3
           warmup: 2
           throughput_batch: 4
-        """)
+        """,
+    )

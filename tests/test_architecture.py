@@ -45,15 +45,21 @@ def imported(module: str, tree: ast.Module) -> set[str]:
 
 def test_the_device_runtime_imports_no_training_package() -> None:
     offenders = [
-        (name, other) for name, tree in modules().items() if name.startswith("edgetl.runtime")
-        for other in imported(name, tree) if other.split(".")[0] in TRAINING_ONLY
+        (name, other)
+        for name, tree in modules().items()
+        if name.startswith("edgetl.runtime")
+        for other in imported(name, tree)
+        if other.split(".")[0] in TRAINING_ONLY
     ]
     assert not offenders, f"edgetl/runtime must run without torch: {offenders}"
 
 
 def test_no_import_cycles() -> None:
     trees = modules()
-    graph = {name: {other for other in imported(name, tree) if other in trees and other != name} for name, tree in trees.items()}
+    graph = {
+        name: {other for other in imported(name, tree) if other in trees and other != name}
+        for name, tree in trees.items()
+    }
     # a package's __init__ importing its own submodules is not a cycle of ideas
     graph = {name: {o for o in targets if not o.startswith(name + ".")} for name, targets in graph.items()}
     cycles, state = [], {}
@@ -62,7 +68,7 @@ def test_no_import_cycles() -> None:
         state[node] = "open"
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                cycles.append(path[path.index(nxt):] + [nxt])
+                cycles.append(path[path.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt, path + [nxt])
         state[node] = "done"
@@ -75,8 +81,10 @@ def test_no_import_cycles() -> None:
 
 def functions() -> list[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:
     return [
-        (f"{name}:{node.lineno} {node.name}", node) for name, tree in modules().items()
-        for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        (f"{name}:{node.lineno} {node.name}", node)
+        for name, tree in modules().items()
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
     ]
 
 
@@ -88,7 +96,11 @@ def parameters(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
 
 @pytest.mark.parametrize("limit", [MAX_FUNCTION_LINES])
 def test_functions_are_short(limit: int) -> None:
-    long = [(where, node.end_lineno - node.lineno + 1) for where, node in functions() if node.end_lineno - node.lineno + 1 > limit]
+    long = [
+        (where, node.end_lineno - node.lineno + 1)
+        for where, node in functions()
+        if node.end_lineno - node.lineno + 1 > limit
+    ]
     assert not long, f"functions over {limit} lines: {long}"
 
 
@@ -98,5 +110,7 @@ def test_functions_take_few_parameters() -> None:
 
 
 def test_modules_are_small() -> None:
-    large = [(str(path), n) for path in PACKAGE.rglob("*.py") if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES]
+    large = [
+        (str(path), n) for path in PACKAGE.rglob("*.py") if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES
+    ]
     assert not large, f"modules over {MAX_MODULE_LINES} lines: {large}"

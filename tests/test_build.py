@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from edgetl import pipeline
+from edgetl.infer import model_logits
 from edgetl.models import REGISTRY, build, load_checkpoint
 from edgetl.recipe import load_recipe
-from edgetl.infer import model_logits
 from edgetl.train import TrainedModel
 
 pytestmark = pytest.mark.slow  # whole builds: `pytest -m 'not slow'` skips them
@@ -53,11 +53,14 @@ def test_build_writes_a_checkpoint_that_reproduces_its_metrics(tiny_recipe: Path
     np.testing.assert_array_equal(trained.test_logits, np.load(stage / "test_logits.npy"))
     (stage / "val_logits.npy").unlink()  # as a stage folder written before val logits were kept
     assert TrainedModel.load(stage).val_logits is None and torch.equal(
-        TrainedModel.load(stage).model.head.weight, checkpoint.model.head.weight)
+        TrainedModel.load(stage).model.head.weight, checkpoint.model.head.weight
+    )
 
 
 def test_same_seed_same_data_gives_same_metrics(tiny_recipe: Path, tmp_path: Path) -> None:
-    recipe = load_recipe(tiny_recipe, ["train.strategy=partial", "train.unfreeze=1", "data.augment=default", "train.epochs=2"])
+    recipe = load_recipe(
+        tiny_recipe, ["train.strategy=partial", "train.unfreeze=1", "data.augment=default", "train.epochs=2"]
+    )
     first = pipeline.build(recipe, tmp_path / "a").metrics
     second = pipeline.build(recipe, tmp_path / "b").metrics
     assert _without_timing(first["history"]) == _without_timing(second["history"])
@@ -75,8 +78,19 @@ def _without_timing(history: list[dict]) -> list[dict]:
 
 
 @pytest.mark.parametrize("strategy", ["partial", "finetune"])
-def test_frozen_stages_keep_pretrained_weights_and_batchnorm_statistics(tiny_recipe: Path, tmp_path: Path, strategy: str) -> None:
-    recipe = load_recipe(tiny_recipe, [f"train.strategy={strategy}", "train.unfreeze=2", "data.augment=strong", "train.epochs=2", "train.class_balance=balanced_sampler"])
+def test_frozen_stages_keep_pretrained_weights_and_batchnorm_statistics(
+    tiny_recipe: Path, tmp_path: Path, strategy: str
+) -> None:
+    recipe = load_recipe(
+        tiny_recipe,
+        [
+            f"train.strategy={strategy}",
+            "train.unfreeze=2",
+            "data.augment=strong",
+            "train.epochs=2",
+            "train.class_balance=balanced_sampler",
+        ],
+    )
     pipeline.build(recipe, tmp_path / "run")
     trained = load_checkpoint(tmp_path / "run" / "checkpoint.pt").model.stages.state_dict()
     pretrained = build(REGISTRY.get("efficientnet_lite0"), "pretrained", num_classes=2).stages.state_dict()
@@ -90,17 +104,32 @@ def test_frozen_stages_keep_pretrained_weights_and_batchnorm_statistics(tiny_rec
 
 
 def test_linear_probe_records_that_augmentation_was_not_applied(tiny_recipe: Path, tmp_path: Path) -> None:
-    metrics = pipeline.build(load_recipe(tiny_recipe, ["data.augment=default", "train.epochs=1"]), tmp_path / "run").metrics
+    metrics = pipeline.build(
+        load_recipe(tiny_recipe, ["data.augment=default", "train.epochs=1"]), tmp_path / "run"
+    ).metrics
     assert any("data.augment=default was not applied" in note for note in metrics["notes"])
 
 
 def test_resume_after_sigkill_ends_where_an_uninterrupted_run_does(tiny_recipe: Path, tmp_path: Path) -> None:
-    overrides = ["--set", "train.strategy=partial", "--set", "train.unfreeze=2", "--set", "data.augment=default", "--set", "train.epochs=6"]
+    overrides = [
+        "--set",
+        "train.strategy=partial",
+        "--set",
+        "train.unfreeze=2",
+        "--set",
+        "data.augment=default",
+        "--set",
+        "train.epochs=6",
+    ]
     reference = edgetl("build", str(tiny_recipe), "-o", str(tmp_path / "ref"), *overrides)
     assert reference.returncode == 0, reference.stderr
 
     run = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "-m", "edgetl", "build", str(tiny_recipe), "-o", str(run), *overrides], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "edgetl", "build", str(tiny_recipe), "-o", str(run), *overrides],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while not list((run / "state").glob("train-*.pt")) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)
@@ -127,7 +156,11 @@ def test_resume_after_sigkill_ends_where_an_uninterrupted_run_does(tiny_recipe: 
         ("model.weights=missing.pth", "missing.pth does not exist"),
     ],
 )
-def test_cli_errors_are_one_paragraph_with_exit_code_2(tiny_recipe: Path, tmp_path: Path, override: str, message: str) -> None:
-    done = edgetl("build", str(tiny_recipe), "-o", str(tmp_path / "run"), "--set", override, "--set", "train.strategy=partial")
+def test_cli_errors_are_one_paragraph_with_exit_code_2(
+    tiny_recipe: Path, tmp_path: Path, override: str, message: str
+) -> None:
+    done = edgetl(
+        "build", str(tiny_recipe), "-o", str(tmp_path / "run"), "--set", override, "--set", "train.strategy=partial"
+    )
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr

@@ -27,17 +27,17 @@ from onnx import numpy_helper
 from edgetl import data, gates, pipeline, validate
 from edgetl.errors import InferenceError, RecipeError
 from edgetl.models import load_checkpoint
+from edgetl.notes import Note, render
 from edgetl.recipe import GatesConfig, load_recipe
 from edgetl.runtime.metrics import Latency, VariantMetrics
 from edgetl.runtime.predictor import Predictor
-from edgetl.notes import Note, render
 from edgetl.train import ranking_notes
 from tests.conftest import write_folder, write_recipe
 
 # Runs the CLI like the `edgetl` console script does (its own folder first on sys.path, not
 # the cwd), after replacing MODULE:ATTR with a version that SIGKILLs the process right after
 # the original returns: a kill at an exact point, with nothing added to edgetl for tests.
-LAUNCHER = '''
+LAUNCHER = """
 import importlib, os, resource, signal, sys
 
 kill_after, file_limit, *argv = sys.argv[1:]
@@ -61,7 +61,7 @@ from edgetl.cli import main
 
 pytestmark = pytest.mark.slow  # whole builds: `pytest -m 'not slow'` skips them
 sys.exit(main(argv))
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -69,28 +69,47 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The tiny recipe (patience 1) built once in-process: its recipe and its run folder."""
     root = tmp_path_factory.mktemp("trust")
     images = write_folder(root / "images")
-    recipe = write_recipe(root / "recipe.yaml", f"""
+    recipe = write_recipe(
+        root / "recipe.yaml",
+        f"""
         name: tiny
         data: {{path: {images}, val_split: 0.2, test_split: 0.2, image_size: 32, augment: none}}
         train: {{strategy: linear_probe, epochs: 5, batch_size: 8, lr: 0.01, patience: 1}}
         quantize: []
         measure: {{latency_rounds: 2, latency_runs: 3, warmup: 2, throughput_batch: 4}}
-        """)
+        """,
+    )
     (root / "launcher").mkdir()
     (root / "launcher" / "edgetl_launcher.py").write_text(LAUNCHER)
     pipeline.build(load_recipe(recipe), root / "base")
     return recipe, root / "base"
 
 
-def start(base: tuple[Path, Path], run: Path, *args: str, kill_after: str = "", file_limit: int = 0,
-          cwd: Path | None = None, env: dict | None = None) -> subprocess.Popen:
+def start(
+    base: tuple[Path, Path],
+    run: Path,
+    *args: str,
+    kill_after: str = "",
+    file_limit: int = 0,
+    cwd: Path | None = None,
+    env: dict | None = None,
+) -> subprocess.Popen:
     """`edgetl build` of the base recipe into `run`, whose stage cache starts as a copy of the base run's."""
     recipe, base_run = base
     if not (run / "stages").exists():
         shutil.copytree(base_run / "stages", run / "stages")
     launcher = recipe.parent / "launcher" / "edgetl_launcher.py"
-    command = [sys.executable, str(launcher), kill_after, str(file_limit or ""),
-               "build", str(recipe), "-o", str(run), *args]
+    command = [
+        sys.executable,
+        str(launcher),
+        kill_after,
+        str(file_limit or ""),
+        "build",
+        str(recipe),
+        "-o",
+        str(run),
+        *args,
+    ]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
 
 
@@ -117,13 +136,18 @@ def assert_no_report_claims_success_without_a_bundle(run: Path, image: Path) -> 
 
 # 5: the finish is all or nothing --------------------------------------------------------------
 
-@pytest.mark.parametrize(("point", "kill_after"), [
-    ("bundle packing", "tarfile:TarFile.add"),  # the archive's first member written, bundle/ still staged
-    ("archive written", "edgetl.bundle:run"),  # bundle/ and the archive in place, no report yet
-    ("report written", "edgetl.report:write_reports"),  # report.md and report.html in place, report.json not yet
-])
-def test_sigkill_at_the_finish_never_leaves_a_report_claiming_success_without_a_bundle(base, tmp_path: Path, point: str,
-                                                                                       kill_after: str) -> None:
+
+@pytest.mark.parametrize(
+    ("point", "kill_after"),
+    [
+        ("bundle packing", "tarfile:TarFile.add"),  # the archive's first member written, bundle/ still staged
+        ("archive written", "edgetl.bundle:run"),  # bundle/ and the archive in place, no report yet
+        ("report written", "edgetl.report:write_reports"),  # report.md and report.html in place, report.json not yet
+    ],
+)
+def test_sigkill_at_the_finish_never_leaves_a_report_claiming_success_without_a_bundle(
+    base, tmp_path: Path, point: str, kill_after: str
+) -> None:
     run = tmp_path / "run"
     code, _, err = build(base, run, kill_after=kill_after)
     assert code == -signal.SIGKILL, err
@@ -142,8 +166,10 @@ def test_sigkill_at_the_finish_never_leaves_a_report_claiming_success_without_a_
 
 # 6: quantizer temp files, SIGTERM ------------------------------------------------------------------
 
-def wait_for(pattern: str, folder: Path, process: subprocess.Popen, old: Path | None = None,
-             seconds: float = 120) -> Path:
+
+def wait_for(
+    pattern: str, folder: Path, process: subprocess.Popen, old: Path | None = None, seconds: float = 120
+) -> Path:
     """The first path matching `pattern` under `folder` that is not under `old`, once `process` made it."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and process.poll() is None:
@@ -188,6 +214,7 @@ def test_quantizer_temp_files_stay_in_the_stage_and_sigterm_removes_every_tempor
 
 # 7: a write the disk refuses ----------------------------------------------------------------------
 
+
 def test_a_refused_write_is_an_output_error_naming_the_file(tmp_path: Path) -> None:
     script = textwrap.dedent("""
         import resource, signal, sys
@@ -220,11 +247,17 @@ def test_a_full_disk_while_saving_the_model_is_exit_2_and_resume_finishes_the_bu
 
 # 8: non-finite numbers ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("override", "field"), [
-    ("train.weight_decay=.inf", "train.weight_decay"), ("train.lr=.nan", "train.lr"),
-    ("gates.max_latency_ms=.inf", "gates.max_latency_ms"), ("data.val_split=-.inf", "data.val_split"),
-    ("quantize=[{runtime: onnxruntime, max_accuracy_drop: .nan}]", "quantize.0.max_accuracy_drop"),
-])
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("train.weight_decay=.inf", "train.weight_decay"),
+        ("train.lr=.nan", "train.lr"),
+        ("gates.max_latency_ms=.inf", "gates.max_latency_ms"),
+        ("data.val_split=-.inf", "data.val_split"),
+        ("quantize=[{runtime: onnxruntime, max_accuracy_drop: .nan}]", "quantize.0.max_accuracy_drop"),
+    ],
+)
 def test_the_recipe_refuses_non_finite_numbers_naming_the_field(base, override: str, field: str) -> None:
     with pytest.raises(RecipeError) as raised:
         load_recipe(base[0], [override])
@@ -261,6 +294,7 @@ def test_parity_fails_when_logits_are_not_finite_even_where_both_sides_agree(bas
 
 # 9: the fresh-process probe ignores the working directory -------------------------------------------
 
+
 def test_a_module_shadowing_the_standard_library_in_the_cwd_does_not_break_validation(base, tmp_path: Path) -> None:
     cwd = tmp_path / "project"
     cwd.mkdir()
@@ -271,10 +305,14 @@ def test_a_module_shadowing_the_standard_library_in_the_cwd_does_not_break_valid
     assert report["stages"]["validate"] == "built"
     # 11: the summary line names the device's install, and the digest a device pins (--expect-sha256)
     assert f"(sha256 {report['selected']['bundle_sha256']}; device: `pip install edgetl`)" in out
-    assert report["selected"]["bundle_sha256"] == hashlib.sha256((tmp_path / "run" / "bundle" / "edgetl.json").read_bytes()).hexdigest()
+    assert (
+        report["selected"]["bundle_sha256"]
+        == hashlib.sha256((tmp_path / "run" / "bundle" / "edgetl.json").read_bytes()).hexdigest()
+    )
 
 
 # 10: epochs on a tiny val split --------------------------------------------------------------------
+
 
 def test_tied_val_accuracy_is_ranked_by_val_loss_and_the_notes_say_the_split_cannot_rank_epochs(base) -> None:
     training = json.loads((base[1] / "report.json").read_text())["training"]
@@ -299,19 +337,33 @@ def test_a_saturated_val_split_is_named_as_such() -> None:
     assert ranking_notes(history, 3, 500) == [notes[1]] and ranking_notes(history[2:], 3, 500) == []
     tied = ranking_notes([{"epoch": e, "val_accuracy": 0.75} for e in (1, 2)], 2, 500)
     assert tied == [Note("tied_val_accuracy", {"accuracy": 0.75, "count": 2, "epochs": "1, 2", "best_epoch": 2})]
-    assert render(tied[0]) == ("val accuracy was 0.7500 at 2 epochs (1, 2), so it cannot rank them: epoch 2 was kept "
-                               "for the lowest val loss among them")
+    assert render(tied[0]) == (
+        "val accuracy was 0.7500 at 2 epochs (1, 2), so it cannot rank them: epoch 2 was kept "
+        "for the lowest val loss among them"
+    )
 
 
 # 11: the device's runtimes ---------------------------------------------------------------------------
 
+
 def variant(name: str, runtime: str, accuracy: float, p50: float) -> VariantMetrics:
-    return VariantMetrics(name=name, runtime=runtime, accuracy=accuracy, accuracy_drop=0.95 - accuracy, agreement=1.0,
-                          latency_ms=Latency(p50), size_mb=4.0)
+    return VariantMetrics(
+        name=name,
+        runtime=runtime,
+        accuracy=accuracy,
+        accuracy_drop=0.95 - accuracy,
+        agreement=1.0,
+        latency_ms=Latency(p50),
+        size_mb=4.0,
+    )
 
 
-VARIANTS = [variant("pytorch-fp32", "pytorch", 0.95, 20.0), variant("onnx-fp32", "onnxruntime", 0.95, 6.0),
-            variant("ort-int8", "onnxruntime", 0.90, 3.0), variant("ov-int8", "openvino", 0.94, 2.0)]
+VARIANTS = [
+    variant("pytorch-fp32", "pytorch", 0.95, 20.0),
+    variant("onnx-fp32", "onnxruntime", 0.95, 6.0),
+    variant("ort-int8", "onnxruntime", 0.90, 3.0),
+    variant("ov-int8", "openvino", 0.94, 2.0),
+]
 
 
 def test_selection_considers_only_variants_measured_on_the_device_runtimes(base) -> None:
@@ -326,8 +378,10 @@ def test_selection_considers_only_variants_measured_on_the_device_runtimes(base)
     assert gated.selected == "onnx-fp32"
     refused = gates.run(VARIANTS, GatesConfig(max_latency_ms=2.5), "fastest", ["onnxruntime"])
     assert refused.selected is None
-    assert refused.reason == ("no variant that passes every gate can run on the device's onnxruntime "
-                              "(`device.runtimes`); ov-int8 (openvino) would: add its runtime there")
+    assert refused.reason == (
+        "no variant that passes every gate can run on the device's onnxruntime "
+        "(`device.runtimes`); ov-int8 (openvino) would: add its runtime there"
+    )
 
 
 def test_an_openvino_device_gets_an_openvino_variant_and_its_install_named(base, tmp_path: Path) -> None:

@@ -82,8 +82,12 @@ def swap_labels(m: dict) -> None:
         (lambda m: m["labels"].__setitem__(1, "lime"), "labels[1]", "'lime'", "'green'"),
         (lambda m: m["preprocessing"].__setitem__("mean", [0.6, 0.5, 0.5]), "preprocessing.mean[0]", "0.6", "0.5"),
         (lambda m: m["preprocessing"].__setitem__("resize_size", 40), "preprocessing.resize_size", "40", "36"),
-        (lambda m: m["preprocessing"].__setitem__("interpolation", "bicubic"), "preprocessing.interpolation",
-         "'bicubic'", "'bilinear'"),
+        (
+            lambda m: m["preprocessing"].__setitem__("interpolation", "bicubic"),
+            "preprocessing.interpolation",
+            "'bicubic'",
+            "'bilinear'",
+        ),
     ],
     ids=["swapped-labels", "renamed-label", "mean", "resize-size", "interpolation"],
 )
@@ -138,9 +142,25 @@ def test_a_model_file_without_edgetl_metadata_is_refused(bundle: Path) -> None:
         (lambda m: m.__setitem__("metrics", {"accuracy": "high"}), "metrics"),
         (lambda m: m.__setitem__("versions", ["pillow"]), "versions"),
     ],
-    ids=["files-list", "files-digest", "files-path", "sizes-keys", "labels-duplicate", "labels-string",
-         "labels-missing", "input-size-0", "resize-below-input", "std-zero", "mean-nan", "interpolation",
-         "model-readme", "runtime", "schema-version-string", "metrics", "versions"],
+    ids=[
+        "files-list",
+        "files-digest",
+        "files-path",
+        "sizes-keys",
+        "labels-duplicate",
+        "labels-string",
+        "labels-missing",
+        "input-size-0",
+        "resize-below-input",
+        "std-zero",
+        "mean-nan",
+        "interpolation",
+        "model-readme",
+        "runtime",
+        "schema-version-string",
+        "metrics",
+        "versions",
+    ],
 )
 def test_each_schema_violation_names_its_field(
     bundle: Path, red_image: Path, capsys: pytest.CaptureFixture, change, field: str
@@ -289,8 +309,15 @@ def test_the_build_records_sizes_and_returns_the_digest_it_wrote(bundle: Path, t
     from edgetl import bundle as packer
     from edgetl.runtime.preprocess import Preprocessing
 
-    variant = VariantMetrics(name="onnx-fp32", runtime="onnxruntime", precision="fp32", accuracy=1.0, agreement=1.0,
-                             latency_ms=Latency(1.0), size_mb=0.01)
+    variant = VariantMetrics(
+        name="onnx-fp32",
+        runtime="onnxruntime",
+        precision="fp32",
+        accuracy=1.0,
+        agreement=1.0,
+        latency_ms=Latency(1.0),
+        size_mb=0.01,
+    )
     pre = Preprocessing.from_dict(PREPROCESSING)
     result = packer.run(variant, bundle / "model.onnx", tuple(LABELS), pre, {"name": "tiny"}, {}, tmp_path / "run")
     assert result.digest == digest(result.folder)

@@ -112,7 +112,10 @@ def test_undecodable_bytes_raise_a_named_decode_error() -> None:
     [
         (lambda root: (root / "empty").mkdir(), r"Class folder .*empty is empty"),
         (lambda root: shutil.rmtree(root / "flower"), r"has 1 class folder\(s\) \['china'\]; edgetl needs at least 2"),
-        (lambda root: [p.unlink() for p in sorted((root / "flower").iterdir())[2:]], r"Class 'flower' .* has 2 image\(s\); splitting it into train/val/test needs at least 3"),
+        (
+            lambda root: [p.unlink() for p in sorted((root / "flower").iterdir())[2:]],
+            r"Class 'flower' .* has 2 image\(s\); splitting it into train/val/test needs at least 3",
+        ),
         (lambda root: shutil.rmtree(root), r"is not a folder"),
     ],
 )

@@ -54,15 +54,22 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def peak_rss(bundle: Path, files: list[Path]) -> dict:
-    done = subprocess.run([sys.executable, "-c", PEAK_RSS, str(bundle), *map(str, files)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, str(bundle), *map(str, files)], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
 
 def test_extreme_aspect_ratios_and_bombs_stay_bounded(bundle: Path, tmp_path: Path) -> None:
     """A 118-byte 1×20000 PNG took 8 s and 1.25 GB; a 140 KB 12000² PNG decoded to 1.2 GB."""
-    shapes = {"tall.png": ("L", (1, 20000)), "wide.png": ("L", (65000, 1)), "wide3.png": ("RGB", (30001, 3)),
-              "bomb.png": ("L", (12000, 12000)), "bomb14k.png": ("L", (14000, 14000))}
+    shapes = {
+        "tall.png": ("L", (1, 20000)),
+        "wide.png": ("L", (65000, 1)),
+        "wide3.png": ("RGB", (30001, 3)),
+        "bomb.png": ("L", (12000, 12000)),
+        "bomb14k.png": ("L", (14000, 14000)),
+    }
     files = []
     for name, (mode, size) in shapes.items():
         Image.new(mode, size).save(tmp_path / name)
@@ -70,7 +77,11 @@ def test_extreme_aspect_ratios_and_bombs_stay_bounded(bundle: Path, tmp_path: Pa
     measured = peak_rss(bundle, files)
     outcomes = {Path(path).name: result["outcome"] for path, result in measured["results"].items()}
     assert all(outcomes[name] in ("red", "green", "blue") for name in ("tall.png", "wide.png", "wide3.png"))
-    assert outcomes["bomb.png"].startswith("ImageTooLarge") and "12000×12000" in outcomes["bomb.png"] and "20000000" in outcomes["bomb.png"]
+    assert (
+        outcomes["bomb.png"].startswith("ImageTooLarge")
+        and "12000×12000" in outcomes["bomb.png"]
+        and "20000000" in outcomes["bomb.png"]
+    )
     assert outcomes["bomb14k.png"].startswith("ImageTooLarge") and "196000000 pixels" in outcomes["bomb14k.png"]
     assert max(result["seconds"] for result in measured["results"].values()) < 5
     assert measured["peak_rss_mb"] < 300
@@ -97,8 +108,12 @@ def test_pass_order_rule_matches_pillows_own_resize() -> None:
             continue
         noise = Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8))
         full = noise.resize((new_width, new_height), Image.Resampling.BICUBIC, reducing_gap=None).tobytes()
-        first = (width, new_height) if _vertical_first((width, height), (new_width, new_height)) else (new_width, height)
-        two = noise.resize(first, Image.Resampling.BICUBIC, reducing_gap=None).resize((new_width, new_height), Image.Resampling.BICUBIC, reducing_gap=None)
+        first = (
+            (width, new_height) if _vertical_first((width, height), (new_width, new_height)) else (new_width, height)
+        )
+        two = noise.resize(first, Image.Resampling.BICUBIC, reducing_gap=None).resize(
+            (new_width, new_height), Image.Resampling.BICUBIC, reducing_gap=None
+        )
         assert two.tobytes() == full, (width, height, new_width, new_height)
         checked += 1
     assert checked > 200
@@ -121,7 +136,9 @@ def test_symlinked_folders_and_files_are_followed_and_broken_links_reported(tmp_
     assert len(candidate_files(root / "a")) == 16  # as torchvision's ImageFolder counts
     dataset = data.run(DataConfig(path=root, val_split=0.2, test_split=0.2), PRE, seed=0)
     assert sum(len(dataset.split(s).labels) for s in data.SPLITS) == 16 + 9
-    assert [(Path(s.path).name, s.reason.endswith("is a broken symbolic link")) for s in dataset.skipped] == [("broken.png", True)]
+    assert [(Path(s.path).name, s.reason.endswith("is a broken symbolic link")) for s in dataset.skipped] == [
+        ("broken.png", True)
+    ]
 
 
 def test_predict_walks_symlinks_reports_broken_ones_and_refuses_empty_folders(bundle: Path, tmp_path: Path) -> None:
@@ -136,7 +153,9 @@ def test_predict_walks_symlinks_reports_broken_ones_and_refuses_empty_folders(bu
     printed = json.loads(done.stdout)
     assert done.returncode == 2
     assert sorted(Path(p["path"]).name for p in printed["predictions"]) == ["blue.png", "red.png"]
-    assert [(Path(e["path"]).name, "broken symbolic link" in e["error"]) for e in printed["errors"]] == [("dead.png", True)]
+    assert [(Path(e["path"]).name, "broken symbolic link" in e["error"]) for e in printed["errors"]] == [
+        ("dead.png", True)
+    ]
     refused = edgetl("predict", str(bundle), str(empty))
     assert refused.returncode == 2 and f"folder {empty} has no files to classify" in refused.stderr
 
@@ -162,7 +181,11 @@ def test_paths_that_are_not_regular_files_are_refused_without_hanging(tmp_path: 
     fifo = tmp_path / "camera.jpg"
     os.mkfifo(fifo)  # opening it for reading would block forever
     (tmp_path / "folder.jpg").mkdir()
-    cases = {fifo: "is not a regular file", tmp_path / "folder.jpg": "is a folder", tmp_path / "no.jpg": "does not exist"}
+    cases = {
+        fifo: "is not a regular file",
+        tmp_path / "folder.jpg": "is a folder",
+        tmp_path / "no.jpg": "does not exist",
+    }
     for path, reason in cases.items():
         with pytest.raises(ImageDecodeError, match=reason):
             load_rgb(path)
@@ -202,7 +225,9 @@ def test_the_build_decodes_odd_images_as_the_device_does(bundle: Path, tmp_path:
     predictor = Predictor.load(bundle)
     for split in data.SPLITS:
         for crop, source in zip(dataset.split(split).images, dataset.split(split).sources):
-            assert np.array_equal(crop, preprocess_uint8(source, PRE)) and np.array_equal(predictor.crop(source).shape, (32, 32, 3))
+            assert np.array_equal(crop, preprocess_uint8(source, PRE)) and np.array_equal(
+                predictor.crop(source).shape, (32, 32, 3)
+            )
 
 
 def test_library_warnings_are_logged_once_per_kind(caplog: pytest.LogCaptureFixture) -> None:
@@ -212,12 +237,18 @@ def test_library_warnings_are_logged_once_per_kind(caplog: pytest.LogCaptureFixt
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             for tag in (282, 283, 296):
-                warnings.warn(f"Metadata Warning, tag {tag} had too many entries", UserWarning)  # one kind: one line
-            warnings.warn("Corrupt EXIF data", RuntimeWarning)
+                warnings.warn(
+                    f"Metadata Warning, tag {tag} had too many entries", UserWarning, stacklevel=1
+                )  # one kind
+            warnings.warn("Corrupt EXIF data", RuntimeWarning, stacklevel=1)
     finally:
         warnings.showwarning = saved
     lines = [r.getMessage() for r in caplog.records if r.name == "edgetl.warnings"]
-    assert len(lines) == 2 and lines[0].startswith("UserWarning: Metadata Warning, tag 282") and "RuntimeWarning" in lines[1]
+    assert (
+        len(lines) == 2
+        and lines[0].startswith("UserWarning: Metadata Warning, tag 282")
+        and "RuntimeWarning" in lines[1]
+    )
 
 
 def test_class_names_with_emoji_chart_without_warnings() -> None:
@@ -233,21 +264,26 @@ def test_server_survives_hostile_uploads_and_returns_to_its_idle_memory(bundle: 
     """Three concurrent hostile uploads, then 100 normal requests: every normal one answered, RSS
     back within 50 MB of what it was before (it once kept 1-2 GB)."""
     import socket
-    import urllib.request
     from concurrent.futures import ThreadPoolExecutor
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "edgetl", "serve", str(bundle), "--port", str(port)], stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "edgetl", "serve", str(bundle), "--port", str(port)], stderr=subprocess.PIPE, text=True
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_until_up(url)
         hostile = []
-        for name, (mode, size) in {"tall.png": ("L", (1, 20000)), "bomb.png": ("L", (12000, 12000)), "wide.png": ("L", (65000, 2))}.items():
+        for name, (mode, size) in {
+            "tall.png": ("L", (1, 20000)),
+            "bomb.png": ("L", (12000, 12000)),
+            "wide.png": ("L", (65000, 2)),
+        }.items():
             Image.new(mode, size).save(tmp_path / name)
             hostile.append((tmp_path / name).read_bytes())
-        normal = (tmp_path / "red.png")
+        normal = tmp_path / "red.png"
         Image.new("RGB", (64, 48), (255, 0, 0)).save(normal)
         _post(url, normal.read_bytes())  # warm: the idle RSS includes one prediction's buffers
         before = _rss_mb(server.pid)
@@ -270,7 +306,9 @@ def _post(url: str, body: bytes) -> tuple[int, dict]:
     import urllib.error
     import urllib.request
 
-    request = urllib.request.Request(url + "/predict", data=body, method="POST", headers={"Content-Type": "application/octet-stream"})
+    request = urllib.request.Request(
+        url + "/predict", data=body, method="POST", headers={"Content-Type": "application/octet-stream"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read())

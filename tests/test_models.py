@@ -58,14 +58,20 @@ def test_efficientnet_lite_pretrained_weights_are_right_zero_shot(name: str) -> 
     model.head.load_state_dict(original.classifier.state_dict())
     pre = spec.preprocessing()
     with torch.no_grad():
-        probabilities = torch.cat([model(torch.from_numpy(preprocess(img, pre))).softmax(1) for img in load_sample_images().images])
+        probabilities = torch.cat(
+            [model(torch.from_numpy(preprocess(img, pre))).softmax(1) for img in load_sample_images().images]
+        )
     assert probabilities.argmax(1).tolist() == ZERO_SHOT[name]
     assert probabilities.max(1).values.min() > 0.2  # measured 0.30 and 0.32 with the torchvision-exact crop
     assert sum(p.numel() for p in original.parameters()) == sum(p.numel() for p in model.parameters())
-    assert sum(p.numel() for p in timm.create_model(spec.arch).parameters()) == sum(p.numel() for p in original.parameters())
+    assert sum(p.numel() for p in timm.create_model(spec.arch).parameters()) == sum(
+        p.numel() for p in original.parameters()
+    )
 
 
-def test_torchvision_pretrained_goes_through_torchvisions_loader_and_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_torchvision_pretrained_goes_through_torchvisions_loader_and_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
     reference = torchvision.models.resnet18()

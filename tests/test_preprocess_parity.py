@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageOps
 from sklearn.datasets import load_sample_images
 from torchvision import transforms
@@ -34,13 +33,18 @@ def reference_tensor(data: bytes, pre: Preprocessing) -> np.ndarray:
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     image = image.convert("RGB")
-    interpolation = {"bicubic": transforms.InterpolationMode.BICUBIC, "bilinear": transforms.InterpolationMode.BILINEAR}[pre.interpolation]
-    transform = transforms.Compose([
-        transforms.Resize(pre.resize_size, interpolation=interpolation),
-        transforms.CenterCrop(pre.input_size),
-        transforms.ToTensor(),
-        transforms.Normalize(pre.mean, pre.std),
-    ])
+    interpolation = {
+        "bicubic": transforms.InterpolationMode.BICUBIC,
+        "bilinear": transforms.InterpolationMode.BILINEAR,
+    }[pre.interpolation]
+    transform = transforms.Compose(
+        [
+            transforms.Resize(pre.resize_size, interpolation=interpolation),
+            transforms.CenterCrop(pre.input_size),
+            transforms.ToTensor(),
+            transforms.Normalize(pre.mean, pre.std),
+        ]
+    )
     return transform(image).numpy()[None]
 
 
@@ -88,7 +92,9 @@ def imagenet_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     original = SPEC.load_pretrained(SPEC)  # timm's architecture with the PyPI weights, its ImageNet head included
     model = build(SPEC, "pretrained", num_classes=1000).eval()
     model.head.load_state_dict(original.classifier.state_dict())
-    return export.run(model, PRE, tuple(map(str, range(1000))), tmp_path_factory.mktemp("parity"), 17, "parity", want_openvino=False).onnx
+    return export.run(
+        model, PRE, tuple(map(str, range(1000))), tmp_path_factory.mktemp("parity"), 17, "parity", want_openvino=False
+    ).onnx
 
 
 def test_runtime_preprocessing_matches_the_torchvision_eval_transform_within_one_step(imagenet_onnx: Path) -> None:
@@ -97,7 +103,9 @@ def test_runtime_preprocessing_matches_the_torchvision_eval_transform_within_one
     reference = np.concatenate([reference_tensor(data, PRE) for _, data in images])
     delta = np.abs(ours - reference).reshape(len(images), -1).max(axis=1)
     worst = int(delta.argmax())
-    assert delta.max() <= ONE_STEP + 1e-6, f"{images[worst][0]}: max |Δ| {delta.max():.4f} > one 8-bit step {ONE_STEP:.4f}"
+    assert delta.max() <= ONE_STEP + 1e-6, (
+        f"{images[worst][0]}: max |Δ| {delta.max():.4f} > one 8-bit step {ONE_STEP:.4f}"
+    )
     assert {name.split("-")[1] for name, _ in images} >= {"jpeg", "gray", "palette", "rgba", "cmyk", "16bit", "exif"}
 
     engine = open_engine(imagenet_onnx, "onnxruntime")
@@ -113,7 +121,9 @@ def test_exif_rotation_is_applied_before_cropping() -> None:
     exif[0x0112] = 6  # stored rotated: the viewer turns it 90° clockwise
     buffer = io.BytesIO()
     wide.save(buffer, "JPEG", quality=95, exif=exif)
-    x = preprocess(buffer.getvalue(), Preprocessing(32, 32, "bilinear", (0.0,) * 3, (1.0,) * 3))[0]  # (3, 32, 32) in [0, 1]
+    x = preprocess(buffer.getvalue(), Preprocessing(32, 32, "bilinear", (0.0,) * 3, (1.0,) * 3))[
+        0
+    ]  # (3, 32, 32) in [0, 1]
     assert x[0, 2, 16] > 0.8 and x[2, 2, 16] < 0.2  # upright: red on top
     assert x[2, 29, 16] > 0.8 and x[0, 29, 16] < 0.2  # blue at the bottom
 
@@ -122,7 +132,9 @@ def test_normalize_maps_every_pixel_value_of_every_channel_by_its_own_mean_and_s
     pre = Preprocessing(16, 16, "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     values = np.arange(256, dtype=np.uint8).reshape(16, 16)
     batch = np.stack([values, 255 - values, values.T], axis=-1)[None]  # each channel a different layout
-    expected = (batch.transpose(0, 3, 1, 2) / 255.0 - np.array(pre.mean).reshape(1, 3, 1, 1)) / np.array(pre.std).reshape(1, 3, 1, 1)
+    expected = (batch.transpose(0, 3, 1, 2) / 255.0 - np.array(pre.mean).reshape(1, 3, 1, 1)) / np.array(
+        pre.std
+    ).reshape(1, 3, 1, 1)
     x = normalize(batch, pre)
     assert x.dtype == np.float32 and x.flags.c_contiguous
     np.testing.assert_allclose(x, expected, rtol=0, atol=1e-6)
@@ -133,9 +145,30 @@ def test_the_crop_only_resize_matches_pillows_full_resize_then_crop(interpolatio
     """Noise is the hard case: a pass order other than Pillow's moves its pixels by up to 20
     levels. Sizes cover landscape, portrait, up- and downscaling, split and unsplit."""
     rng = np.random.default_rng(0)
-    for width, height in [(500, 375), (375, 500), (257, 1104), (154, 307), (1200, 40), (900, 880), (31, 29), (640, 640)]:
+    for width, height in [
+        (500, 375),
+        (375, 500),
+        (257, 1104),
+        (154, 307),
+        (1200, 40),
+        (900, 880),
+        (31, 29),
+        (640, 640),
+    ]:
         image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-        for pre in (Preprocessing(224, 256, interpolation, (0.0,) * 3, (1.0,) * 3), Preprocessing(96, 109, interpolation, (0.0,) * 3, (1.0,) * 3)):
+        for pre in (
+            Preprocessing(224, 256, interpolation, (0.0,) * 3, (1.0,) * 3),
+            Preprocessing(96, 109, interpolation, (0.0,) * 3, (1.0,) * 3),
+        ):
             ours = preprocess_uint8(image, pre).astype(int)
-            reference = np.asarray(transforms.CenterCrop(pre.input_size)(transforms.Resize(pre.resize_size, interpolation=transforms.InterpolationMode(interpolation))(image))).astype(int)
-            assert ours.shape == reference.shape and np.abs(ours - reference).max() <= 1, (width, height, pre.input_size, np.abs(ours - reference).max())
+            reference = np.asarray(
+                transforms.CenterCrop(pre.input_size)(
+                    transforms.Resize(pre.resize_size, interpolation=transforms.InterpolationMode(interpolation))(image)
+                )
+            ).astype(int)
+            assert ours.shape == reference.shape and np.abs(ours - reference).max() <= 1, (
+                width,
+                height,
+                pre.input_size,
+                np.abs(ours - reference).max(),
+            )

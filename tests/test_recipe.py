@@ -31,7 +31,10 @@ def test_relative_paths_resolve_against_the_recipe_folder(tmp_path: Path) -> Non
 
 
 def test_set_overrides_any_field_with_typed_values(tmp_path: Path) -> None:
-    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", GOOD), ["train.epochs=7", "train.lr=0.01", "data.augment=none", "model.weights=w.pth"])
+    recipe = load_recipe(
+        write_recipe(tmp_path / "r.yaml", GOOD),
+        ["train.epochs=7", "train.lr=0.01", "data.augment=none", "model.weights=w.pth"],
+    )
     assert (recipe.train.epochs, recipe.train.lr, recipe.data.augment) == (7, 0.01, "none")
     assert recipe.model.weights == str((tmp_path / "w.pth").resolve())
 
@@ -79,6 +82,10 @@ def test_schema_lists_the_fields_and_cli_prints_it() -> None:
 
 def test_cli_reports_a_broken_recipe_in_one_paragraph_without_traceback(tmp_path: Path) -> None:
     path = write_recipe(tmp_path / "r.yaml", GOOD.replace("epochs: 3", "epochz: 3"))
-    done = subprocess.run([sys.executable, "-m", "edgetl", "build", str(path), "-o", str(tmp_path / "run")], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "edgetl", "build", str(path), "-o", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2
     assert "train.epochz" in done.stderr and "Traceback" not in done.stderr

@@ -19,7 +19,15 @@ from edgetl.runtime.metrics import VariantMetrics
 CLASSES = ["cat", "dog", "hedgehog"]
 
 
-def make_variant(name: str, runtime: str, precision: str, accuracy: float, p50: float, confusion: list[list[int]], notes: list[str] | None = None) -> dict:
+def make_variant(
+    name: str,
+    runtime: str,
+    precision: str,
+    accuracy: float,
+    p50: float,
+    confusion: list[list[int]],
+    notes: list[str] | None = None,
+) -> dict:
     return {
         "name": name,
         "runtime": runtime,
@@ -47,11 +55,37 @@ def make_report(name: str = "pets", selected: str | None = "ort-int8", backbone:
     variants = [
         make_variant("pytorch-fp32", "pytorch", "fp32", 0.95, 12.0, [[19, 1, 0], [1, 19, 0], [0, 1, 19]]),
         make_variant("onnx-fp32", "onnxruntime", "fp32", 0.95, 3.0, [[19, 1, 0], [1, 19, 0], [0, 1, 19]]),
-        make_variant("ort-int8", "onnxruntime", "int8", 0.9333, 1.5, [[18, 2, 0], [1, 19, 0], [0, 1, 19]], ["<script>alert(1)</script> kept uint8"]),
+        make_variant(
+            "ort-int8",
+            "onnxruntime",
+            "int8",
+            0.9333,
+            1.5,
+            [[18, 2, 0], [1, 19, 0], [0, 1, 19]],
+            ["<script>alert(1)</script> kept uint8"],
+        ),
         make_variant("ov-int8", "openvino", "int8", 0.90, 4.0, [[17, 3, 0], [2, 18, 0], [0, 1, 19]]),
     ]
-    gates = [{"gate": "min_accuracy", "threshold": 0.92, "variant": v["name"], "value": v["accuracy"], "passed": v["accuracy"] >= 0.92} for v in variants]
-    gates += [{"gate": "max_latency_ms", "threshold": 20.0, "variant": v["name"], "value": v["latency_ms"]["p50"], "passed": True} for v in variants]
+    gates = [
+        {
+            "gate": "min_accuracy",
+            "threshold": 0.92,
+            "variant": v["name"],
+            "value": v["accuracy"],
+            "passed": v["accuracy"] >= 0.92,
+        }
+        for v in variants
+    ]
+    gates += [
+        {
+            "gate": "max_latency_ms",
+            "threshold": 20.0,
+            "variant": v["name"],
+            "value": v["latency_ms"]["p50"],
+            "passed": True,
+        }
+        for v in variants
+    ]
     return {
         "schema_version": 1,
         "edgetl_version": "0.1.0",
@@ -62,12 +96,18 @@ def make_report(name: str = "pets", selected: str | None = "ort-int8", backbone:
         "dataset": {
             "origin": "folder:/data/pets",
             "classes": CLASSES,
-            "counts": {split: {"total": n * 3, "per_class": [n, n, n]} for split, n in (("train", 80), ("val", 20), ("test", 20))},
+            "counts": {
+                split: {"total": n * 3, "per_class": [n, n, n]}
+                for split, n in (("train", 80), ("val", 20), ("test", 20))
+            },
             "skipped": [{"path": "cat/broken.jpg", "reason": "cannot identify image file"}],
         },
         "training": {
             "strategy": "partial",
-            "history": [{"epoch": e, "train_loss": 1.0 / e, "val_accuracy": 0.8 + 0.05 * e, "lr": 0.003, "seconds": 5.0} for e in (1, 2, 3)],
+            "history": [
+                {"epoch": e, "train_loss": 1.0 / e, "val_accuracy": 0.8 + 0.05 * e, "lr": 0.003, "seconds": 5.0}
+                for e in (1, 2, 3)
+            ],
             "best_epoch": 3,
             "val_accuracy": 0.95,
             "test_accuracy": 0.95,
@@ -76,11 +116,18 @@ def make_report(name: str = "pets", selected: str | None = "ort-int8", backbone:
         "quantize": [],
         "variants": variants,
         "gates": gates,
-        "selected": {"name": selected, "policy": "fastest", "reason": "fastest variant that passes every gate"} if selected else None,
+        "selected": {"name": selected, "policy": "fastest", "reason": "fastest variant that passes every gate"}
+        if selected
+        else None,
         "stages": {"data": "built", "train": "reused", "export": "built", "quantize": "built", "validate": "built"},
         "skipped": [],
         "timings": {"export_seconds": 2.0},
-        "environment": {"cpu_model": "Test CPU", "cores": 2, "cpu_flags": {"avx2": True}, "packages": {"onnxruntime": "1.20"}},
+        "environment": {
+            "cpu_model": "Test CPU",
+            "cores": 2,
+            "cpu_flags": {"avx2": True},
+            "packages": {"onnxruntime": "1.20"},
+        },
         "build_seconds": 42.0,
     }
 
@@ -110,8 +157,18 @@ def test_class_scores_match_a_hand_computed_confusion_matrix() -> None:
     # rows true, columns predicted
     scores = class_scores([[5, 1, 0], [2, 3, 0], [0, 0, 0]], ["a", "b", "c"])
     a, b, c = scores
-    assert (a.support, a.precision, a.recall, a.f1) == (6, pytest.approx(5 / 7), pytest.approx(5 / 6), pytest.approx(10 / 13))
-    assert (b.support, b.precision, b.recall, b.f1) == (5, pytest.approx(3 / 4), pytest.approx(3 / 5), pytest.approx(2 / 3))
+    assert (a.support, a.precision, a.recall, a.f1) == (
+        6,
+        pytest.approx(5 / 7),
+        pytest.approx(5 / 6),
+        pytest.approx(10 / 13),
+    )
+    assert (b.support, b.precision, b.recall, b.f1) == (
+        5,
+        pytest.approx(3 / 4),
+        pytest.approx(3 / 5),
+        pytest.approx(2 / 3),
+    )
     assert (c.support, c.precision, c.recall, c.f1) == (0, None, None, None)  # never seen, never predicted
 
 
@@ -135,7 +192,10 @@ def test_markdown_lists_every_variant_and_the_failed_gate(written: ReportFiles) 
     assert "all gates passed" not in md
     assert "**Selected:** `ort-int8`" in md
     assert "reused: train" in md
-    assert sorted(p.name for p in written.markdown.parent.iterdir()) == ["report.html", "report.md"]  # no temp files left
+    assert sorted(p.name for p in written.markdown.parent.iterdir()) == [
+        "report.html",
+        "report.md",
+    ]  # no temp files left
 
 
 def test_markdown_says_when_all_gates_pass_and_nothing_is_selected(tmp_path: Path) -> None:
@@ -149,7 +209,7 @@ def test_markdown_says_when_all_gates_pass_and_nothing_is_selected(tmp_path: Pat
 
 def test_html_is_self_contained_and_escaped(written: ReportFiles) -> None:
     page = written.html.read_text(encoding="utf-8")
-    for external in ("<script", "<link", "@import", "src=\"http"):
+    for external in ("<script", "<link", "@import", 'src="http'):
         assert external not in page.lower()
     assert not re.search(r"url\((?!#)", page)  # only references to ids inside the page (SVG clip paths)
     assert not re.search(r'<img[^>]+src="(?!data:)', page)
@@ -164,9 +224,14 @@ def test_html_details_the_selected_variant_and_the_gates(written: ReportFiles) -
     page = written.html.read_text(encoding="utf-8")
     assert "Errors per class: ort-int8 (selected variant)" in page
     # ort-int8's cat row: precision 18/19, recall 18/20, F1 36/39
-    assert "<td>cat</td><td class=\"num\">20</td><td class=\"num\">94.74%</td><td class=\"num\">90.00%</td><td class=\"num\">92.31%</td>" in page
+    assert (
+        '<td>cat</td><td class="num">20</td><td class="num">94.74%</td><td class="num">90.00%</td><td '
+        'class="num">92.31%</td>' in page
+    )
     assert '<td class="num fail">90.00% ✗</td>' in page  # ov-int8 under min_accuracy
-    assert "gate min_accuracy 92.00%" in page and "gate max_latency_ms 20 ms" in page  # threshold lines in the chart legend
+    assert (
+        "gate min_accuracy 92.00%" in page and "gate max_latency_ms 20 ms" in page
+    )  # threshold lines in the chart legend
     assert "cat/broken.jpg" in page and "cannot identify image file" in page
 
 
@@ -231,17 +296,23 @@ def test_every_recipe_gate_is_in_the_one_gate_table_and_reads_its_direction_from
     assert set(GatesConfig.model_fields) == set(GATES)
     rules = {name: gate_rule(GateOutcome(name, 0.5, "ort-int8", 0.25, False)) for name in GATES}
     assert rules == {
-        "min_accuracy": "min_accuracy ≥ 50.00%", "max_accuracy_drop": "max_accuracy_drop ≤ 50.00 pt",
-        "min_agreement": "min_agreement ≥ 50.00%", "max_latency_ms": "max_latency_ms ≤ 0.50 ms",
+        "min_accuracy": "min_accuracy ≥ 50.00%",
+        "max_accuracy_drop": "max_accuracy_drop ≤ 50.00 pt",
+        "min_agreement": "min_agreement ≥ 50.00%",
+        "max_latency_ms": "max_latency_ms ≤ 0.50 ms",
         "max_size_mb": "max_size_mb ≤ 0.50 MB",
     }
     row = VariantMetrics.from_dict(make_variant("ort-int8", "onnxruntime", "int8", 0.93, 1.5, [[1]]))
     assert {name: gate.read(row) for name, gate in GATES.items()} == {
-        "min_accuracy": 0.93, "max_accuracy_drop": pytest.approx(0.02), "min_agreement": 0.93, "max_latency_ms": 1.5,
+        "min_accuracy": 0.93,
+        "max_accuracy_drop": pytest.approx(0.02),
+        "min_agreement": 0.93,
+        "max_latency_ms": 1.5,
         "max_size_mb": 3.8,
     }
     assert GateOutcome("max_size_mb", 3.0, "ort-int8", 3.8, False).describe() == (
-        "gate max_size_mb failed for ort-int8: needs ≤ 3 MB, measured 3.8 MB")
+        "gate max_size_mb failed for ort-int8: needs ≤ 3 MB, measured 3.8 MB"
+    )
 
 
 def test_a_variant_row_round_trips_and_a_bundle_s_partial_metrics_load() -> None:

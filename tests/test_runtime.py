@@ -67,7 +67,10 @@ def test_predict_info_and_bench_run_with_torch_unimportable(bundle: Path, tmp_pa
     bench = no_torch("bench", str(bundle), "--runs", "10", "--batch", "4", "--json")
     assert bench.returncode == 0, bench.stderr
     figures = json.loads(bench.stdout)
-    assert figures["latency_ms"]["end_to_end"]["p50"] >= figures["latency_ms"]["model"]["p50"] > 0 and figures["throughput_ips"] > 0
+    assert (
+        figures["latency_ms"]["end_to_end"]["p50"] >= figures["latency_ms"]["model"]["p50"] > 0
+        and figures["throughput_ips"] > 0
+    )
 
 
 def test_predictor_takes_paths_bytes_pil_images_and_arrays(bundle: Path, tmp_path: Path) -> None:
@@ -130,7 +133,9 @@ def test_unsafe_archive_members_are_refused_before_anything_is_written(bundle: P
     with tarfile.open(archive, "w:gz") as tar:
         for path in bundle.iterdir():
             tar.add(path, arcname=f"tiny/{path.name}")
-        member = tarfile.TarInfo({"parent": "tiny/../../escape.txt", "absolute": "/tmp/escape.txt"}.get(kind, "tiny/link"))
+        member = tarfile.TarInfo(
+            {"parent": "tiny/../../escape.txt", "absolute": "/tmp/escape.txt"}.get(kind, "tiny/link")
+        )
         if kind == "symlink":
             member.type, member.linkname = tarfile.SYMTYPE, "/etc/passwd"
         elif kind == "hardlink":

@@ -79,7 +79,9 @@ def port(predictor: Predictor) -> Iterator[int]:
         yield port
 
 
-def call(port: int, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+def call(
+    port: int, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         connection.request(method, path, body=body, headers=headers or {})
@@ -97,7 +99,9 @@ def image(colour: str, fmt: str = "PNG", size: int = 64) -> bytes:
     return buffer.getvalue()
 
 
-def multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "edgetl-test-boundary") -> tuple[bytes, dict[str, str]]:
+def multipart(
+    parts: list[tuple[str, str | None, bytes]], boundary: str = "edgetl-test-boundary"
+) -> tuple[bytes, dict[str, str]]:
     """(field, filename or None for a text field, data) parts → body and Content-Type header."""
     body = b""
     for field, filename, data in parts:
@@ -110,7 +114,9 @@ def multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "edget
 def test_a_red_png_is_red_over_raw_bytes_and_over_multipart(port: int) -> None:
     status, answer = call(port, "POST", "/predict", image("red"), {"Content-Type": "image/png"})
     assert status == 200 and answer["label"] == "red"
-    assert [t["label"] for t in answer["top_k"]][0] == "red" and len(answer["top_k"]) == len(LABELS)  # default 5, capped at 3
+    assert [t["label"] for t in answer["top_k"]][0] == "red" and len(answer["top_k"]) == len(
+        LABELS
+    )  # default 5, capped at 3
     assert answer["elapsed_ms"] > 0
 
     for field in ("file", "image"):
@@ -124,7 +130,11 @@ def test_health_metadata_and_unknown_paths_answer_json(port: int) -> None:
     status, metadata = call(port, "GET", "/metadata")
     assert status == 200
     assert metadata["name"] == "tiny" and metadata["labels"] == LABELS and metadata["runtime"] == "onnxruntime"
-    assert metadata["precision"] == "fp32" and metadata["variant"] == "onnx-fp32" and metadata["metrics"]["accuracy"] == 1.0
+    assert (
+        metadata["precision"] == "fp32"
+        and metadata["variant"] == "onnx-fp32"
+        and metadata["metrics"]["accuracy"] == 1.0
+    )
     assert metadata["preprocessing"]["input_size"] == 32 and metadata["preprocessing"]["mean"] == [0.5] * 3
     status, answer = call(port, "GET", "/nowhere")
     assert status == 404 and answer["error"]
@@ -138,7 +148,9 @@ def test_200_concurrent_requests_from_8_threads_are_all_answered_with_the_right_
     jobs = [cases[i % len(cases)] for i in range(200)]
 
     def ask(case: tuple[str, str]) -> tuple[str, int, str]:
-        status, answer = call(port, "POST", "/predict?top_k=1", payloads[case], {"Content-Type": "application/octet-stream"})
+        status, answer = call(
+            port, "POST", "/predict?top_k=1", payloads[case], {"Content-Type": "application/octet-stream"}
+        )
         return case[0], status, answer.get("label", answer.get("error"))
 
     started = time.perf_counter()
@@ -237,7 +249,9 @@ class RecordingEngine:
 
 
 @pytest.mark.parametrize("concurrency", [1, 3])
-def test_no_more_than_concurrency_predictions_run_at_once_and_the_rest_wait(predictor: Predictor, concurrency: int) -> None:
+def test_no_more_than_concurrency_predictions_run_at_once_and_the_rest_wait(
+    predictor: Predictor, concurrency: int
+) -> None:
     engine = RecordingEngine(predictor.engine)
     with serving(Predictor(predictor.bundle, engine), concurrency=concurrency) as port:  # type: ignore[arg-type]
         startup_runs = engine.runs  # the health check's
@@ -257,6 +271,11 @@ def test_an_unexpected_error_is_500_json_and_the_server_stays_up(predictor: Pred
 
 def test_the_server_imports_without_torch(tmp_path: Path) -> None:
     blocked = ("torch", "torchvision", "timm", "nncf")
-    code = f"import sys\nfor name in {blocked!r}: sys.modules[name] = None\nimport edgetl.runtime.server, edgetl.runtime.commands\n"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    code = (
+        f"import sys\nfor name in {blocked!r}: sys.modules[name] = None\n"
+        "import edgetl.runtime.server, edgetl.runtime.commands\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent.parent
+    )
     assert done.returncode == 0, done.stderr

@@ -76,19 +76,28 @@ def server_log(caplog: pytest.LogCaptureFixture) -> Iterator[list[logging.LogRec
 
 
 def assert_no_traceback(records: list[logging.LogRecord]) -> None:
-    bad = [r.getMessage() for r in records
-           if r.exc_info or r.levelno >= logging.ERROR or "Exception in ASGI" in r.getMessage()]
+    bad = [
+        r.getMessage()
+        for r in records
+        if r.exc_info or r.levelno >= logging.ERROR or "Exception in ASGI" in r.getMessage()
+    ]
     assert bad == [], bad
 
 
 # --- the CLI -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("args", "rule"), [
-    (["--port", "99999"], "a port number from 0 to 65535"), (["--port", "-1"], "a port number from 0 to 65535"),
-    (["--concurrency", "0"], "an integer ≥ 1"), (["--max-body-mb", "nan"], "a number > 0"),
-    (["--max-body-mb", "-3"], "a number > 0"), (["--read-timeout", "inf"], "a number > 0"),
-])
+@pytest.mark.parametrize(
+    ("args", "rule"),
+    [
+        (["--port", "99999"], "a port number from 0 to 65535"),
+        (["--port", "-1"], "a port number from 0 to 65535"),
+        (["--concurrency", "0"], "an integer ≥ 1"),
+        (["--max-body-mb", "nan"], "a number > 0"),
+        (["--max-body-mb", "-3"], "a number > 0"),
+        (["--read-timeout", "inf"], "a number > 0"),
+    ],
+)
 def test_a_bad_serve_argument_is_one_line_naming_it_with_exit_2(
     bundle: Path, args: list[str], rule: str, capsys: pytest.CaptureFixture
 ) -> None:
@@ -120,8 +129,14 @@ def test_predict_into_a_closed_pipe_ends_quietly_with_141(tmp_path: Path, bundle
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader is gone, as `head -1` is once it has its line
     try:
-        done = subprocess.run([sys.executable, "-m", "edgetl", "predict", str(bundle), str(folder)], stdout=write_end,
-                              stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=60)
+        done = subprocess.run(
+            [sys.executable, "-m", "edgetl", "predict", str(bundle), str(folder)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
     finally:
         os.close(write_end)
     assert done.returncode == 141 and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
@@ -324,7 +339,9 @@ def test_a_model_with_nan_outputs_is_503_on_health_and_500_json_on_predict(
         status, health = call(port, "GET", "/health")
         assert status == 503 and health["status"] == "error" and "non-finite" in health["error"], health
         status, answer = call(port, "POST", "/predict", image("red"))
-        assert status == 500 and answer["error"].startswith("the model cannot predict") and "non-finite" in answer["error"]
+        assert (
+            status == 500 and answer["error"].startswith("the model cannot predict") and "non-finite" in answer["error"]
+        )
 
 
 class FailingEngine:
@@ -337,7 +354,7 @@ class FailingEngine:
 
 
 def test_a_model_that_raises_inference_error_is_503_on_health_and_500_on_predict_naming_why(
-    predictor: Predictor
+    predictor: Predictor,
 ) -> None:
     with serving(Predictor(predictor.bundle, FailingEngine())) as port:  # type: ignore[arg-type]
         status, health = call(port, "GET", "/health")

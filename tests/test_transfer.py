@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_folder, write_recipe
 from PIL import Image, ImageOps
 
-from conftest import write_folder, write_recipe
 from edgetl import data, models, pipeline, train
 from edgetl.adapt import DomainAdversary, adabn
 from edgetl.distill import Distiller, Teacher, kd_loss
@@ -28,14 +28,23 @@ quantize: []
 """
 
 
-def _recipe(tmp_path: Path, images: Path, body: str, student_train: str = "{strategy: linear_probe, epochs: 3, batch_size: 8, lr: 0.01}", augment: str = "none") -> Path:
-    return write_recipe(tmp_path / "recipe.yaml", f"""
+def _recipe(
+    tmp_path: Path,
+    images: Path,
+    body: str,
+    student_train: str = "{strategy: linear_probe, epochs: 3, batch_size: 8, lr: 0.01}",
+    augment: str = "none",
+) -> Path:
+    return write_recipe(
+        tmp_path / "recipe.yaml",
+        f"""
 name: transfer
 data: {{path: {images}, val_split: 0.2, test_split: 0.2, image_size: 32, augment: {augment}}}
 model: {{backbone: efficientnet_lite0}}
 train: {student_train}
 {body}
-{FAST}""")
+{FAST}""",
+    )
 
 
 def _head(checkpoint: Path) -> torch.Tensor:
@@ -51,8 +60,13 @@ def _inverted(source: Path, target: Path) -> Path:
     return target
 
 
-def test_distillation_trains_the_teacher_first_and_reports_teacher_alone_and_distilled(tmp_path: Path, image_folder: Path) -> None:
-    teacher = "{backbone: efficientnet_lite0, image_size: 48, train: {strategy: linear_probe, epochs: 3, batch_size: 8, lr: 0.01}}"
+def test_distillation_trains_the_teacher_first_and_reports_teacher_alone_and_distilled(
+    tmp_path: Path, image_folder: Path
+) -> None:
+    teacher = (
+        "{backbone: efficientnet_lite0, image_size: 48, "
+        "train: {strategy: linear_probe, epochs: 3, batch_size: 8, lr: 0.01}}"
+    )
     recipe = _recipe(tmp_path, image_folder, f"distill: {{teacher: {teacher}, temperature: 2.0, alpha: 0.9}}")
     result = pipeline.build(load_recipe(recipe), tmp_path / "run")
 
@@ -62,28 +76,49 @@ def test_distillation_trains_the_teacher_first_and_reports_teacher_alone_and_dis
     assert set(distill["student_alone"]) == set(distill["student_distilled"]) == {"val_accuracy", "test_accuracy"}
     stages = result.report.stages
     assert stages["teacher efficientnet_lite0"] == stages["train"] == stages["train distilled"] == "built"
-    teacher_checkpoint, = (tmp_path / "run" / "stages").glob("teacher-*/checkpoint.pt")
-    alone_checkpoint = next(p for p in (tmp_path / "run" / "stages").glob("train-*/checkpoint.pt") if not torch.equal(_head(p), _head(tmp_path / "run" / "checkpoint.pt")))
+    (teacher_checkpoint,) = (tmp_path / "run" / "stages").glob("teacher-*/checkpoint.pt")
+    alone_checkpoint = next(
+        p
+        for p in (tmp_path / "run" / "stages").glob("train-*/checkpoint.pt")
+        if not torch.equal(_head(p), _head(tmp_path / "run" / "checkpoint.pt"))
+    )
     assert alone_checkpoint.is_file()  # the shipped student is the distilled one, not the student alone
     markdown = (tmp_path / "run" / "report.md").read_text()
-    assert "| teacher efficientnet_lite0 @ 48 px |" in markdown and "| student distilled efficientnet_lite0 @ 32 px |" in markdown
+    assert (
+        "| teacher efficientnet_lite0 @ 48 px |" in markdown
+        and "| student distilled efficientnet_lite0 @ 32 px |" in markdown
+    )
     assert "Distillation (T = 2.0, alpha = 0.9" in (tmp_path / "run" / "report.html").read_text()
 
     # Another run's checkpoint as the teacher; an augmenting student gets online teacher logits.
     other = tmp_path / "other"
     other.mkdir()
-    recipe = _recipe(other, image_folder, f"distill: {{teacher: {{checkpoint: {teacher_checkpoint}}}, compare: false}}",
-                     "{strategy: partial, unfreeze: 1, epochs: 1, batch_size: 8, lr: 0.01}", augment="default")
+    recipe = _recipe(
+        other,
+        image_folder,
+        f"distill: {{teacher: {{checkpoint: {teacher_checkpoint}}}, compare: false}}",
+        "{strategy: partial, unfreeze: 1, epochs: 1, batch_size: 8, lr: 0.01}",
+        augment="default",
+    )
     distill = pipeline.build(load_recipe(recipe), other / "run").report.transfer["distillation"]
     assert distill["teacher_logits"] == "online" and distill["student_alone"] is None
     assert distill["teacher"]["source"] == str(teacher_checkpoint) and distill["teacher"]["input_size"] == 48
-    assert distill["teacher"]["test_accuracy"] == pytest.approx(json.loads((teacher_checkpoint.parent / "train.json").read_text())["test_accuracy"])
+    assert distill["teacher"]["test_accuracy"] == pytest.approx(
+        json.loads((teacher_checkpoint.parent / "train.json").read_text())["test_accuracy"]
+    )
 
 
 def test_a_teacher_checkpoint_with_other_classes_is_refused(tmp_path: Path, image_folder: Path) -> None:
     checkpoint = tmp_path / "teacher.pt"
     spec = models.REGISTRY.get("efficientnet_lite0")
-    models.save_checkpoint(checkpoint, models.build(spec, "none", 3), spec, spec.preprocessing(32), ("cat", "dog", "owl"), load_recipe(_recipe(tmp_path, image_folder, "")))
+    models.save_checkpoint(
+        checkpoint,
+        models.build(spec, "none", 3),
+        spec,
+        spec.preprocessing(32),
+        ("cat", "dog", "owl"),
+        load_recipe(_recipe(tmp_path, image_folder, "")),
+    )
     recipe = _recipe(tmp_path, image_folder, f"distill: {{teacher: {{checkpoint: {checkpoint}}}}}")
     with pytest.raises(RecipeError, match=r"predicts classes \['cat', 'dog', 'owl'\].*china"):
         pipeline.build(load_recipe(recipe), tmp_path / "run")
@@ -134,38 +169,65 @@ def test_adabn_sets_batchnorm_statistics_to_the_target_images_and_leaves_the_sou
 
 
 def test_gradient_reversal_flips_the_domain_gradient_with_the_dann_ramp() -> None:
-    adversary = DomainAdversary(4, 8, weight=0.5, target_images=np.zeros((1, 8, 8, 3), np.uint8)).eval()  # no dropout: compare one function
+    adversary = DomainAdversary(
+        4, 8, weight=0.5, target_images=np.zeros((1, 8, 8, 3), np.uint8)
+    ).eval()  # no dropout: compare one function
     assert adversary.reversal_weight(0.0) == 0.0 and adversary.reversal_weight(1.0) == pytest.approx(0.5, abs=1e-4)
     assert 0 < adversary.reversal_weight(0.1) < adversary.reversal_weight(0.3) < 0.5
     source, target = torch.randn(3, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
     adversary.domain_loss(source, target, progress=1.0).backward()
     reversed_grad = source.grad.clone()
     source.grad = None
-    plain = torch.nn.functional.binary_cross_entropy_with_logits(adversary.classifier(torch.cat([source, target.detach()])).squeeze(1), torch.cat([torch.zeros(3), torch.ones(3)]))
+    plain = torch.nn.functional.binary_cross_entropy_with_logits(
+        adversary.classifier(torch.cat([source, target.detach()])).squeeze(1),
+        torch.cat([torch.zeros(3), torch.ones(3)]),
+    )
     plain.backward()
     assert torch.allclose(reversed_grad, -adversary.reversal_weight(1.0) * source.grad, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["adabn", "dann"])
-def test_adaptation_reports_source_only_and_adapted_accuracy_on_the_labeled_target(tmp_path: Path, image_folder: Path, method: str) -> None:
+def test_adaptation_reports_source_only_and_adapted_accuracy_on_the_labeled_target(
+    tmp_path: Path, image_folder: Path, method: str
+) -> None:
     target = _inverted(image_folder, tmp_path / "target")
     student = "{strategy: partial, unfreeze: 1, epochs: 2, batch_size: 8, lr: 0.01}"
-    recipe = _recipe(tmp_path, image_folder, f"adapt: {{target: {target}, target_labeled: {target}, method: {method}, domain_hidden: 16}}", student)
+    recipe = _recipe(
+        tmp_path,
+        image_folder,
+        f"adapt: {{target: {target}, target_labeled: {target}, method: {method}, domain_hidden: 16}}",
+        student,
+    )
     result = pipeline.build(load_recipe(recipe), tmp_path / "run")
 
     adaptation = result.report.transfer["adaptation"]
-    assert adaptation["method"] == method and adaptation["target_images"] == 24 and adaptation["target_accuracy"]["images"] == 24
-    accuracies = [adaptation["target_accuracy"][k] for k in ("source_only", "adapted")] + list(adaptation["source_test_accuracy"].values())
+    assert (
+        adaptation["method"] == method
+        and adaptation["target_images"] == 24
+        and adaptation["target_accuracy"]["images"] == 24
+    )
+    accuracies = [adaptation["target_accuracy"][k] for k in ("source_only", "adapted")] + list(
+        adaptation["source_test_accuracy"].values()
+    )
     assert all(0.0 <= a <= 1.0 for a in accuracies)
     shipped = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=False)["state_dict"]
-    source_only, = (p for p in (tmp_path / "run" / "stages").glob("train-*/checkpoint.pt") if method == "adabn" or not torch.equal(_head(p), shipped["head.weight"]))
+    (source_only,) = (
+        p
+        for p in (tmp_path / "run" / "stages").glob("train-*/checkpoint.pt")
+        if method == "adabn" or not torch.equal(_head(p), shipped["head.weight"])
+    )
     source_state = torch.load(source_only, map_location="cpu", weights_only=False)["state_dict"]
     bn_mean = "stages.0.1.running_mean"
     if method == "adabn":  # same weights, target statistics
-        assert torch.equal(source_state["head.weight"], shipped["head.weight"]) and not torch.allclose(source_state[bn_mean], shipped[bn_mean])
+        assert torch.equal(source_state["head.weight"], shipped["head.weight"]) and not torch.allclose(
+            source_state[bn_mean], shipped[bn_mean]
+        )
     else:  # trained against a domain classifier: different weights
         assert not torch.equal(source_state["head.weight"], shipped["head.weight"])
-    assert f"Domain adaptation ({method}, 24 unlabeled target images, 24 labeled)" in (tmp_path / "run" / "report.md").read_text()
+    assert (
+        f"Domain adaptation ({method}, 24 unlabeled target images, 24 labeled)"
+        in (tmp_path / "run" / "report.md").read_text()
+    )
 
 
 def test_a_target_labeled_class_the_training_data_lacks_is_an_error(tmp_path: Path, image_folder: Path) -> None:
@@ -178,7 +240,9 @@ def test_a_target_labeled_class_the_training_data_lacks_is_an_error(tmp_path: Pa
 
 
 @pytest.mark.parametrize("teacher", ["{}", "{backbone: efficientnet_lite2, checkpoint: run/checkpoint.pt}"])
-def test_a_teacher_needs_exactly_one_of_backbone_or_checkpoint(tmp_path: Path, image_folder: Path, teacher: str) -> None:
+def test_a_teacher_needs_exactly_one_of_backbone_or_checkpoint(
+    tmp_path: Path, image_folder: Path, teacher: str
+) -> None:
     with pytest.raises(RecipeError, match=r"distill.teacher.*exactly one of `distill.teacher.backbone`"):
         load_recipe(_recipe(tmp_path, image_folder, f"distill: {{teacher: {teacher}}}"))
 
@@ -202,8 +266,9 @@ class _StopAt(LossTerm):
         return logits.new_zeros(())
 
 
-def test_a_dann_run_resumed_from_its_snapshot_ends_where_an_uninterrupted_one_does(tmp_path: Path,
-                                                                                   image_folder: Path) -> None:
+def test_a_dann_run_resumed_from_its_snapshot_ends_where_an_uninterrupted_one_does(
+    tmp_path: Path, image_folder: Path
+) -> None:
     target = _inverted(image_folder, tmp_path / "target")
     student = "{strategy: partial, unfreeze: 1, epochs: 2, batch_size: 8, lr: 0.01}"
     adapt = f"adapt: {{target: {target}, method: dann}}"

@@ -20,7 +20,11 @@ from edgetl.runtime.bundle import MANIFEST, sha256
 LABELS = ["red", "green", "blue"]
 SIZE = 32
 PREPROCESSING = {
-    "input_size": SIZE, "resize_size": 36, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3,
+    "input_size": SIZE,
+    "resize_size": 36,
+    "interpolation": "bilinear",
+    "mean": [0.5] * 3,
+    "std": [0.5] * 3,
     "layout": "NCHW",
 }
 
@@ -47,8 +51,12 @@ def write_tiny_bundle(folder: Path, weight: np.ndarray | None = None) -> Path:
         "labels": LABELS,
         "preprocessing": PREPROCESSING,
         "input": {"name": "image", "shape": ["batch", 3, SIZE, SIZE], "dtype": "float32"},
-        "metrics": {"accuracy": 1.0, "agreement": 1.0, "latency_ms": {"p50": 1.0, "p90": 1.0, "p99": 1.0},
-                    "size_mb": 0.01},
+        "metrics": {
+            "accuracy": 1.0,
+            "agreement": 1.0,
+            "latency_ms": {"p50": 1.0, "p90": 1.0, "p99": 1.0},
+            "size_mb": 0.01,
+        },
     }
     return write_manifest(folder, manifest)
 

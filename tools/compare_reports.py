@@ -19,8 +19,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-IGNORED = {"timings", "build_seconds", "train_seconds", "seconds", "latency_ms", "throughput_ips", "load_seconds",
-           "peak_rss_mb", "bundle_sha256"}
+IGNORED = {
+    "timings",
+    "build_seconds",
+    "train_seconds",
+    "seconds",
+    "latency_ms",
+    "throughput_ips",
+    "load_seconds",
+    "peak_rss_mb",
+    "bundle_sha256",
+}
 MILLISECONDS = re.compile(r"\d+(\.\d+)? ms\b")
 
 
@@ -56,7 +65,11 @@ def main() -> int:
         found = [line for line in found if line not in added]
     for line in found:
         print(line)
-    print(f"{len(found)} difference(s) outside timings, latencies and timestamps" if found else "equal outside timings, latencies and timestamps")
+    print(
+        f"{len(found)} difference(s) outside timings, latencies and timestamps"
+        if found
+        else "equal outside timings, latencies and timestamps"
+    )
     return 1 if found else 0
 
 

@@ -34,8 +34,9 @@ __all__ = ["Inputs", "QuantizedArtifact", "float_weighted_layers", "run_variant"
 log = logging.getLogger(__name__)
 
 
-def run_variant(export: ExportResult, variant: QuantVariant, out_dir: Path, inputs: Inputs,
-                model: TransferModel | None = None) -> QuantizedArtifact:
+def run_variant(
+    export: ExportResult, variant: QuantVariant, out_dir: Path, inputs: Inputs, model: TransferModel | None = None
+) -> QuantizedArtifact:
     """Make `variant` into `out_dir/<name>.onnx|.xml`. `model` (the trained PyTorch model) is needed by
     `method: qat` variants only.
 
@@ -47,8 +48,10 @@ def run_variant(export: ExportResult, variant: QuantVariant, out_dir: Path, inpu
     out_dir.mkdir(parents=True, exist_ok=True)
     name = variant.display_name
     if variant.runtime == "openvino" and export.openvino is None:
-        raise RecipeError(f"quantize variant {name} needs OpenVINO, which is not installed; install it with "
-                          "`pip install 'edgetl[openvino]'` or remove the variant.")
+        raise RecipeError(
+            f"quantize variant {name} needs OpenVINO, which is not installed; install it with "
+            "`pip install 'edgetl[openvino]'` or remove the variant."
+        )
     started = time.monotonic()
     with _temporaries_in(out_dir):
         if variant.precision == "fp16":

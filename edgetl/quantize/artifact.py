@@ -46,9 +46,15 @@ class QuantizedArtifact:
         """The facts as `quantize.json` and report.json's `quantize[]` hold them: the notes as sentences
         (`notes`) and as records (`note_records`), the file by its name."""
         return {
-            "name": self.name, "runtime": self.runtime, "precision": self.precision, "float_layers": self.float_layers,
-            "seconds": self.seconds, "calibration_images": self.calibration_images, "notes": self.notes_text(),
-            "note_records": [note.to_dict() for note in self.notes], "file": self.file.name,
+            "name": self.name,
+            "runtime": self.runtime,
+            "precision": self.precision,
+            "float_layers": self.float_layers,
+            "seconds": self.seconds,
+            "calibration_images": self.calibration_images,
+            "notes": self.notes_text(),
+            "note_records": [note.to_dict() for note in self.notes],
+            "file": self.file.name,
         }
 
     def save(self, folder: Path) -> None:
@@ -71,5 +77,13 @@ class QuantizedArtifact:
             notes = [Note.from_dict(record) for record in facts["note_records"]]
         else:
             notes = [Note("text", {"text": sentence}) for sentence in facts["notes"]]
-        return cls(facts["name"], facts["runtime"], facts["precision"], folder / facts["file"], facts["float_layers"],
-                   facts["seconds"], facts["calibration_images"], notes)
+        return cls(
+            facts["name"],
+            facts["runtime"],
+            facts["precision"],
+            folder / facts["file"],
+            facts["float_layers"],
+            facts["seconds"],
+            facts["calibration_images"],
+            notes,
+        )

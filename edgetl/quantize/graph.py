@@ -23,8 +23,11 @@ def float_weighted_layers(file: Path) -> list[str]:
 
     model = ov.Core().read_model(str(file))
     weighted = ("Convolution", "GroupConvolution", "MatMul")
-    return [op.get_friendly_name() for op in model.get_ordered_ops()
-            if op.get_type_name() in weighted and not _has_quantized_weights(op.input_value(1).get_node())]
+    return [
+        op.get_friendly_name()
+        for op in model.get_ordered_ops()
+        if op.get_type_name() in weighted and not _has_quantized_weights(op.input_value(1).get_node())
+    ]
 
 
 def _has_quantized_weights(node, depth: int = 4) -> bool:

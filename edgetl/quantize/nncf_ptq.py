@@ -16,8 +16,9 @@ from edgetl.recipe import QuantVariant
 from edgetl.runtime.preprocess import normalize
 
 
-def quantize(export: ExportResult, out_dir: Path, calibration: list[np.ndarray], variant: QuantVariant,
-             inputs: Inputs) -> Path:
+def quantize(
+    export: ExportResult, out_dir: Path, calibration: list[np.ndarray], variant: QuantVariant, inputs: Inputs
+) -> Path:
     """Quantize the exported model for `variant.runtime` into `out_dir/<name>.xml|.onnx`; returns the file."""
     import nncf
 
@@ -40,8 +41,12 @@ def quantize(export: ExportResult, out_dir: Path, calibration: list[np.ndarray],
         val_images = normalize(val.images, inputs.pre)
         val_items = [(val_images[i : i + 1], int(label)) for i, label in enumerate(val.labels)]
         quantized = nncf.quantize_with_accuracy_control(
-            model, calibration_set, nncf.Dataset(val_items, lambda item: to_input(item[0])), _accuracy,
-            max_drop=variant.max_accuracy_drop, subset_size=len(calibration),
+            model,
+            calibration_set,
+            nncf.Dataset(val_items, lambda item: to_input(item[0])),
+            _accuracy,
+            max_drop=variant.max_accuracy_drop,
+            subset_size=len(calibration),
         )
     if variant.runtime == "openvino":
         return save_openvino(quantized, out_dir / f"{variant.display_name}.xml", compress_to_fp16=False)

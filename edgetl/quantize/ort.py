@@ -50,8 +50,9 @@ _RANKING_IMAGES = 64  # val images the sensitivity ranking compares logits on
 _STATISTICS_BATCH = 32
 
 
-def quantize(fp32: Path, file: Path, calibration: list[np.ndarray], variant: QuantVariant,
-             inputs: Inputs) -> list[Note]:
+def quantize(
+    fp32: Path, file: Path, calibration: list[np.ndarray], variant: QuantVariant, inputs: Inputs
+) -> list[Note]:
     """Quantize `fp32` into `file`; returns the notes for the report.
 
     Calibration runs once; every trial below (activation type, layers left in float) reuses
@@ -74,8 +75,17 @@ def quantize(fp32: Path, file: Path, calibration: list[np.ndarray], variant: Qua
             notes.append(Note("keep_float", {"nodes": ", ".join(kept)}))
         errors = weight_rounding_errors(float_model, calibration, reduce_range, input_name)
         notes.append(Note("bias_correction", {"convs": len(errors)}))
-        quantizer = _OrtQuantizer(prepared, float_model, calibration, variant.calibration_method, ranges, reduce_range,
-                                  input_name, errors, inputs.threads)
+        quantizer = _OrtQuantizer(
+            prepared,
+            float_model,
+            calibration,
+            variant.calibration_method,
+            ranges,
+            reduce_range,
+            input_name,
+            errors,
+            inputs.threads,
+        )
         if quantizer.reduce_range:
             notes.append(Note("reduce_range"))
         activation = variant.activation_type
@@ -114,18 +124,27 @@ class _OrtQuantizer:
     def __call__(self, out: Path, activation: str, excluded: list[str]) -> Path:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-        methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                   "percentile": CalibrationMethod.Percentile}
+        methods = {
+            "minmax": CalibrationMethod.MinMax,
+            "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile,
+        }
         corrected = out.with_name(f".{out.stem}.corrected.onnx")
         try:
             errors = {node: error for node, error in self.bias_errors.items() if node not in excluded}
             _correct_biases(self.float_model, corrected, errors)
             with atomic_path(out) as tmp:
                 quantize_static(
-                    str(corrected), str(tmp), _Reader(self.calibration, self.input_name), quant_format=QuantFormat.QDQ,
-                    per_channel=True, reduce_range=self.reduce_range,
+                    str(corrected),
+                    str(tmp),
+                    _Reader(self.calibration, self.input_name),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=True,
+                    reduce_range=self.reduce_range,
                     activation_type=QuantType.QUInt8 if activation == "uint8" else QuantType.QInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=methods[self.method], nodes_to_exclude=excluded,
+                    weight_type=QuantType.QInt8,
+                    calibrate_method=methods[self.method],
+                    nodes_to_exclude=excluded,
                     calibration_cache_path=str(self.ranges),
                 )
         finally:
@@ -150,13 +169,16 @@ def _kept_in_float(graph: onnx.GraphProto, keep_float: list[str] | None, name: s
     unknown = sorted(set(keep_float) - {node.name for node in graph.node})
     if unknown:
         first = [node.name for node in convs[:4]]
-        raise RecipeError(f"quantize variant {name}: keep_float names {unknown}, which are not nodes of the exported "
-                          f"model; its convolutions are {first} … (report.json lists every variant's float layers)")
+        raise RecipeError(
+            f"quantize variant {name}: keep_float names {unknown}, which are not nodes of the exported "
+            f"model; its convolutions are {first} … (report.json lists every variant's float layers)"
+        )
     return list(keep_float)
 
 
-def weight_rounding_errors(float_model: onnx.ModelProto, calibration: list[np.ndarray], reduce_range: bool,
-                           input_name: str) -> dict[str, tuple[str, np.ndarray]]:
+def weight_rounding_errors(
+    float_model: onnx.ModelProto, calibration: list[np.ndarray], reduce_range: bool, input_name: str
+) -> dict[str, tuple[str, np.ndarray]]:
     """Per conv with a bias: E[(W_q − W) ∗ x], the mean output shift its quantized weights cause.
 
     W_q comes from ONNX Runtime's own per-channel symmetric weight quantizer, and E[x] is each
@@ -169,8 +191,11 @@ def weight_rounding_errors(float_model: onnx.ModelProto, calibration: list[np.nd
     from onnx import numpy_helper
 
     weights = {init.name: init for init in float_model.graph.initializer}
-    convs = [n for n in float_model.graph.node
-             if n.op_type == "Conv" and len(n.input) > 2 and n.input[1] in weights and n.input[2] in weights]
+    convs = [
+        n
+        for n in float_model.graph.node
+        if n.op_type == "Conv" and len(n.input) > 2 and n.input[1] in weights and n.input[2] in weights
+    ]
     mean_inputs = _mean_channels(float_model, sorted({n.input[0] for n in convs}), calibration, input_name)
     errors = {}
     for node in convs:
@@ -198,8 +223,9 @@ def _rounded(weight: np.ndarray, reduce_range: bool) -> np.ndarray:
     return np.stack(channels)
 
 
-def _mean_channels(float_model: onnx.ModelProto, tensors: list[str], calibration: list[np.ndarray],
-                   input_name: str) -> dict[str, np.ndarray]:
+def _mean_channels(
+    float_model: onnx.ModelProto, tensors: list[str], calibration: list[np.ndarray], input_name: str
+) -> dict[str, np.ndarray]:
     """Each of `tensors`' per-channel mean over the calibration images, in the float model."""
     import onnx
     import onnxruntime as ort
@@ -237,13 +263,15 @@ def _correct_biases(float_model: onnx.ModelProto, out: Path, errors: dict[str, t
     onnx.save(model, str(out))
 
 
-def _faster_activation_type(quantizer: _OrtQuantizer, file: Path, example: np.ndarray,
-                            kept: list[str]) -> tuple[str, Note]:
+def _faster_activation_type(
+    quantizer: _OrtQuantizer, file: Path, example: np.ndarray, kept: list[str]
+) -> tuple[str, Note]:
     """Quantize with uint8 and int8 activations and keep the faster here, at `file` (without VNNI: uint8)."""
     trials = {a: file.with_name(f".{file.stem}.{a}.onnx") for a in ("uint8", "int8")}
     try:
-        engines = {a: open_engine(quantizer(path, a, kept), "onnxruntime", quantizer.threads)
-                   for a, path in trials.items()}
+        engines = {
+            a: open_engine(quantizer(path, a, kept), "onnxruntime", quantizer.threads) for a, path in trials.items()
+        }
         calls = {a: (lambda e=e: e.run(example)) for a, e in engines.items()}
         timings = interleaved_latency(calls, rounds=5, runs_per_round=10, warmup=5)
         chosen = min(timings, key=lambda a: timings[a]["p50"])
@@ -255,8 +283,15 @@ def _faster_activation_type(quantizer: _OrtQuantizer, file: Path, example: np.nd
     return chosen, Note("activation_type", measured)
 
 
-def _exclude_sensitive_nodes(quantizer: _OrtQuantizer, file: Path, activation: str, kept: list[str], val: Split,
-                             pre: Preprocessing, max_drop: float) -> tuple[list[str], Note]:
+def _exclude_sensitive_nodes(
+    quantizer: _OrtQuantizer,
+    file: Path,
+    activation: str,
+    kept: list[str],
+    val: Split,
+    pre: Preprocessing,
+    max_drop: float,
+) -> tuple[list[str], Note]:
     """Beyond `kept`, leave the most sensitive nodes in float, 1, 2, 4, … of them, until the val drop is within
     `max_drop`; returns the nodes left in float and the note saying how far it got."""
     float_logits = quantizer.logits(quantizer.prepared, val.images, pre)
@@ -271,8 +306,9 @@ def _exclude_sensitive_nodes(quantizer: _OrtQuantizer, file: Path, activation: s
         drop = drop_with(kept)
         if drop <= max_drop:
             return kept, Note("accuracy_control_all", {"drop": drop, "max_drop": max_drop})
-        ranking = _sensitivity_ranking(quantizer, trial, activation, kept, val.images[:_RANKING_IMAGES], pre,
-                                       float_logits[:_RANKING_IMAGES])
+        ranking = _sensitivity_ranking(
+            quantizer, trial, activation, kept, val.images[:_RANKING_IMAGES], pre, float_logits[:_RANKING_IMAGES]
+        )
         count = 1
         while True:
             excluded = kept + ranking[:count]
@@ -289,8 +325,15 @@ def _exclude_sensitive_nodes(quantizer: _OrtQuantizer, file: Path, activation: s
         trial.unlink(missing_ok=True)
 
 
-def _sensitivity_ranking(quantizer: _OrtQuantizer, trial: Path, activation: str, kept: list[str], images: np.ndarray,
-                         pre: Preprocessing, float_logits: np.ndarray) -> list[str]:
+def _sensitivity_ranking(
+    quantizer: _OrtQuantizer,
+    trial: Path,
+    activation: str,
+    kept: list[str],
+    images: np.ndarray,
+    pre: Preprocessing,
+    float_logits: np.ndarray,
+) -> list[str]:
     """Every quantized node (convs, but also residual Adds and pooling, whose activation noise
     adds up too), most sensitive first: how close to the float logits the model gets when
     that node also stays in float (NNCF ranks its quantizers the same way). `trial` holds

@@ -36,8 +36,14 @@ log = logging.getLogger(__name__)
 BATCH = 32  # training batch of the fine-tuning
 
 
-def run(model: TransferModel, variant: QuantVariant, calibration: list[np.ndarray], out_dir: Path, inputs: Inputs,
-        metadata: dict[str, str]) -> tuple[Path, list[Note]]:
+def run(
+    model: TransferModel,
+    variant: QuantVariant,
+    calibration: list[np.ndarray],
+    out_dir: Path,
+    inputs: Inputs,
+    metadata: dict[str, str],
+) -> tuple[Path, list[Note]]:
     """Calibrate on `calibration` (real training images), fine-tune with fake quantization, export; returns the
     file and the notes for the report.
 
@@ -56,8 +62,13 @@ def run(model: TransferModel, variant: QuantVariant, calibration: list[np.ndarra
         calibration_set = nncf.Dataset(calibration, torch.from_numpy)
         quantized = nncf.quantize(float_model, calibration_set, subset_size=len(calibration))
     outcome = _fine_tune(quantized, variant, inputs)
-    values = {"start": outcome.start_accuracy, "best": outcome.best_accuracy, "best_epoch": outcome.best_epoch,
-              "epochs": variant.qat_epochs, "seconds": outcome.seconds}
+    values = {
+        "start": outcome.start_accuracy,
+        "best": outcome.best_accuracy,
+        "best_epoch": outcome.best_epoch,
+        "epochs": variant.qat_epochs,
+        "seconds": outcome.seconds,
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         converted = ov.convert_model(quantized, example_input=example)
@@ -95,8 +106,13 @@ def _fine_tune(quantized: nn.Module, variant: QuantVariant, inputs: Inputs) -> _
             loss.backward()
             optimizer.step()
         val_accuracy = _val_accuracy(quantized, inputs)
-        log.info("QAT epoch %d/%d: val accuracy %.4f (PTQ start %.4f)", epoch, variant.qat_epochs, val_accuracy,
-                 start_accuracy)
+        log.info(
+            "QAT epoch %d/%d: val accuracy %.4f (PTQ start %.4f)",
+            epoch,
+            variant.qat_epochs,
+            val_accuracy,
+            start_accuracy,
+        )
         if val_accuracy > best[0]:
             best = (val_accuracy, epoch, copy.deepcopy(quantized.state_dict()))
     quantized.load_state_dict(best[2])

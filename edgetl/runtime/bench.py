@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 
-def interleaved_latency(calls: dict[str, Callable[[], object]], rounds: int = 10, runs_per_round: int = 10, warmup: int = 5) -> dict[str, dict[str, float]]:
+def interleaved_latency(
+    calls: dict[str, Callable[[], object]], rounds: int = 10, runs_per_round: int = 10, warmup: int = 5
+) -> dict[str, dict[str, float]]:
     """Milliseconds per call: p50, p90, p99 and mean for each named call.
 
     >>> interleaved_latency({"fp32": lambda: fp32.run(x), "int8": lambda: int8.run(x)})["int8"]["p50"]
@@ -35,7 +37,12 @@ def interleaved_latency(calls: dict[str, Callable[[], object]], rounds: int = 10
 
 def summarize(milliseconds: list[float]) -> dict[str, float]:
     values = np.asarray(milliseconds)
-    return {"p50": float(np.percentile(values, 50)), "p90": float(np.percentile(values, 90)), "p99": float(np.percentile(values, 99)), "mean": float(values.mean())}
+    return {
+        "p50": float(np.percentile(values, 50)),
+        "p90": float(np.percentile(values, 90)),
+        "p99": float(np.percentile(values, 99)),
+        "mean": float(values.mean()),
+    }
 
 
 def peak_rss_kb() -> int:

@@ -31,13 +31,17 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     """Register the device commands on the `edgetl` parser."""
     predict = commands.add_parser("predict", help="classify images with a bundle (torch-free)")
     _bundle_arguments(predict)
-    predict.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="image files or folders (walked recursively)")
+    predict.add_argument(
+        "paths", type=Path, nargs="+", metavar="PATH", help="image files or folders (walked recursively)"
+    )
     predict.add_argument("--top-k", type=positive_int, default=1, help="labels per image (default 1)")
     predict.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
     bench = commands.add_parser("bench", help="latency and throughput of a bundle on this device")
     _bundle_arguments(bench)
-    bench.add_argument("--image", type=Path, help="an image for the end-to-end timing (default: a generated 640×480 JPEG)")
+    bench.add_argument(
+        "--image", type=Path, help="an image for the end-to-end timing (default: a generated 640×480 JPEG)"
+    )
     bench.add_argument("--runs", type=positive_int, default=100, help="timed runs per measurement")
     bench.add_argument("--batch", type=positive_int, default=16, help="batch size for the throughput measurement")
     bench.add_argument("--json", action="store_true")
@@ -53,16 +57,25 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=port_number, default=8080, help="0 picks a free port (default 8080)")
     serve.add_argument("--max-body-mb", type=positive_number, default=10.0, help="larger requests get 413")
     serve.add_argument("--concurrency", type=positive_int, default=4, help="requests predicted at once; more wait")
-    serve.add_argument("--read-timeout", type=positive_number, default=10.0, metavar="SECONDS",
-                       help="seconds a client has to send its headers, and then its body, before it is cut off")
+    serve.add_argument(
+        "--read-timeout",
+        type=positive_number,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds a client has to send its headers, and then its body, before it is cut off",
+    )
 
 
 def _bundle_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", type=Path, help="a bundle folder or its .tar.gz")
     parser.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "openvino"])
     parser.add_argument("--threads", type=positive_int, help="inference threads (default: all cores)")
-    parser.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
-                        help=f"refuse larger images from their header, before decoding (default {DEFAULT_MAX_PIXELS})")
+    parser.add_argument(
+        "--max-pixels",
+        type=positive_int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"refuse larger images from their header, before decoding (default {DEFAULT_MAX_PIXELS})",
+    )
     _pin_argument(parser)
 
 
@@ -73,7 +86,9 @@ def _pin_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace) -> Predictor:
-    return Predictor.load(args.bundle, args.runtime, args.threads, expected_sha256=args.expect_sha256, max_pixels=args.max_pixels)
+    return Predictor.load(
+        args.bundle, args.runtime, args.threads, expected_sha256=args.expect_sha256, max_pixels=args.max_pixels
+    )
 
 
 def predict(args: argparse.Namespace) -> int:
@@ -95,7 +110,17 @@ def predict(args: argparse.Namespace) -> int:
                 if not args.json:
                     print("\t".join([str(path), *(f"{t['label']} {t['score']:.4f}" for t in results[-1]["top_k"])]))
     if args.json:
-        print(json.dumps({"bundle": str(args.bundle), "runtime": predictor.engine.runtime, "predictions": results, "errors": errors}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "bundle": str(args.bundle),
+                    "runtime": predictor.engine.runtime,
+                    "predictions": results,
+                    "errors": errors,
+                },
+                indent=2,
+            )
+        )
     return 2 if errors else 0
 
 
@@ -128,20 +153,30 @@ def bench(args: argparse.Namespace) -> int:
     x_one = np.zeros((1, 3, size, size), np.float32)
     timings = interleaved_latency(
         {"model": lambda: predictor.engine.run(x_one), "end_to_end": lambda: predictor.predict(image)},
-        rounds=max(1, args.runs // 10), runs_per_round=10, warmup=5,
+        rounds=max(1, args.runs // 10),
+        runs_per_round=10,
+        warmup=5,
     )
-    batched = interleaved_latency({"batch": lambda: predictor.classify(many)}, rounds=3, runs_per_round=3, warmup=1)["batch"]
+    batched = interleaved_latency({"batch": lambda: predictor.classify(many)}, rounds=3, runs_per_round=3, warmup=1)[
+        "batch"
+    ]
     result = {
-        "bundle": str(args.bundle), "runtime": predictor.engine.runtime, "input_size": size, "cold_start_seconds": round(cold_start, 4),
+        "bundle": str(args.bundle),
+        "runtime": predictor.engine.runtime,
+        "input_size": size,
+        "cold_start_seconds": round(cold_start, 4),
         "latency_ms": {name: {k: round(v, 3) for k, v in t.items()} for name, t in timings.items()},
-        "throughput_ips": round(args.batch / (batched["p50"] / 1000.0), 1), "throughput_batch": args.batch,
+        "throughput_ips": round(args.batch / (batched["p50"] / 1000.0), 1),
+        "throughput_batch": args.batch,
     }
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         for name, t in result["latency_ms"].items():
             print(f"{name:11s} p50 {t['p50']:.2f} ms  p90 {t['p90']:.2f} ms  p99 {t['p99']:.2f} ms")
-        print(f"throughput  {result['throughput_ips']:.1f} images/s at batch {args.batch}; cold start {cold_start:.3f} s")
+        print(
+            f"throughput  {result['throughput_ips']:.1f} images/s at batch {args.batch}; cold start {cold_start:.3f} s"
+        )
     return 0
 
 
@@ -175,14 +210,25 @@ def info(args: argparse.Namespace) -> int:
         return 0
     metrics = VariantMetrics.from_dict(manifest["metrics"]) if "metrics" in manifest else None  # checked by the schema
     pre = opened.preprocessing
-    print(f"{manifest['name']}: {manifest['model']} ({manifest.get('variant')}, {manifest.get('precision')} for {manifest['runtime']}), built {manifest.get('created')}")
+    print(
+        f"{manifest['name']}: {manifest['model']} ({manifest.get('variant')}, {manifest.get('precision')} for "
+        f"{manifest['runtime']}), built {manifest.get('created')}"
+    )
     print(f"labels ({len(opened.labels)}): {', '.join(opened.labels)}")
-    print(f"preprocessing: resize {pre.resize_size} {pre.interpolation}, center crop {pre.input_size}, mean {list(pre.mean)}, std {list(pre.std)}")
+    print(
+        f"preprocessing: resize {pre.resize_size} {pre.interpolation}, center crop {pre.input_size}, mean "
+        f"{list(pre.mean)}, std {list(pre.std)}"
+    )
     if metrics is not None:
-        print(f"measured at build: accuracy {metrics.accuracy:.4f}, agreement {metrics.agreement:.4f}, "
-              f"p50 {metrics.latency_ms.p50:.2f} ms, {metrics.size_mb:.2f} MB")
+        print(
+            f"measured at build: accuracy {metrics.accuracy:.4f}, agreement {metrics.agreement:.4f}, "
+            f"p50 {metrics.latency_ms.p50:.2f} ms, {metrics.size_mb:.2f} MB"
+        )
     if manifest.get("versions"):
-        print("built with: " + ", ".join(f"{package} {version}" for package, version in manifest["versions"].items() if version))
+        print(
+            "built with: "
+            + ", ".join(f"{package} {version}" for package, version in manifest["versions"].items() if version)
+        )
     for name, digest in manifest["files"].items():
         print(f"sha256 {digest}  {name}")
     print(f"digest {opened.digest}  (sha256 of edgetl.json, which lists every file's; pin it with --expect-sha256)")
@@ -196,8 +242,14 @@ def serve(args: argparse.Namespace) -> int:
     # From the start: a .tar.gz is unpacked into a temp folder that only a normal exit removes.
     with sigterm_exits_cleanly():
         predictor = _load(args)
-        run_server(predictor, args.host, args.port, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-                   concurrency=args.concurrency, read_timeout=args.read_timeout)
+        run_server(
+            predictor,
+            args.host,
+            args.port,
+            max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+            concurrency=args.concurrency,
+            read_timeout=args.read_timeout,
+        )
     return 0
 
 

@@ -19,13 +19,13 @@ about 7 bytes per pixel (a 4-byte source plus its RGB result). numpy and Pillow 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Union
 
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-ImageSource = Union[str, Path, bytes, Image.Image, np.ndarray]
+ImageSource = str | Path | bytes | Image.Image | np.ndarray
 
 # 20 MP (5472×3648): the worst decode (a 4-byte mode, or an EXIF-rotated JPEG) then peaks near
 # 150 MB, which with a model session's ~90 MB leaves ~50 MB of the 300 MB that
@@ -132,7 +132,9 @@ def _to_rgb(image: Image.Image, label: str) -> Image.Image:
         scale = _value_scale(image, label)
         return _banded(image, lambda band: _gray(np.asarray(band), scale))
     if image.mode not in _EIGHT_BIT_MODES:
-        raise ImageDecodeError(f"{label} has pixel mode {image.mode!r}, which edgetl does not read; save it as 8-bit RGB")
+        raise ImageDecodeError(
+            f"{label} has pixel mode {image.mode!r}, which edgetl does not read; save it as 8-bit RGB"
+        )
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
         return _banded(image, _on_white)
     return _banded(image, lambda band: band.convert("RGB"))
@@ -203,7 +205,9 @@ def _array_to_rgb(array: np.ndarray, label: str, max_pixels: int) -> Image.Image
             f"{label}: arrays must be (H, W), (H, W, 1), (H, W, 3) RGB or (H, W, 4) RGBA; got shape {array.shape}"
         )
     if array.dtype.kind not in "buif":
-        raise ImageDecodeError(f"{label}: arrays must hold numbers (uint8, uint16, other integers or floats); got {array.dtype}")
+        raise ImageDecodeError(
+            f"{label}: arrays must hold numbers (uint8, uint16, other integers or floats); got {array.dtype}"
+        )
     _check_size((array.shape[1], array.shape[0]), label, max_pixels)
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]

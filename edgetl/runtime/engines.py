@@ -75,7 +75,11 @@ class OpenVinoEngine:
             raise RuntimeMissing("OpenVINO is not installed; install it with `pip install 'edgetl[openvino]'`.")
         import openvino as ov
 
-        config = {"INFERENCE_NUM_THREADS": threads or os.cpu_count() or 1, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        config = {
+            "INFERENCE_NUM_THREADS": threads or os.cpu_count() or 1,
+            "INFERENCE_PRECISION_HINT": "f32",
+            "PERFORMANCE_HINT": "LATENCY",
+        }
         core = ov.Core()
         model = core.read_model(str(path))
         # OpenVINO's ONNX reader puts metadata_props under "framework"; edgetl's IRs carry them there too

@@ -92,7 +92,7 @@ class HeaderDeadlineProtocol(H11Protocol):
     def _headers_too_slow(self) -> None:
         self.header_deadline = None
         if not self.transport.is_closing():
-            peer = "%s:%d" % self.client if self.client else "a client"
+            peer = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
             log.info("%s - closed: no complete request headers within %g s (--read-timeout)", peer, self.header_timeout)
             self.transport.close()
 
@@ -105,8 +105,10 @@ def bind(host: str, port: int) -> socket.socket:
     try:
         *_, address = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     except socket.gaierror as exc:
-        raise ServeError(f"cannot listen on {where}: {exc.strerror}; "
-                         "give `--host` an address of this machine, e.g. 127.0.0.1 or 0.0.0.0.") from None
+        raise ServeError(
+            f"cannot listen on {where}: {exc.strerror}; "
+            "give `--host` an address of this machine, e.g. 127.0.0.1 or 0.0.0.0."
+        ) from None
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart while old connections linger
     try:
@@ -114,8 +116,10 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
-            raise PortInUse(f"{where} is already in use by another process; "
-                            "stop it (`ss -ltnp` shows which) or choose another `--port`.") from None
+            raise PortInUse(
+                f"{where} is already in use by another process; "
+                "stop it (`ss -ltnp` shows which) or choose another `--port`."
+            ) from None
         if exc.errno == errno.EACCES:
             hint = "ports below 1024 need root or CAP_NET_BIND_SERVICE"
         else:

@@ -11,8 +11,9 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import PurePosixPath
-from typing import Any, Callable, get_args
+from typing import Any, get_args
 
 from edgetl.errors import BundleError
 from edgetl.runtime.engines import RUNTIMES
@@ -131,25 +132,53 @@ _Check = Callable[[Any, dict], bool]
 _SCHEMA: tuple[tuple[str, str, bool, _Check], ...] = (
     ("schema_version", f"an integer from 1 to {SUPPORTED_SCHEMA}", True, lambda v, m: _integer(v, 1, SUPPORTED_SCHEMA)),
     ("name", "a non-empty string", True, lambda v, m: isinstance(v, str) and bool(v)),
-    ("files", "a mapping of plain file names (not edgetl.json) to sha256 digests (64 lowercase hex digits)", True,
-     lambda v, m: isinstance(v, dict) and all(_plain_name(k) and _hex64(d) for k, d in v.items())),
-    ("sizes", "a mapping of exactly the names in `files` to sizes in bytes (integers ≥ 0)", False,
-     lambda v, m: isinstance(v, dict) and v.keys() == m["files"].keys() and all(_integer(s, 0) for s in v.values())),
+    (
+        "files",
+        "a mapping of plain file names (not edgetl.json) to sha256 digests (64 lowercase hex digits)",
+        True,
+        lambda v, m: isinstance(v, dict) and all(_plain_name(k) and _hex64(d) for k, d in v.items()),
+    ),
+    (
+        "sizes",
+        "a mapping of exactly the names in `files` to sizes in bytes (integers ≥ 0)",
+        False,
+        lambda v, m: isinstance(v, dict) and v.keys() == m["files"].keys() and all(_integer(s, 0) for s in v.values()),
+    ),
     ("model", "the name of a listed .onnx file, or of a listed .xml whose .bin is listed too", True, _model_file),
     ("runtime", f"one of {', '.join(RUNTIMES)}", True, lambda v, m: isinstance(v, str) and v in RUNTIMES),
-    ("labels", "a list of distinct non-empty strings", True,
-     lambda v, m: isinstance(v, list) and v and all(isinstance(s, str) and s for s in v) and len(set(v)) == len(v)),
+    (
+        "labels",
+        "a list of distinct non-empty strings",
+        True,
+        lambda v, m: isinstance(v, list) and v and all(isinstance(s, str) and s for s in v) and len(set(v)) == len(v),
+    ),
     ("preprocessing", "a mapping", True, lambda v, m: isinstance(v, dict)),
     ("preprocessing.input_size", "an integer ≥ 1", True, lambda v, m: _integer(v, 1)),
-    ("preprocessing.resize_size", "an integer ≥ preprocessing.input_size", True,
-     lambda v, m: _integer(v, m["preprocessing"]["input_size"])),
-    ("preprocessing.interpolation", f"one of {', '.join(get_args(Interpolation))}", True,
-     lambda v, m: v in get_args(Interpolation)),
+    (
+        "preprocessing.resize_size",
+        "an integer ≥ preprocessing.input_size",
+        True,
+        lambda v, m: _integer(v, m["preprocessing"]["input_size"]),
+    ),
+    (
+        "preprocessing.interpolation",
+        f"one of {', '.join(get_args(Interpolation))}",
+        True,
+        lambda v, m: v in get_args(Interpolation),
+    ),
     ("preprocessing.mean", "a list of 3 finite numbers", True, lambda v, m: _numbers(v, 3)),
     ("preprocessing.std", "a list of 3 finite numbers > 0", True, lambda v, m: _numbers(v, 3) and min(v) > 0),
     ("preprocessing.layout", '"NCHW"', False, lambda v, m: v == "NCHW"),
-    ("metrics", "a mapping with numbers `accuracy`, `agreement`, `size_mb` and `latency_ms.p50`", False,
-     lambda v, m: _metrics(v)),
-    ("versions", "a mapping of package names to version strings (or null)", False,
-     lambda v, m: isinstance(v, dict) and all(s is None or isinstance(s, str) for s in v.values())),
+    (
+        "metrics",
+        "a mapping with numbers `accuracy`, `agreement`, `size_mb` and `latency_ms.p50`",
+        False,
+        lambda v, m: _metrics(v),
+    ),
+    (
+        "versions",
+        "a mapping of package names to version strings (or null)",
+        False,
+        lambda v, m: isinstance(v, dict) and all(s is None or isinstance(s, str) for s in v.values()),
+    ),
 )

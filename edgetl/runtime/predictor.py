@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import PIL
@@ -34,7 +34,10 @@ class Prediction:
         return self.labels[0]
 
     def to_dict(self) -> dict:
-        return {"label": self.label, "top_k": [{"label": l, "score": round(s, 6)} for l, s in zip(self.labels, self.scores)]}
+        return {
+            "label": self.label,
+            "top_k": [{"label": label, "score": round(s, 6)} for label, s in zip(self.labels, self.scores)],
+        }
 
 
 class Predictor:
@@ -52,7 +55,11 @@ class Predictor:
 
     @classmethod
     def load(
-        cls, bundle: str | Path, runtime: str = "auto", threads: int | None = None, expected_sha256: str | None = None,
+        cls,
+        bundle: str | Path,
+        runtime: str = "auto",
+        threads: int | None = None,
+        expected_sha256: str | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> Predictor:
         """Open and verify a bundle (folder or .tar.gz) and load its model on `runtime`.
@@ -71,10 +78,15 @@ class Predictor:
         if chosen not in RUNTIMES:
             raise BundleError(f"runtime {runtime!r} is not one of auto, {', '.join(RUNTIMES)}.")
         if chosen == "onnxruntime" and opened.model.suffix != ".onnx":
-            raise BundleError(f"{opened.model} is an OpenVINO IR; ONNX Runtime cannot run it. Use --runtime openvino (`pip install 'edgetl[openvino]'`).")
+            raise BundleError(
+                f"{opened.model} is an OpenVINO IR; ONNX Runtime cannot run it. Use --runtime openvino (`pip "
+                "install 'edgetl[openvino]'`)."
+            )
         if not is_installed(chosen):
             extra = "'edgetl[openvino]'" if chosen == "openvino" else "onnxruntime"
-            raise BundleError(f"this bundle runs on {chosen}, which is not installed; install it with `pip install {extra}`.")
+            raise BundleError(
+                f"this bundle runs on {chosen}, which is not installed; install it with `pip install {extra}`."
+            )
         try:
             engine = open_engine(opened.model, chosen, threads)
         except RuntimeMissing as exc:
@@ -132,7 +144,10 @@ class Predictor:
         probabilities /= probabilities.sum(axis=1, keepdims=True)
         k = max(1, min(top_k, probabilities.shape[1]))
         order = np.argsort(-probabilities, axis=1)[:, :k]
-        return [Prediction([self.labels[i] for i in row], [float(p[i]) for i in row]) for p, row in zip(probabilities, order)]
+        return [
+            Prediction([self.labels[i] for i in row], [float(p[i]) for i in row])
+            for p, row in zip(probabilities, order)
+        ]
 
 
 def _warn_if_pillow_differs(manifest: dict, bundle: str | Path) -> None:
@@ -141,7 +156,13 @@ def _warn_if_pillow_differs(manifest: dict, bundle: str | Path) -> None:
     levels at some sizes): say so when the device's major version is not the build's."""
     built, here = manifest.get("versions", {}).get("pillow"), PIL.__version__
     if built and built.split(".")[0] != here.split(".")[0]:
-        warnings.warn(f"{bundle} was validated with Pillow {built}, this device has Pillow {here}: resizing may round some image sizes differently, by a few 8-bit levels. For the validated pixels: pip install 'pillow=={built}'.", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"{bundle} was validated with Pillow {built}, this device has Pillow {here}: resizing may round some "
+            "image sizes differently, by a few 8-bit levels. For the validated pixels: pip install "
+            f"'pillow=={built}'.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _check_model_matches_manifest(bundle: Bundle, engine: Engine) -> None:

@@ -16,10 +16,25 @@ from PIL import Image
 from edgetl.runtime.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageSource, ImageTooLarge, load_rgb
 from edgetl.runtime.resize import resized_crop
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageDecodeError", "ImageSource", "ImageTooLarge", "Preprocessing", "crop_uint8", "load_rgb", "normalize",
-           "preprocess", "preprocess_uint8"]
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "ImageDecodeError",
+    "ImageSource",
+    "ImageTooLarge",
+    "Preprocessing",
+    "crop_uint8",
+    "load_rgb",
+    "normalize",
+    "preprocess",
+    "preprocess_uint8",
+]
 Interpolation = Literal["nearest", "bilinear", "bicubic"]
-_RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -47,7 +62,9 @@ class Preprocessing:
         if missing:
             raise ValueError(f"preprocessing contract is missing {sorted(missing)}; got keys {sorted(data)}")
         if data["interpolation"] not in _RESAMPLE:
-            raise ValueError(f"preprocessing interpolation must be one of {sorted(_RESAMPLE)}; got {data['interpolation']!r}")
+            raise ValueError(
+                f"preprocessing interpolation must be one of {sorted(_RESAMPLE)}; got {data['interpolation']!r}"
+            )
         return cls(
             input_size=int(data["input_size"]),
             resize_size=int(data["resize_size"]),
@@ -87,7 +104,9 @@ def normalize(batch: np.ndarray, pre: Preprocessing) -> np.ndarray:
     return out
 
 
-def preprocess_uint8(source: ImageSource, pre: Preprocessing, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def preprocess_uint8(
+    source: ImageSource, pre: Preprocessing, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """One input → its uint8 (S, S, 3) crop. The training data cache stores exactly this.
 
     Raises ImageDecodeError naming the input (ImageTooLarge over `max_pixels`); see `edgetl.runtime.decode`.
@@ -95,6 +114,8 @@ def preprocess_uint8(source: ImageSource, pre: Preprocessing, name: str | None =
     return crop_uint8(load_rgb(source, name, max_pixels), pre)
 
 
-def preprocess(source: ImageSource, pre: Preprocessing, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def preprocess(
+    source: ImageSource, pre: Preprocessing, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """One input → the model's float32 (1, 3, S, S) tensor."""
     return normalize(preprocess_uint8(source, pre, name, max_pixels)[None], pre)

@@ -33,7 +33,9 @@ _SPLIT_FROM_SIZE = 128  # smaller crops resample in ~0.1 ms, what handing half t
 _FULL_PASS_MAX = 8192
 
 
-def resized_crop(image: Image.Image, new_size: tuple[int, int], corner: tuple[int, int], size: int, resample: Image.Resampling) -> np.ndarray:
+def resized_crop(
+    image: Image.Image, new_size: tuple[int, int], corner: tuple[int, int], size: int, resample: Image.Resampling
+) -> np.ndarray:
     """`image.resize(new_size, resample).crop((x, y, x + size, y + size))` as uint8 (size, size, 3),
     for `corner` = (x, y). NEAREST and a resize to the same size take that path as it is
     (there are no passes to save)."""
@@ -42,12 +44,16 @@ def resized_crop(image: Image.Image, new_size: tuple[int, int], corner: tuple[in
         return np.asarray(image.resize(new_size, resample).crop((left, top, left + size, top + size)), dtype=np.uint8)
     if _vertical_first(image.size, new_size):
         # Pillow's two passes share their arithmetic: vertical-first is horizontal-first transposed.
-        transposed = _horizontal_first_crop(image.transpose(Image.Transpose.TRANSPOSE), new_size[::-1], (top, left), size, resample)
+        transposed = _horizontal_first_crop(
+            image.transpose(Image.Transpose.TRANSPOSE), new_size[::-1], (top, left), size, resample
+        )
         return np.ascontiguousarray(transposed.transpose(1, 0, 2))
     return _horizontal_first_crop(image, new_size, corner, size, resample)
 
 
-def _horizontal_first_crop(image: Image.Image, new_size: tuple[int, int], corner: tuple[int, int], size: int, resample: Image.Resampling) -> np.ndarray:
+def _horizontal_first_crop(
+    image: Image.Image, new_size: tuple[int, int], corner: tuple[int, int], size: int, resample: Image.Resampling
+) -> np.ndarray:
     """`resized_crop` with the horizontal pass first; large crops in two row halves on two threads."""
     left, top = corner
     if size < _SPLIT_FROM_SIZE or (os.cpu_count() or 1) < 2:
@@ -56,7 +62,13 @@ def _horizontal_first_crop(image: Image.Image, new_size: tuple[int, int], corner
     return np.concatenate(list(_pool().map(lambda half: _rows(image, new_size, half[0], half[1], resample), halves)))
 
 
-def _rows(image: Image.Image, new_size: tuple[int, int], corner: tuple[int, int], out: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
+def _rows(
+    image: Image.Image,
+    new_size: tuple[int, int],
+    corner: tuple[int, int],
+    out: tuple[int, int],
+    resample: Image.Resampling,
+) -> np.ndarray:
     """The `out`-sized block at `corner` of the resized image. The horizontal pass reads only
     the source rows the block needs, through an integer box (no copy of the source, and the
     same coefficients as the full resize), over every column, exactly as Pillow's full resize;

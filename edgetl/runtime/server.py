@@ -56,8 +56,11 @@ class RequestRejected(Exception):
 
 
 def create_app(
-    predictor: Predictor, max_body_bytes: int, concurrency: int,
-    read_timeout: float = DEFAULT_READ_TIMEOUT_SECONDS, closing: asyncio.Event | None = None,
+    predictor: Predictor,
+    max_body_bytes: int,
+    concurrency: int,
+    read_timeout: float = DEFAULT_READ_TIMEOUT_SECONDS,
+    closing: asyncio.Event | None = None,
 ) -> Starlette:
     """The ASGI app: `GET /health`, `GET /metadata`, `POST /predict`.
 
@@ -82,13 +85,10 @@ def create_app(
             return JSONResponse({"status": "error", "error": problem}, status_code=503)
         return JSONResponse({"status": "ok"})
 
+    facts = _metadata(predictor)
+
     async def metadata(request: Request) -> JSONResponse:
-        manifest = predictor.bundle.manifest
-        return JSONResponse({
-            "name": manifest.get("name"), "labels": list(labels), "preprocessing": predictor.bundle.preprocessing.to_dict(),
-            "runtime": predictor.engine.runtime,  # what serves, which `--runtime` may have changed
-            "precision": manifest.get("precision"), "variant": manifest.get("variant"), "metrics": manifest.get("metrics", {}),
-        })
+        return JSONResponse(facts)
 
     async def predict(request: Request) -> JSONResponse:
         try:
@@ -107,9 +107,26 @@ def create_app(
         finally:
             slots.release()
 
-    routes = [Route("/health", health, methods=["GET"]), Route("/metadata", metadata, methods=["GET"]),
-              Route("/predict", predict, methods=["POST"])]
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/metadata", metadata, methods=["GET"]),
+        Route("/predict", predict, methods=["POST"]),
+    ]
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _unexpected})
+
+
+def _metadata(predictor: Predictor) -> dict:
+    """`GET /metadata`: the bundle's name, labels, contract, variant and measured metrics."""
+    manifest = predictor.bundle.manifest
+    return {
+        "name": manifest.get("name"),
+        "labels": list(predictor.labels),
+        "preprocessing": predictor.bundle.preprocessing.to_dict(),
+        "runtime": predictor.engine.runtime,  # what serves, which `--runtime` may have changed
+        "precision": manifest.get("precision"),
+        "variant": manifest.get("variant"),
+        "metrics": manifest.get("metrics", {}),
+    }
 
 
 async def _prediction(predictor: Predictor, image: bytes, name: str, top_k: int) -> JSONResponse:
@@ -142,8 +159,12 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 def build_server(
-    predictor: Predictor, host: str = "127.0.0.1", port: int = 8080, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    concurrency: int = 4, read_timeout: float = DEFAULT_READ_TIMEOUT_SECONDS,
+    predictor: Predictor,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    concurrency: int = 4,
+    read_timeout: float = DEFAULT_READ_TIMEOUT_SECONDS,
 ) -> uvicorn.Server:
     """The configured uvicorn server, not yet started (`run_server` runs it; tests run it in a thread).
 
@@ -153,16 +174,25 @@ def build_server(
         raise ServeError(f"`--read-timeout` must be a number of seconds > 0; got {read_timeout}.")
     closing = asyncio.Event()
     config = uvicorn.Config(
-        create_app(predictor, max_body_bytes, concurrency, read_timeout, closing), host=host, port=port,
-        access_log=False, log_level="info", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS, server_header=False,
+        create_app(predictor, max_body_bytes, concurrency, read_timeout, closing),
+        host=host,
+        port=port,
+        access_log=False,
+        log_level="info",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        server_header=False,
         http=functools.partial(HeaderDeadlineProtocol, header_timeout=read_timeout),  # type: ignore[arg-type]
     )
     return DrainingServer(config, closing)
 
 
 def run_server(
-    predictor: Predictor, host: str = "127.0.0.1", port: int = 8080, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    concurrency: int = 4, read_timeout: float = DEFAULT_READ_TIMEOUT_SECONDS,
+    predictor: Predictor,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    concurrency: int = 4,
+    read_timeout: float = DEFAULT_READ_TIMEOUT_SECONDS,
 ) -> None:
     """Serve until SIGINT or SIGTERM, then finish in-flight requests (at most a few seconds).
 
@@ -179,10 +209,13 @@ def run_server(
     try:
         shown = f"[{host}]" if ":" in host else host
         manifest = predictor.bundle.manifest
-        print(f"edgetl: serving {manifest.get('name')} ({manifest.get('variant')} on {predictor.engine.runtime}) at "
-              f"http://{shown}:{listener.getsockname()[1]} — POST /predict, GET /metadata, GET /health; "
-              f"{concurrency} at once, bodies up to {max_body_bytes} bytes, {read_timeout:g} s to send each",
-              file=sys.stderr, flush=True)
+        print(
+            f"edgetl: serving {manifest.get('name')} ({manifest.get('variant')} on {predictor.engine.runtime}) at "
+            f"http://{shown}:{listener.getsockname()[1]} — POST /predict, GET /metadata, GET /health; "
+            f"{concurrency} at once, bodies up to {max_body_bytes} bytes, {read_timeout:g} s to send each",
+            file=sys.stderr,
+            flush=True,
+        )
         server.run(sockets=[listener])
     finally:
         listener.close()
@@ -279,7 +312,11 @@ async def _image_from(request: Request, body: bytes) -> tuple[bytes, str]:
     try:
         form = await parser.parse()
     except MultiPartException as exc:
-        raise RequestRejected(400, f"malformed multipart body ({exc.message}); send one file part named `file`, as `curl -F file=@cat.jpg` does") from None
+        raise RequestRejected(
+            400,
+            f"malformed multipart body ({exc.message}); send one file part named `file`, as `curl -F "
+            "file=@cat.jpg` does",
+        ) from None
     try:
         for field, value in form.multi_items():
             if field in FILE_FIELDS and isinstance(value, UploadFile):

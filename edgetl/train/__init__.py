@@ -12,6 +12,17 @@ from edgetl.train.trained import CHECKPOINT, TrainedModel, save_result
 from edgetl.train.trainer import SMALL_VAL_SPLIT, BestEpoch, Trainer, TrainJob, TrainResult, ranking_notes, run
 
 __all__ = [
-    "CHECKPOINT", "SMALL_VAL_SPLIT", "BestEpoch", "LossTerm", "TrainBatch", "TrainJob", "TrainResult", "TrainedModel",
-    "Trainer", "caches_inputs", "ranking_notes", "run", "save_result",
+    "CHECKPOINT",
+    "SMALL_VAL_SPLIT",
+    "BestEpoch",
+    "LossTerm",
+    "TrainBatch",
+    "TrainJob",
+    "TrainResult",
+    "TrainedModel",
+    "Trainer",
+    "caches_inputs",
+    "ranking_notes",
+    "run",
+    "save_result",
 ]

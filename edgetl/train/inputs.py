@@ -60,8 +60,10 @@ def frozen_stage_count(model: TransferModel, config: TrainConfig) -> int:
     if config.strategy == "finetune":
         return 0
     if config.unfreeze > model.num_blocks:
-        raise RecipeError(f"`train.unfreeze` is {config.unfreeze}, but this backbone has {model.num_blocks} stages; "
-                          f"use 1..{model.num_blocks}, or strategy finetune to train everything.")
+        raise RecipeError(
+            f"`train.unfreeze` is {config.unfreeze}, but this backbone has {model.num_blocks} stages; "
+            f"use 1..{model.num_blocks}, or strategy finetune to train everything."
+        )
     return 1 + model.num_blocks - config.unfreeze
 
 

@@ -48,8 +48,14 @@ class TrainedModel:
 
     def summary(self) -> dict:
         """train.json's content, which the report's `training` section and metrics.json repeat."""
-        return {"history": self.history, "best_epoch": self.best_epoch, "val_accuracy": self.val_accuracy,
-                "test_accuracy": self.test_accuracy, "train_seconds": self.train_seconds, "notes": self.notes}
+        return {
+            "history": self.history,
+            "best_epoch": self.best_epoch,
+            "val_accuracy": self.val_accuracy,
+            "test_accuracy": self.test_accuracy,
+            "train_seconds": self.train_seconds,
+            "notes": self.notes,
+        }
 
     def save(self, folder: Path) -> None:
         """train.json and the logits into `folder`, beside the checkpoint already written there.
@@ -68,9 +74,17 @@ class TrainedModel:
         summary = json.loads((folder / "train.json").read_text())
         files = {split: folder / f"{split}_logits.npy" for split in ("val", "test")}
         logits = {split: np.load(file) for split, file in files.items() if file.is_file()}
-        return cls(folder / CHECKPOINT, summary["history"], summary["best_epoch"], summary["val_accuracy"],
-                   summary["test_accuracy"], summary["train_seconds"], summary["notes"], logits.get("val"),
-                   logits.get("test"))
+        return cls(
+            folder / CHECKPOINT,
+            summary["history"],
+            summary["best_epoch"],
+            summary["val_accuracy"],
+            summary["test_accuracy"],
+            summary["train_seconds"],
+            summary["notes"],
+            logits.get("val"),
+            logits.get("test"),
+        )
 
 
 def save_result(folder: Path, result: TrainResult, spec: BackboneSpec, job: TrainJob, recipe: Recipe) -> TrainedModel:
@@ -80,8 +94,16 @@ def save_result(folder: Path, result: TrainResult, spec: BackboneSpec, job: Trai
     Raises OutputError when the disk refuses a write.
     """
     models.save_checkpoint(folder / CHECKPOINT, result.model, spec, job.pre, job.dataset.classes, recipe)
-    trained = TrainedModel(folder / CHECKPOINT, result.history, result.best_epoch, result.val_accuracy,
-                           result.test_accuracy, round(result.seconds, 2), [render(note) for note in result.notes],
-                           result.val_logits, result.test_logits)
+    trained = TrainedModel(
+        folder / CHECKPOINT,
+        result.history,
+        result.best_epoch,
+        result.val_accuracy,
+        result.test_accuracy,
+        round(result.seconds, 2),
+        [render(note) for note in result.notes],
+        result.val_logits,
+        result.test_logits,
+    )
     trained.save(folder)
     return trained

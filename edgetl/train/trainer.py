@@ -80,8 +80,13 @@ class BestEpoch:
 
     def to_dict(self) -> dict:
         """For the resumable snapshot."""
-        return {"epoch": self.epoch, "accuracy": self.accuracy, "loss": self.loss, "state": self.state,
-                "val_logits": self.val_logits}
+        return {
+            "epoch": self.epoch,
+            "accuracy": self.accuracy,
+            "loss": self.loss,
+            "state": self.state,
+            "val_logits": self.val_logits,
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> BestEpoch:
@@ -89,8 +94,13 @@ class BestEpoch:
         return cls(data["epoch"], data["accuracy"], data.get("loss", math.inf), data["state"], data.get("val_logits"))
 
 
-def run(model: TransferModel, job: TrainJob, terms: Sequence[LossTerm] = (), snapshot: Path | None = None,
-        resume: bool = False) -> TrainResult:
+def run(
+    model: TransferModel,
+    job: TrainJob,
+    terms: Sequence[LossTerm] = (),
+    snapshot: Path | None = None,
+    resume: bool = False,
+) -> TrainResult:
     """Train `model` on `job.dataset` with the recipe's strategy; keep the best epoch by val accuracy,
     ties broken by the lower val loss.
 
@@ -112,8 +122,9 @@ def run(model: TransferModel, job: TrainJob, terms: Sequence[LossTerm] = (), sna
 class Trainer:
     """One training run, step by step: `restore`, `fit` (epochs of `train_epoch` and `evaluate`), `finish`."""
 
-    def __init__(self, model: TransferModel, job: TrainJob, terms: Sequence[LossTerm] = (),
-                 snapshot: Path | None = None) -> None:
+    def __init__(
+        self, model: TransferModel, job: TrainJob, terms: Sequence[LossTerm] = (), snapshot: Path | None = None
+    ) -> None:
         self.started = time.monotonic()
         self.model, self.job, self.config, self.terms, self.snapshot = model, job, job.config, list(terms), snapshot
         self.notes: list[Note] = []
@@ -173,11 +184,26 @@ class Trainer:
             improved = self.best.beaten_by(val_accuracy, val_loss)
             if improved:
                 self.best = BestEpoch(epoch, val_accuracy, val_loss, copy.deepcopy(self.model.state_dict()), val_logits)
-            self.history.append({"epoch": epoch, "train_loss": train_loss, "val_accuracy": val_accuracy,
-                                 "val_loss": val_loss, "lr": self.schedule.get_last_lr()[0],
-                                 "seconds": round(time.monotonic() - started, 3)})
-            log.info("epoch %d/%d  loss %.4f  val_acc %.4f  val_loss %.4f%s  (%.1fs)", epoch, config.epochs,
-                     train_loss, val_accuracy, val_loss, "  best" if improved else "", self.history[-1]["seconds"])
+            self.history.append(
+                {
+                    "epoch": epoch,
+                    "train_loss": train_loss,
+                    "val_accuracy": val_accuracy,
+                    "val_loss": val_loss,
+                    "lr": self.schedule.get_last_lr()[0],
+                    "seconds": round(time.monotonic() - started, 3),
+                }
+            )
+            log.info(
+                "epoch %d/%d  loss %.4f  val_acc %.4f  val_loss %.4f%s  (%.1fs)",
+                epoch,
+                config.epochs,
+                train_loss,
+                val_accuracy,
+                val_loss,
+                "  best" if improved else "",
+                self.history[-1]["seconds"],
+            )
             if self.snapshot is not None:
                 self.save_snapshot(epoch)
 
@@ -203,8 +229,9 @@ class Trainer:
             self.schedule.step()
             step_loss = loss.item()
             if not math.isfinite(step_loss):
-                raise _diverged(self.config, epoch, f"the training loss became {step_loss} at step {step + 1} of "
-                                                    f"{len(batches)}")
+                raise _diverged(
+                    self.config, epoch, f"the training loss became {step_loss} at step {step + 1} of {len(batches)}"
+                )
             total += step_loss * len(index)
         self._check_finite_weights(epoch)
         return total / len(order)
@@ -226,15 +253,31 @@ class Trainer:
         self.model.eval()
         test_logits = self._logits(self.inputs.test)
         test_accuracy = accuracy(test_logits, self.job.dataset.test.labels)
-        return TrainResult(self.model, self.history, self.best.epoch, self.best.accuracy, test_accuracy,
-                           time.monotonic() - self.started, self.notes, test_logits, self.best.val_logits)
+        return TrainResult(
+            self.model,
+            self.history,
+            self.best.epoch,
+            self.best.accuracy,
+            test_accuracy,
+            time.monotonic() - self.started,
+            self.notes,
+            test_logits,
+            self.best.val_logits,
+        )
 
     def save_snapshot(self, epoch: int) -> None:
         """Everything `restore` needs to continue after `epoch` as if never interrupted."""
-        state = {"model": self.model.state_dict(), "terms": {term.name: term.state_dict() for term in self.terms},
-                 "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
-                 "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
-                 "history": self.history, "best": self.best.to_dict(), "epoch": epoch}
+        state = {
+            "model": self.model.state_dict(),
+            "terms": {term.name: term.state_dict() for term in self.terms},
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "history": self.history,
+            "best": self.best.to_dict(),
+            "epoch": epoch,
+        }
         save_torch(state, self.snapshot)
 
     def _loss(self, index: torch.Tensor, progress: float) -> torch.Tensor:
@@ -296,15 +339,20 @@ def ranking_notes(history: list[dict], best_epoch: int, val_images: int) -> list
     """
     notes = []
     if val_images < SMALL_VAL_SPLIT:
-        notes.append(Note("small_val_split", {"images": val_images, "points": 100 / val_images,
-                                              "minimum": SMALL_VAL_SPLIT}))
+        notes.append(
+            Note("small_val_split", {"images": val_images, "points": 100 / val_images, "minimum": SMALL_VAL_SPLIT})
+        )
     top = max((h["val_accuracy"] for h in history), default=None)
     tied = [h["epoch"] for h in history if h["val_accuracy"] == top]
     if len(tied) > 1:
         values = {"count": len(tied), "epochs": ", ".join(map(str, tied)), "best_epoch": best_epoch}
         saturated = top == 1.0
-        notes.append(Note("saturated_val_accuracy" if saturated else "tied_val_accuracy",
-                          values if saturated else {"accuracy": top, **values}))
+        notes.append(
+            Note(
+                "saturated_val_accuracy" if saturated else "tied_val_accuracy",
+                values if saturated else {"accuracy": top, **values},
+            )
+        )
     return notes
 
 
