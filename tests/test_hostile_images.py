@@ -23,7 +23,7 @@ from edgetl import data
 from edgetl.recipe import DataConfig
 from edgetl.runtime.predictor import Predictor
 from edgetl.runtime.preprocess import ImageDecodeError, ImageTooLarge, Preprocessing, load_rgb, preprocess_uint8
-from edgetl.runtime.resize import _vertical_first
+from edgetl.runtime.resize import vertical_first
 from edgetl.runtime.walk import candidate_files
 from edgetl.runtime.warnlog import route_warnings
 
@@ -108,9 +108,7 @@ def test_pass_order_rule_matches_pillows_own_resize() -> None:
             continue
         noise = Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8))
         full = noise.resize((new_width, new_height), Image.Resampling.BICUBIC, reducing_gap=None).tobytes()
-        first = (
-            (width, new_height) if _vertical_first((width, height), (new_width, new_height)) else (new_width, height)
-        )
+        first = (width, new_height) if vertical_first((width, height), (new_width, new_height)) else (new_width, height)
         two = noise.resize(first, Image.Resampling.BICUBIC, reducing_gap=None).resize(
             (new_width, new_height), Image.Resampling.BICUBIC, reducing_gap=None
         )

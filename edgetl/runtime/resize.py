@@ -7,7 +7,7 @@ resampling): 2.5 → 1.3 ms at 500×375 → 224 px bicubic on 2 cores, 72 → 36
 
 Pillow resizes in two 8-bit passes, horizontal and vertical, and Pillow 13 picks their order
 from the sizes; the two orders round differently (up to 20 levels on noise, 9 on photos). So
-the passes run here explicitly, in the order the full resize would run them (`_vertical_first`),
+the passes run here explicitly, in the order the full resize would run them (`vertical_first`),
 the first one over the full extent of its axis exactly as Pillow
 does, and only the second with a fractional box, whose float32 coordinates move a
 pixel by at most one level. numpy and Pillow only: this runs on the device.
@@ -42,7 +42,7 @@ def resized_crop(
     left, top = corner
     if resample not in _SUPPORT or new_size == image.size:
         return np.asarray(image.resize(new_size, resample).crop((left, top, left + size, top + size)), dtype=np.uint8)
-    if _vertical_first(image.size, new_size):
+    if vertical_first(image.size, new_size):
         # Pillow's two passes share their arithmetic: vertical-first is horizontal-first transposed.
         transposed = _horizontal_first_crop(
             image.transpose(Image.Transpose.TRANSPOSE), new_size[::-1], (top, left), size, resample
@@ -96,7 +96,7 @@ def _source_span(start: int, stop: int, new_length: int, length: int, resample: 
     return max(0, math.floor(start * scale - reach)), min(length, math.ceil(stop * scale + reach))
 
 
-def _vertical_first(size: tuple[int, int], new_size: tuple[int, int]) -> bool:
+def vertical_first(size: tuple[int, int], new_size: tuple[int, int]) -> bool:
     """Whether Pillow's resize from `size` to `new_size` runs its vertical pass first.
 
     Pillow 13 does when the height loses more than twice as many rows as the width loses
