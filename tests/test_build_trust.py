@@ -34,6 +34,8 @@ from edgetl.runtime.predictor import Predictor
 from edgetl.train import ranking_notes
 from tests.conftest import write_folder, write_recipe
 
+pytestmark = pytest.mark.slow  # whole builds: `pytest -m 'not slow'` skips them
+
 # Runs the CLI like the `edgetl` console script does (its own folder first on sys.path, not
 # the cwd), after replacing MODULE:ATTR with a version that SIGKILLs the process right after
 # the original returns: a kill at an exact point, with nothing added to edgetl for tests.
@@ -58,8 +60,6 @@ if file_limit:  # writes past it fail with EFBIG, a real OSError, as on a full d
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (int(file_limit), int(file_limit)))
 from edgetl.cli import main
-
-pytestmark = pytest.mark.slow  # whole builds: `pytest -m 'not slow'` skips them
 sys.exit(main(argv))
 """
 

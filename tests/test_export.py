@@ -17,6 +17,7 @@ import onnx
 import pytest
 
 from edgetl import data, export, validate
+from edgetl.build_report import ParityOutcome
 from edgetl.errors import ExportError, RecipeError
 from edgetl.infer import model_logits
 from edgetl.models import Checkpoint, load_checkpoint
@@ -261,13 +262,15 @@ def test_the_export_result_saves_itself_to_its_folder_and_loads_back(trained: Tr
     folder.mkdir()
     for file in trained.exported.onnx.parent.iterdir():  # model.onnx, model.xml, model.bin
         (folder / file.name).write_bytes(file.read_bytes())
-    parity = [{"name": "onnx-fp32", "runtime": "onnxruntime", "images": 4, "agreement": 1.0, "passed": True}]
+    row = {"name": "onnx-fp32", "runtime": "onnxruntime", "images": 4, "agreement": 1.0,
+           "max_abs_logit_delta": 2e-6, "tolerance": 1e-3, "passed": True}  # fmt: skip
+    parity = [ParityOutcome.from_dict(row)]
     replace(trained.exported, parity=parity, seconds=1.234567).save(folder)
     assert json.loads((folder / "export.json").read_text()) == {
         "opset": 17,
         "node_count": trained.exported.node_count,
         "seconds": 1.23,
-        "parity": parity,
+        "parity": [row],
     }
     loaded = export.ExportResult.load(folder)
     assert loaded == export.ExportResult(
