@@ -81,7 +81,7 @@ def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = Fal
     _remove_outputs(run_dir, recipe.name)
     cache = StageCache(run_dir / "stages", force)
     spec = models.REGISTRY.get(recipe.model.backbone)
-    pre = spec.preprocessing(recipe.data.image_size, recipe.data.crop_pct)
+    pre = spec.preprocessing(recipe.data.image_size, recipe.data.crop_pct, recipe.data.decode)
     log.info("backbone %s (%s), input %d px, weights %s", spec.name, spec.arch, pre.input_size, recipe.model.weights)
 
     _seed_everything(recipe.seed)
@@ -244,7 +244,7 @@ def _teacher(cache: StageCache, recipe: Recipe, student: _TrainJob, run_dir: Pat
         line = {"source": str(config.checkpoint), "val_accuracy": _mean_correct(model, teacher_data.val, pre), "test_accuracy": _mean_correct(model, teacher_data.test, pre)}
     else:
         spec = models.REGISTRY.get(config.backbone)
-        pre = spec.preprocessing(config.image_size, recipe.data.crop_pct)  # the data's framing, at the teacher's size
+        pre = spec.preprocessing(config.image_size, recipe.data.crop_pct, recipe.data.decode)  # the data's framing, at the teacher's size
         teacher_data = _teacher_data(recipe, pre, student.dataset)
         augment = config.augment or recipe.data.augment
         job = _TrainJob("teacher", spec, config.weights, recipe.model.dropout, config.train, augment, pre, teacher_data)

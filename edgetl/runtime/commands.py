@@ -23,9 +23,6 @@ from edgetl.runtime.predictor import Predictor
 from edgetl.runtime.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError
 from edgetl.runtime.walk import candidate_files
 
-PREDICT_BATCH = 16
-
-
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Register the device commands on the `edgetl` parser."""
     predict = commands.add_parser("predict", help="classify images with a bundle (torch-free)")
@@ -79,20 +76,14 @@ def predict(args: argparse.Namespace) -> int:
     files = _image_files(args.paths)  # before loading the model: a wrong path fails at once
     predictor = _load(args)
     results, errors = [], []
-    for start in range(0, len(files), PREDICT_BATCH):
-        chunk, crops = [], []
-        for path in files[start : start + PREDICT_BATCH]:
-            try:
-                crops.append(predictor.crop(path, str(path)))
-                chunk.append(path)
-            except ImageDecodeError as exc:
-                errors.append({"path": str(path), "error": str(exc)})
-                print(f"edgetl: skipped {exc}", file=sys.stderr)
-        if crops:
-            for path, prediction in zip(chunk, predictor.classify(np.stack(crops), args.top_k)):
-                results.append({"path": str(path), **prediction.to_dict()})
-                if not args.json:
-                    print("\t".join([str(path), *(f"{t['label']} {t['score']:.4f}" for t in results[-1]["top_k"])]))
+    for path, outcome in zip(files, predictor.stream(files, args.top_k)):  # decodes ahead while the model runs
+        if isinstance(outcome, ImageDecodeError):
+            errors.append({"path": str(path), "error": str(outcome)})
+            print(f"edgetl: skipped {outcome}", file=sys.stderr)
+            continue
+        results.append({"path": str(path), **outcome.to_dict()})
+        if not args.json:
+            print("\t".join([str(path), *(f"{t['label']} {t['score']:.4f}" for t in results[-1]["top_k"])]))
     if args.json:
         print(json.dumps({"bundle": str(args.bundle), "runtime": predictor.engine.runtime, "predictions": results, "errors": errors}, indent=2))
     return 2 if errors else 0
@@ -176,7 +167,7 @@ def info(args: argparse.Namespace) -> int:
     pre = opened.preprocessing
     print(f"{manifest['name']}: {manifest['model']} ({manifest.get('variant')}, {manifest.get('precision')} for {manifest['runtime']}), built {manifest.get('created')}")
     print(f"labels ({len(opened.labels)}): {', '.join(opened.labels)}")
-    print(f"preprocessing: resize {pre.resize_size} {pre.interpolation}, center crop {pre.input_size}, mean {list(pre.mean)}, std {list(pre.std)}")
+    print(f"preprocessing: decode {pre.decode}, resize {pre.resize_size} {pre.interpolation}, center crop {pre.input_size}, mean {list(pre.mean)}, std {list(pre.std)}")
     if metrics:
         print(f"measured at build: accuracy {metrics['accuracy']:.4f}, agreement {metrics['agreement']:.4f}, p50 {metrics['latency_ms']['p50']:.2f} ms, {metrics['size_mb']:.2f} MB")
     if manifest.get("versions"):
