@@ -46,7 +46,7 @@ class DataConfig(_Section):
     test_split: float = Field(0.15, gt=0, lt=1, description="Stratified fraction held out for test when the root has no test folder.")
     image_size: int | None = Field(None, ge=16, le=1024, description="Model input size in pixels; default: the backbone's native size.")
     crop_pct: float | None = Field(None, ge=0.5, le=1, description="The center crop's share of the resized shorter side; 1.0 keeps the whole frame (small or tightly framed images). Default: the backbone's (0.875 for most).")
-    decode: Literal["full", "reduced"] = Field("full", description="reduced: images at least twice the resize size are decoded at 1/2, 1/4 or 1/8 scale (JPEG in the DCT domain), here and on the device alike; full: every pixel, as torchvision does.")
+    decode: Literal["full", "reduced"] = Field("reduced", description="reduced: images at least twice the resize size are decoded at 1/2, 1/4 or 1/8 scale (JPEG in the DCT domain), in the build and on the device alike (a 4032×3024 JPEG predicts ~5× faster; no accuracy change measured); full: every pixel, as torchvision's eval transform does.")
     augment: Literal["none", "default", "strong"] = Field("default", description="Training augmentation.")
     on_bad_image: Literal["skip", "error"] = Field("skip", description="skip: report and count unreadable images; error: fail the build.")
     max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Larger images are refused from their header, before decoding (reported like unreadable ones).")

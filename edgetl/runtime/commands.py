@@ -10,6 +10,7 @@ import argparse
 import io
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -68,13 +69,17 @@ def _pin_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(args: argparse.Namespace) -> Predictor:
-    return Predictor.load(args.bundle, args.runtime, args.threads, expected_sha256=args.expect_sha256, max_pixels=args.max_pixels)
+def _load(args: argparse.Namespace, threads: int | None = None) -> Predictor:
+    """The bundle's predictor; `--threads` when given, else `threads` (None: all cores)."""
+    return Predictor.load(args.bundle, args.runtime, args.threads or threads, expected_sha256=args.expect_sha256,
+                          max_pixels=args.max_pixels)
 
 
 def predict(args: argparse.Namespace) -> int:
     files = _image_files(args.paths)  # before loading the model: a wrong path fails at once
-    predictor = _load(args)
+    # Many files: a thread decodes beside the model, which then runs fastest on one core fewer
+    # (2-core AMD EPYC: 411 against 302 images/s on all cores; benchmarks/runtime.py).
+    predictor = _load(args, threads=max(1, (os.cpu_count() or 1) - 1) if len(files) > 1 else None)
     results, errors = [], []
     for path, outcome in zip(files, predictor.stream(files, args.top_k)):  # decodes ahead while the model runs
         if isinstance(outcome, ImageDecodeError):

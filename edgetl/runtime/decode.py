@@ -14,6 +14,10 @@ refuse and convert the same inputs the same way. What is accepted:
 An image larger than `max_pixels` is refused from its header, before any pixel is decoded,
 and the conversions run over bands of rows, so the peak memory of one decode is at most
 about 7 bytes per pixel (a 4-byte source plus its RGB result). numpy and Pillow only.
+
+The contract's `decode: reduced` passes `min_side` (its resize size): an image at least twice
+that is brought down by 2, 4 or 8 (`reduction`), a JPEG while it is decoded, in the DCT domain,
+for a sixth of the time (4032×3024: 12 against 70 ms on a 2-core AMD EPYC), anything else after.
 """
 
 from __future__ import annotations

@@ -22,9 +22,12 @@ import PIL
 from edgetl.errors import BundleError, InferenceError
 from edgetl.runtime.bundle import Bundle, open_bundle
 from edgetl.runtime.engines import RUNTIMES, Engine, RuntimeMissing, is_installed, open_engine
-from edgetl.runtime.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageSource, Preprocessing, normalize, preprocess_uint8
+from edgetl.runtime.preprocess import (
+    DEFAULT_MAX_PIXELS, ImageDecodeError, ImageSource, Preprocessing, normalize, preprocess_uint8,
+)
 
-BATCH = 16  # images per model call when predicting many
+Crop = np.ndarray  # uint8 (S, S, 3)
+BATCH = 4  # images per model call when predicting many: 1 and 4 within 3% on 2 cores, 16 a third slower
 T = TypeVar("T")
 U = TypeVar("U")
 
@@ -114,16 +117,20 @@ class Predictor:
             predictions.append(outcome)
         return predictions
 
-    def stream(self, images: Iterable[ImageSource], top_k: int = 5, batch: int = BATCH) -> Iterator[Prediction | ImageDecodeError]:
+    def stream(
+        self, images: Iterable[ImageSource], top_k: int = 5, batch: int = BATCH,
+    ) -> Iterator[Prediction | ImageDecodeError]:
         """One outcome per image, in order: its prediction, or the ImageDecodeError that says why it
         has none. A decoding thread works up to two batches ahead while the model runs a batch of
-        `batch`, so the CPU that inference leaves idle decodes (measured: benchmarks/runtime.py's
-        folder throughput); memory holds at most one decode and 3 × `batch` crops at a time.
+        `batch`; memory holds at most one decode and 3 × `batch` crops at a time. Fastest with the
+        model on one core fewer than the machine has (`Predictor.load(threads=...)`, as `edgetl
+        predict` does for many files): on 2 cores (AMD EPYC), 500×375 JPEGs, 411 images/s
+        against 270 predicting them one by one (benchmarks/runtime.py's folder throughput).
 
         >>> [o.label for o in predictor.stream(["cat.jpg", "dog.png"])]
         ['cat', 'dog']
         """
-        outcomes: list[np.ndarray | ImageDecodeError] = []
+        outcomes: list[Crop | ImageDecodeError] = []
         crops = 0
         for outcome in _ahead(self._crop_or_error, images, 2 * batch):
             outcomes.append(outcome)
@@ -133,13 +140,13 @@ class Predictor:
                 outcomes, crops = [], 0
         yield from self._classified(outcomes, top_k)
 
-    def _crop_or_error(self, image: ImageSource) -> np.ndarray | ImageDecodeError:
+    def _crop_or_error(self, image: ImageSource) -> Crop | ImageDecodeError:
         try:
             return self.crop(image)
         except ImageDecodeError as exc:
             return exc
 
-    def _classified(self, outcomes: list[np.ndarray | ImageDecodeError], top_k: int) -> list[Prediction | ImageDecodeError]:
+    def _classified(self, outcomes: list[Crop | ImageDecodeError], top_k: int) -> list[Prediction | ImageDecodeError]:
         """The crops among `outcomes` classified in one model call, the errors left in their places."""
         crops = [o for o in outcomes if isinstance(o, np.ndarray)]
         predictions = iter(self.classify(np.stack(crops), top_k) if crops else [])
@@ -168,7 +175,8 @@ class Predictor:
         if bad:
             raise InferenceError(
                 f"{self.engine.runtime} returned {bad} non-finite value(s) (NaN or inf) in {logits.size} outputs "
-                f"of {self._model_name()}: the model cannot predict. Rebuild it (check the training for a diverging loss)."
+                f"of {self._model_name()}: the model cannot predict. Rebuild it (check the training for a diverging "
+                "loss)."
             )
         shifted = logits - logits.max(axis=1, keepdims=True)
         probabilities = np.exp(shifted)

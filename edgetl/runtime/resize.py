@@ -66,7 +66,9 @@ def resized_crop(image: Image.Image, new_size: tuple[int, int], corner: tuple[in
     return np.asarray(lines.resize((size, size), resample, box=box, reducing_gap=None), dtype=np.uint8)
 
 
-def _first_pass(image: Image.Image, lines: tuple[int, int, int, int], out: tuple[int, int], resample: Image.Resampling) -> Image.Image:
+def _first_pass(
+    image: Image.Image, lines: tuple[int, int, int, int], out: tuple[int, int], resample: Image.Resampling,
+) -> Image.Image:
     """The `lines` box (whole rows or whole columns) resized along its other axis to `out`: the
     pixels of those lines of the full resize's first pass."""
     (left, top, right, bottom) = lines
