@@ -7,7 +7,8 @@ Photos are made from a real one (sklearn's china.jpg): a 500×375 JPEG and PNG, 
 JPEG (upscaled with LANCZOS to a phone photo's size) and the same as a raw RGB array. Each
 pipeline runs in its own process, so no thread pool spins into another's timing, and the
 processes take turns round by round (one times `--runs` calls while the others wait): medians
-of interleaved rounds. Pipelines, per photo:
+of interleaved rounds, and p10s (the calls other work on a shared machine did not slow down);
+`ratios` compares pipelines round by round. Pipelines, per photo:
 - bare: `session.run` on a ready tensor (the bundle's engine);
 - edgetl: `Predictor.predict(bytes)` with the bundle's contract, and with `decode` switched;
 - by_hand: Pillow decode, full resize (bicubic) to the resize size, center crop, numpy
@@ -107,8 +108,10 @@ def pipeline(name: str, photo: str, bundle: str):
     if name == "bare":
         tensor = normalize(preprocess_uint8(image, pre)[None], pre)
         return lambda: predictor.engine.run(tensor)
-    if name.startswith("edgetl"):
-        decode = name.partition("_")[2] or pre.decode
+    if name == "edgetl":  # also what `side_by_side` runs from another checkout, which may predate `decode`
+        return lambda: predictor.predict(image)
+    if name.startswith("edgetl_"):
+        decode = name.partition("_")[2]
         switched = Predictor(replace(predictor.bundle, preprocessing=replace(pre, decode=decode)), predictor.engine)
         return lambda: switched.predict(image)
     model = predictor.bundle.where(predictor.bundle.manifest["model"])
@@ -193,11 +196,21 @@ def input_levels(photos: dict[str, Path], pre) -> dict[str, dict[str, float]]:
     }
 
 
-def isolated(bundle: Path, photo: Path, names: list[str], rounds: int, runs: int) -> dict[str, dict[str, float]]:
-    """p50 and p90 ms of each pipeline, each in its own process, taking turns round by round."""
+def isolated(
+    bundle: Path,
+    photo: Path,
+    names: list[str],
+    rounds: int,
+    runs: int,
+    sources: dict[str, Path] | None = None,
+) -> dict[str, dict[str, float]]:
+    """p10, p50 and p90 ms of each pipeline, each in its own process, taking turns round by round.
+    `sources` runs the pipeline before a name's `@` with edgetl imported from another checkout."""
+    sources = sources or {}
     workers = {
         name: subprocess.Popen(
-            [sys.executable, "-c", WORKER, __file__, name, str(photo), str(bundle)],
+            [sys.executable, "-c", WORKER, __file__, name.partition("@")[0], str(photo), str(bundle)],
+            env={**os.environ, "PYTHONPATH": str(sources[name])} if name in sources else None,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -220,6 +233,7 @@ def isolated(bundle: Path, photo: Path, names: list[str], rounds: int, runs: int
             worker.wait()
     return {
         name: {
+            "p10": round(float(np.percentile(r, 10)), 3),
             "p50": round(float(np.median(r)), 3),
             "p90": round(float(np.percentile(r, 90)), 3),
             "round_p50": [round(float(np.median(one)), 3) for one in r],
@@ -228,9 +242,14 @@ def isolated(bundle: Path, photo: Path, names: list[str], rounds: int, runs: int
     }
 
 
-def ratio(latency: dict, name: str, other: str) -> float:
-    """Median over rounds of `name`'s p50 over `other`'s in the same round: a slow spell hits both alike."""
-    return round(float(np.median(np.divide(latency[name]["round_p50"], latency[other]["round_p50"]))), 3)
+def ratio(latency: dict, name: str, other: str) -> dict[str, float]:
+    """`name`'s time over `other`'s: the median over rounds of the two p50s in the same round (a slow spell
+    hits both alike), and the ratio of their p10s (the calls no other process slowed down)."""
+    rounds = np.divide(latency[name]["round_p50"], latency[other]["round_p50"])
+    return {
+        "rounds_p50": round(float(np.median(rounds)), 3),
+        "p10": round(latency[name]["p10"] / latency[other]["p10"], 3),
+    }
 
 
 def parts(photo: Path, bundle: Path, rounds: int) -> dict[str, float]:
@@ -263,6 +282,7 @@ def parts(photo: Path, bundle: Path, rounds: int) -> dict[str, float]:
         {
             "decode": lambda: load_rgb(image),
             "resize_crop": lambda: crop_uint8(decoded, pre),
+            "resize_crop_2_threads": lambda: crop_uint8(decoded, pre, threads=2),
             "normalize": lambda: normalize(crop[None], pre),
             "model": lambda: predictor.engine.run(tensor),
             "postprocess": lambda: predictor.predictions(logits, 5),
@@ -383,29 +403,11 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def side_by_side(bundle: Path, photo: Path, checkouts: dict[str, Path], rounds: int = 6, runs: int = 100) -> dict:
-    """p50 end to end (`Predictor.predict(bytes)`) of each checkout, in fresh processes taking turns."""
-    code = WORKER.replace(
-        "call = bench.pipeline(sys.argv[2], sys.argv[3], sys.argv[4])",
-        "from edgetl.runtime.predictor import Predictor; p = Predictor.load(sys.argv[4]); "
-        "image = open(sys.argv[3], 'rb').read(); call = lambda: p.predict(image)",
-    )
-    medians: dict[str, list[float]] = {name: [] for name in checkouts}
-    for _ in range(rounds):
-        for name, source in checkouts.items():
-            done = subprocess.run(
-                [sys.executable, "-c", code, __file__, "edgetl", str(photo), str(bundle)],
-                input=f"{runs}\n",
-                capture_output=True,
-                text=True,
-                check=True,
-                env={**os.environ, "PYTHONPATH": str(source)},
-            )
-            medians[name].append(float(np.median(json.loads(done.stdout.splitlines()[1]))))
-    return {
-        name: {"p50_ms": round(float(np.median(v)), 3), "round_medians_ms": [round(x, 3) for x in v]}
-        for name, v in medians.items()
-    }
+def side_by_side(bundle: Path, photo: Path, against: Path, rounds: int, runs: int) -> dict:
+    """`Predictor.predict(bytes)` from this checkout and from `against`, each in its own process, taking turns."""
+    names = ["edgetl@this", "edgetl@against"]
+    latency = isolated(bundle, photo, names, rounds, runs, {"edgetl@this": ROOT.parent, "edgetl@against": against})
+    return {"against": str(against), **latency, "this_over_against": ratio(latency, *names)}
 
 
 def main() -> None:
@@ -472,11 +474,9 @@ def main() -> None:
         result["cold_start_seconds_median"] = round(sorted(r["cold_start_seconds"] for r in fresh)[1], 3)
         result["peak_rss_mb_max"] = round(max(r["peak_rss_mb"] for r in fresh), 1)
         if args.against:
-            checkouts = {"this": ROOT.parent, "against": args.against.resolve()}
-            result["side_by_side_end_to_end"] = {
-                "against": str(args.against),
-                **side_by_side(args.bundle, photos["jpeg_500"], checkouts),
-            }
+            result["side_by_side_end_to_end"] = side_by_side(
+                args.bundle, photos["jpeg_500"], args.against.resolve(), args.rounds, args.runs
+            )
     print(json.dumps(result, indent=2))
     args.output.parent.mkdir(exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")

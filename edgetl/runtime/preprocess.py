@@ -66,8 +66,9 @@ class Preprocessing:
         )
 
 
-def crop_uint8(image: Image.Image, pre: Preprocessing) -> np.ndarray:
-    """Resize the shorter side, center-crop: the model's input as uint8 (H, W, 3)."""
+def crop_uint8(image: Image.Image, pre: Preprocessing, threads: int = 1) -> np.ndarray:
+    """Resize the shorter side, center-crop: the model's input as uint8 (H, W, 3). `threads` 2 splits
+    the resize over two threads, for a lone prediction on idle cores (`edgetl.runtime.resize`)."""
     width, height = image.size
     # torchvision's Resize(int) arithmetic (the long side truncated, not rounded), so a
     # model trained elsewhere with torchvision's eval transform sees the same pixels here.
@@ -76,7 +77,7 @@ def crop_uint8(image: Image.Image, pre: Preprocessing) -> np.ndarray:
     new_size = (pre.resize_size, new_long) if width <= height else (new_long, pre.resize_size)
     left = int(round((new_size[0] - pre.input_size) / 2.0))
     top = int(round((new_size[1] - pre.input_size) / 2.0))
-    return resized_crop(image, new_size, (left, top), pre.input_size, _RESAMPLE[pre.interpolation])
+    return resized_crop(image, new_size, (left, top), pre.input_size, _RESAMPLE[pre.interpolation], threads)
 
 
 def normalize(batch: np.ndarray, pre: Preprocessing) -> np.ndarray:
@@ -97,12 +98,16 @@ def normalize(batch: np.ndarray, pre: Preprocessing) -> np.ndarray:
     return out
 
 
-def preprocess_uint8(source: ImageSource, pre: Preprocessing, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def preprocess_uint8(
+    source: ImageSource, pre: Preprocessing, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+    threads: int = 1,
+) -> np.ndarray:
     """One input → its uint8 (S, S, 3) crop. The training data cache stores exactly this.
 
     Raises ImageDecodeError naming the input (ImageTooLarge over `max_pixels`); see `edgetl.runtime.decode`.
     """
-    return crop_uint8(load_rgb(source, name, max_pixels, pre.resize_size if pre.decode == "reduced" else None), pre)
+    image = load_rgb(source, name, max_pixels, pre.resize_size if pre.decode == "reduced" else None)
+    return crop_uint8(image, pre, threads)
 
 
 def preprocess(source: ImageSource, pre: Preprocessing, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -5,12 +5,13 @@ resized to 341×256 and a third of that work is thrown away. Pillow resizes in t
 passes; here the first runs over the full extent of its axis exactly as Pillow's full resize
 does (the same coefficients, so the same pixels) but only over the source lines the crop
 needs, and the second only over the crop, through a fractional box whose float32 coordinates
-move a pixel by at most one level. Measured on a 2-core AMD EPYC (AVX2, benchmarks/runtime.py):
-1.24 ms against 1.51 for Pillow's full resize then crop at 500×375 → 224 px bicubic.
+move a pixel by at most one level. Measured on a 2-core AMD EPYC (AVX2, benchmarks/runtime.py),
+500×375 → 224 px bicubic: 1.25 ms against 1.50 for Pillow's full resize then crop; with the
+crop's halves on two threads 0.8 ms on idle cores, but 4.0 against 1.75 where other work held
+them, so only a lone prediction splits (`threads`).
 
-What was measured and dropped: Pillow's one-call `resize(box=crop)` (0.89 ms) puts float32
-coordinates into both passes and moved a real photo of the parity test by 2 levels; splitting
-the crop's rows over two threads cost more than it saved (the model's threads hold both cores).
+Dropped: Pillow's one-call `resize(box=crop)` (0.86 ms) puts float32 coordinates into both
+passes, and moved a real photo of the parity test by 2 levels.
 
 Pillow 13 picks the order of its passes from the sizes (`_vertical_first`); the two orders
 round differently (up to 20 levels on noise, 9 on photos), so the passes run here in the
@@ -20,6 +21,9 @@ order the full resize would run them. numpy and Pillow only: this runs on the de
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 
 import numpy as np
 import PIL
@@ -37,33 +41,55 @@ _COPY_PIXELS = 1 << 20
 # vertical first pass never gets there: it runs only when the height shrinks, over at most the
 # image's rows.
 _FULL_PASS_MAX = 8192
+_SPLIT_FROM_SIZE = 128  # smaller crops resample in ~0.1 ms, what handing half to a thread costs
 
 
-def resized_crop(image: Image.Image, new_size: tuple[int, int], corner: tuple[int, int], size: int, resample: Image.Resampling) -> np.ndarray:
+def resized_crop(
+    image: Image.Image, new_size: tuple[int, int], corner: tuple[int, int], size: int, resample: Image.Resampling,
+    threads: int = 1,
+) -> np.ndarray:
     """`image.resize(new_size, resample).crop((x, y, x + size, y + size))` as uint8 (size, size, 3),
-    for `corner` = (x, y), within one 8-bit level. NEAREST and a resize to the same size take
-    that path as it is (there are no passes to save)."""
+    for `corner` = (x, y), within one 8-bit level. `threads` 2 resamples the two halves of a
+    large crop at once (for a lone prediction on idle cores; a caller whose other cores are busy
+    passes 1). NEAREST and a resize to the same size take that path as it is."""
     left, top = corner
     if resample not in _SUPPORT or new_size == image.size:
         return np.asarray(image.resize(new_size, resample).crop((left, top, left + size, top + size)), dtype=np.uint8)
+    vertical = _vertical_first(image.size, new_size)
+    if threads < 2 or size < _SPLIT_FROM_SIZE:
+        return _block(image, new_size, corner, size, (0, size), vertical, resample)
+    other_half = _pool().submit(_block, image, new_size, corner, size, (size // 2, size), vertical, resample)
+    half = _block(image, new_size, corner, size, (0, size // 2), vertical, resample)
+    return np.concatenate([half, other_half.result()], axis=1 if vertical else 0)
+
+
+def _block(
+    image: Image.Image, new_size: tuple[int, int], corner: tuple[int, int], size: int, span: tuple[int, int],
+    vertical: bool, resample: Image.Resampling,
+) -> np.ndarray:
+    """Rows `span` of the crop (`vertical` False: the horizontal pass runs first), or its columns.
+
+    The first pass covers the full extent of its axis over the source lines the block needs, the
+    second only the block, through a fractional box."""
+    (left, top), (start, stop) = corner, span
     (width, height), (new_width, new_height) = image.size, new_size
-    if _vertical_first(image.size, new_size):  # the crop's columns, all rows of the output; then the columns
-        first, last = _source_span(left, left + size, new_width, width, resample)
+    if vertical:
+        first, last = _source_span(left + start, left + stop, new_width, width, resample)
         lines = _first_pass(image, (first, 0, last, height), (last - first, new_height), resample)
         lines = lines.crop((0, top, last - first, top + size))
         scale = width / new_width
-        box = (left * scale - first, 0, (left + size) * scale - first, size)
-    else:  # the crop's rows, all columns of the output; then the rows
-        first, last = _source_span(top, top + size, new_height, height, resample)
+        box, out = ((left + start) * scale - first, 0, (left + stop) * scale - first, size), (stop - start, size)
+    else:
+        first, last = _source_span(top + start, top + stop, new_height, height, resample)
         if new_width <= _FULL_PASS_MAX:
             lines = _first_pass(image, (0, first, width, last), (new_width, last - first), resample)
             lines = lines.crop((left, 0, left + size, last - first))
         else:  # the crop's columns only, through a fractional box: within two 8-bit levels
-            box = (left * width / new_width, first, (left + size) * width / new_width, last)
-            lines = image.resize((size, last - first), resample, box=box, reducing_gap=None)
+            columns = (left * width / new_width, first, (left + size) * width / new_width, last)
+            lines = image.resize((size, last - first), resample, box=columns, reducing_gap=None)
         scale = height / new_height
-        box = (0, top * scale - first, size, (top + size) * scale - first)
-    return np.asarray(lines.resize((size, size), resample, box=box, reducing_gap=None), dtype=np.uint8)
+        box, out = (0, (top + start) * scale - first, size, (top + stop) * scale - first), (size, stop - start)
+    return np.asarray(lines.resize(out, resample, box=box, reducing_gap=None), dtype=np.uint8)
 
 
 def _first_pass(
@@ -95,3 +121,13 @@ def _vertical_first(size: tuple[int, int], new_size: tuple[int, int]) -> bool:
     """
     (width, height), (new_width, new_height) = size, new_size
     return _PILLOW_MAJOR >= 13 and new_height < height and height - new_height > 2 * (width - new_width)
+
+
+@lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    """The thread that resamples the second half of a split crop (the caller does the first)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgetl-resize")
+
+
+if hasattr(os, "register_at_fork"):  # POSIX: a forked child inherits the pool's queue but not its thread
+    os.register_at_fork(after_in_child=_pool.cache_clear)
