@@ -130,8 +130,8 @@ class Predictor:
         has none. A decoding thread works up to two batches ahead while the model runs a batch of
         `batch`; memory holds at most one decode and 3 × `batch` crops at a time. Fastest with the
         model on one core fewer than the machine has (`Predictor.load(threads=...)`, as `edgetl
-        predict` does for many files): on 2 cores (AMD EPYC), 500×375 JPEGs, 411 images/s
-        against 270 predicting them one by one (benchmarks/runtime.py's folder throughput).
+        predict` does for many files): on 2 cores (AMD EPYC), 500×375 JPEGs, 396 images/s
+        against 280 predicting them one by one (benchmarks/runtime.py's folder throughput).
 
         >>> [o.label for o in predictor.stream(["cat.jpg", "dog.png"])]
         ['cat', 'dog']
