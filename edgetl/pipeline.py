@@ -121,7 +121,7 @@ def _plan(recipe: Recipe, run_dir: Path) -> _Plan:
 def _context(recipe: Recipe, run_dir: Path, resume: bool, force: bool) -> BuildContext:
     """The backbone, its preprocessing contract and the decoded data: what every later stage shares."""
     spec = models.REGISTRY.get(recipe.model.backbone)
-    pre = spec.preprocessing(recipe.data.image_size, recipe.data.crop_pct)
+    pre = spec.preprocessing(recipe.data.image_size, recipe.data.crop_pct, recipe.data.decode)
     log.info("backbone %s (%s), input %d px, weights %s", spec.name, spec.arch, pre.input_size, recipe.model.weights)
     seed_everything(recipe.seed)
     dataset = data.run(recipe.data, pre, recipe.seed)

@@ -163,7 +163,8 @@ def _teacher(ctx: BuildContext, student: _Job) -> tuple[Teacher, str, dict]:
         }
     else:
         spec = models.REGISTRY.get(config.backbone)
-        pre = spec.preprocessing(config.image_size, recipe.data.crop_pct)  # the data's framing, at the teacher's size
+        # the data's framing and decoding, at the teacher's size
+        pre = spec.preprocessing(config.image_size, recipe.data.crop_pct, recipe.data.decode)
         teacher_data = _teacher_data(ctx, pre)
         augment = config.augment or recipe.data.augment
         job = _Job("teacher", spec, config.weights, recipe.model.dropout, config.train, augment, pre, teacher_data)

@@ -140,10 +140,11 @@ def test_normalize_maps_every_pixel_value_of_every_channel_by_its_own_mean_and_s
     np.testing.assert_allclose(x, expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "nearest"])
-def test_the_crop_only_resize_matches_pillows_full_resize_then_crop(interpolation: str) -> None:
+def test_the_crop_only_resize_matches_pillows_full_resize_then_crop(interpolation: str, threads: int) -> None:
     """Noise is the hard case: a pass order other than Pillow's moves its pixels by up to 20
-    levels. Sizes cover landscape, portrait, up- and downscaling, split and unsplit."""
+    levels. Sizes cover landscape, portrait, up- and downscaling, split (2 threads) and unsplit."""
     rng = np.random.default_rng(0)
     for width, height in [
         (500, 375),
@@ -160,7 +161,7 @@ def test_the_crop_only_resize_matches_pillows_full_resize_then_crop(interpolatio
             Preprocessing(224, 256, interpolation, (0.0,) * 3, (1.0,) * 3),
             Preprocessing(96, 109, interpolation, (0.0,) * 3, (1.0,) * 3),
         ):
-            ours = preprocess_uint8(image, pre).astype(int)
+            ours = preprocess_uint8(image, pre, threads=threads).astype(int)
             reference = np.asarray(
                 transforms.CenterCrop(pre.input_size)(
                     transforms.Resize(pre.resize_size, interpolation=transforms.InterpolationMode(interpolation))(image)

@@ -29,17 +29,22 @@ PREPROCESSING = {
 }
 
 
-def write_tiny_bundle(folder: Path, weight: np.ndarray | None = None) -> Path:
+def write_tiny_bundle(folder: Path, weight: np.ndarray | None = None, decode: str | None = None) -> Path:
     """Write `model.onnx`, `README.md` and `edgetl.json` into `folder`; return `folder`.
 
     `weight` (3×3, default 10 × identity) maps channel means to logits: NaN gives a model
-    whose outputs are NaN, as a diverged training would.
+    whose outputs are NaN, as a diverged training would. `decode` sets the contract's decode
+    mode (None: no field, as bundles made before it existed).
 
     >>> Predictor.load(write_tiny_bundle(tmp_path / "bundle")).predict(red_png).label
     'red'
     """
     folder.mkdir(parents=True, exist_ok=True)
-    onnx.save(_colour_model(np.eye(3, dtype=np.float32) * 10.0 if weight is None else weight), folder / "model.onnx")
+    preprocessing = PREPROCESSING if decode is None else {**PREPROCESSING, "decode": decode}
+    onnx.save(
+        _colour_model(np.eye(3, dtype=np.float32) * 10.0 if weight is None else weight, preprocessing),
+        folder / "model.onnx",
+    )
     (folder / "README.md").write_text("# tiny: a colour classifier for tests\n")
     manifest = {
         "schema_version": 1,
@@ -49,7 +54,7 @@ def write_tiny_bundle(folder: Path, weight: np.ndarray | None = None) -> Path:
         "precision": "fp32",
         "variant": "onnx-fp32",
         "labels": LABELS,
-        "preprocessing": PREPROCESSING,
+        "preprocessing": preprocessing,
         "input": {"name": "image", "shape": ["batch", 3, SIZE, SIZE], "dtype": "float32"},
         "metrics": {
             "accuracy": 1.0,
@@ -70,7 +75,7 @@ def write_manifest(folder: Path, manifest: dict) -> Path:
     return folder
 
 
-def _colour_model(weight: np.ndarray) -> onnx.ModelProto:
+def _colour_model(weight: np.ndarray, preprocessing: dict) -> onnx.ModelProto:
     # image (N, 3, S, S) → GlobalAveragePool (N, 3, 1, 1) → Flatten (N, 3) → Gemm (N, 3)
     graph = helper.make_graph(
         [
@@ -89,7 +94,7 @@ def _colour_model(weight: np.ndarray) -> onnx.ModelProto:
     # IR 8 / opset 17: readable by every ONNX Runtime edgetl supports (≥ 1.17).
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     # what edgetl.export.metadata() writes: the file carries its own labels and contract
-    metadata = {"edgetl.labels": json.dumps(LABELS), "edgetl.preprocessing": json.dumps(PREPROCESSING)}
+    metadata = {"edgetl.labels": json.dumps(LABELS), "edgetl.preprocessing": json.dumps(preprocessing)}
     helper.set_model_props(model, metadata)
     onnx.checker.check_model(model)
     return model

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from edgetl.runtime.preprocess import Interpolation, Preprocessing
+from edgetl.runtime.preprocess import Decode, Interpolation, Preprocessing
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,10 +39,11 @@ class BackboneSpec:
     split: Callable[[nn.Module], Stages] = field(repr=False, compare=False)
     classifier: tuple[str, ...] = field(repr=False, compare=False)  # state-dict prefixes of the original's head
 
-    def preprocessing(self, image_size: int | None = None, crop_pct: float | None = None) -> Preprocessing:
-        """The contract for an input of `image_size` px (default: native) and the center crop's
-        share `crop_pct` of the resized shorter side (default: the backbone's)."""
+    def preprocessing(
+        self, image_size: int | None = None, crop_pct: float | None = None, decode: Decode = "full"
+    ) -> Preprocessing:
+        """The contract for an input of `image_size` px (default: native), the center crop's share
+        `crop_pct` of the resized shorter side (default: the backbone's) and the `decode` mode."""
         size = image_size or self.native_size
-        return Preprocessing(
-            size, int(math.floor(size / (crop_pct or self.crop_pct))), self.interpolation, self.mean, self.std
-        )
+        resize = int(math.floor(size / (crop_pct or self.crop_pct)))
+        return Preprocessing(size, resize, self.interpolation, self.mean, self.std, decode=decode)

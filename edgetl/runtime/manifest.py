@@ -17,7 +17,7 @@ from typing import Any, get_args
 
 from edgetl.errors import BundleError
 from edgetl.runtime.engines import RUNTIMES
-from edgetl.runtime.preprocess import Interpolation
+from edgetl.runtime.preprocess import Decode, Interpolation
 
 MANIFEST = "edgetl.json"
 SUPPORTED_SCHEMA = 1
@@ -169,6 +169,12 @@ _SCHEMA: tuple[tuple[str, str, bool, _Check], ...] = (
     ("preprocessing.mean", "a list of 3 finite numbers", True, lambda v, m: _numbers(v, 3)),
     ("preprocessing.std", "a list of 3 finite numbers > 0", True, lambda v, m: _numbers(v, 3) and min(v) > 0),
     ("preprocessing.layout", '"NCHW"', False, lambda v, m: v == "NCHW"),
+    (
+        "preprocessing.decode",
+        f"one of {', '.join(get_args(Decode))} (absent: full)",
+        False,
+        lambda v, m: v in get_args(Decode),
+    ),
     (
         "metrics",
         "a mapping with numbers `accuracy`, `agreement`, `size_mb` and `latency_ms.p50`",
