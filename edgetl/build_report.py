@@ -51,12 +51,7 @@ class ExportSummary:
     parity: list[ParityOutcome]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "opset": self.opset,
-            "onnx_nodes": self.onnx_nodes,
-            "files": self.files,
-            "parity": [p.to_dict() for p in self.parity],
-        }
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExportSummary:

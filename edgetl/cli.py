@@ -107,7 +107,6 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 def _build(args: argparse.Namespace) -> int:
     from edgetl.fileio import output_errors
-    from edgetl.gates import install_command
     from edgetl.pipeline import build
     from edgetl.recipe import load_recipe
 
@@ -126,7 +125,7 @@ def _build(args: argparse.Namespace) -> int:
         f"accuracy {selected.accuracy:.4f}, agreement {selected.agreement:.4f}, p50 {selected.latency_ms.p50:.2f} "
         f"ms, {selected.size_mb:.2f} MB; "
         f"bundle {run_dir / (recipe.name + '.tar.gz')} (sha256 {report.selected.bundle_sha256}; "
-        f"device: `{install_command(selected.runtime)}`); "
+        f"device: `{report.selected.install}`); "
         f"report {run_dir / 'report.html'}"
     )
     return 0

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from edgetl.recipe import GatesConfig
-from edgetl.runtime.metrics import VariantMetrics, known_fields
+from edgetl.runtime.metrics import VariantMetrics, known_fields, present_fields
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ class Selection:
 
     def to_dict(self) -> dict[str, Any]:
         """Fields that are None (absent in older reports) are left out."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        return present_fields(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Selection:

@@ -42,9 +42,7 @@ def in_batches(
         return [run(items[i : i + batch_size]) for i in starts]
 
 
-def model_logits(
-    model: TransferModel, images: np.ndarray, pre: Preprocessing, batch_size: int = EVAL_BATCH
-) -> np.ndarray:
+def model_logits(model: TransferModel, images: np.ndarray, pre: Preprocessing) -> np.ndarray:
     """(N, classes) eval-mode logits for uint8 (N, S, S, 3) crops, through the shared preprocessing.
 
     The batches go in channels_last: PyTorch's CPU convolutions then run 1.6× faster
@@ -57,20 +55,15 @@ def model_logits(
     def forward(batch: np.ndarray) -> torch.Tensor:
         return model(torch.from_numpy(normalize(batch, pre)).contiguous(memory_format=torch.channels_last))
 
-    outputs = in_batches(forward, images, batch_size)
+    outputs = in_batches(forward, images)
     return torch.cat(outputs).numpy() if outputs else np.zeros((0, model.head.out_features), np.float32)
 
 
-def engine_logits(engine: Engine, images: np.ndarray, pre: Preprocessing, batch_size: int = EVAL_BATCH) -> np.ndarray:
+def engine_logits(engine: Engine, images: np.ndarray, pre: Preprocessing) -> np.ndarray:
     """(N, classes) logits of a runtime engine (ONNX Runtime, OpenVINO) for uint8 (N, S, S, 3) crops."""
-    return np.concatenate(in_batches(lambda batch: engine.run(normalize(batch, pre)), images, batch_size))
+    return np.concatenate(in_batches(lambda batch: engine.run(normalize(batch, pre)), images))
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     """Top-1 accuracy of (N, classes) logits against (N,) labels; 0.0 for no images."""
     return float((logits.argmax(1) == labels).mean()) if len(logits) else 0.0
-
-
-def agreement(logits: np.ndarray, reference: np.ndarray) -> float:
-    """Share of images whose top-1 class equals the reference logits' top-1."""
-    return float((logits.argmax(1) == reference.argmax(1)).mean()) if len(logits) else 0.0

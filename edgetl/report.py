@@ -145,16 +145,12 @@ def _load(run_dir: Path) -> BuildReport:
     """A run's report.json, or a DataError that names the file and how to get it."""
     path = run_dir / "report.json"
     try:
-        text = path.read_text(encoding="utf-8")
+        return BuildReport.from_json(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(
             f"{path} does not exist: run `edgetl build` for this run first, then pass its run directory."
         ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} is not a readable report ({exc}); rebuild it with `edgetl build`.") from None
-    try:
-        return BuildReport.from_json(text)
-    except ValueError as exc:  # json.JSONDecodeError
+    except (OSError, ValueError) as exc:  # ValueError: json.JSONDecodeError, UnicodeDecodeError
         raise DataError(f"{path} is not a readable report ({exc}); rebuild it with `edgetl build`.") from None
     except (KeyError, TypeError, AttributeError, IndexError) as exc:
         why = f"it has no `{exc.args[0]}`" if isinstance(exc, KeyError) else str(exc)

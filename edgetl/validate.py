@@ -32,7 +32,7 @@ from edgetl.data import Split
 from edgetl.errors import ExportError, InferenceError
 from edgetl.export import model_files
 from edgetl.fileio import write_json
-from edgetl.infer import EVAL_BATCH, accuracy, agreement, in_batches, model_logits
+from edgetl.infer import EVAL_BATCH, in_batches, model_logits
 from edgetl.models import TransferModel
 from edgetl.notes import Note, render
 from edgetl.recipe import MeasureConfig
@@ -218,12 +218,12 @@ def _speed(
 def _scores(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     """Accuracy, agreement with the baseline's `reference` logits and the paired drop from its accuracy,
     with their intervals, and the confusion matrix."""
-    predicted = logits.argmax(1)
-    correct, correct_reference = predicted == labels, reference.argmax(1) == labels
+    predicted, top_reference = logits.argmax(1), reference.argmax(1)
+    correct, correct_reference = predicted == labels, top_reference == labels
     return {
-        "accuracy": accuracy(logits, labels),
+        "accuracy": float(correct.mean()),
         "accuracy_ci95": wilson_interval(int(correct.sum()), len(labels)),
-        "agreement": agreement(logits, reference),
+        "agreement": float((predicted == top_reference).mean()),
         "accuracy_drop": float(correct_reference.mean() - correct.mean()),
         "accuracy_drop_ci95": paired_drop_interval(correct_reference, correct),
         "confusion_matrix": confusion_matrix(labels, predicted, logits.shape[1]),

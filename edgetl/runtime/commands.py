@@ -144,8 +144,9 @@ def _image_files(paths: list[Path]) -> list[Path]:
 def bench(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     predictor = _load(args)
-    image = _bench_image(args.image, predictor)
-    predictor.predict(image)
+    source = args.image or _generated_jpeg()
+    predictor.predict(source)  # the cold start's first prediction; a bad --image fails here, naming the file
+    image = args.image.read_bytes() if args.image else source
     cold_start = time.perf_counter() - started
     size = predictor.bundle.preprocessing.input_size
     one = predictor.crop(image)[None]
@@ -178,14 +179,6 @@ def bench(args: argparse.Namespace) -> int:
             f"throughput  {result['throughput_ips']:.1f} images/s at batch {args.batch}; cold start {cold_start:.3f} s"
         )
     return 0
-
-
-def _bench_image(path: Path | None, predictor: Predictor) -> bytes:
-    """The bytes `--image` names, checked to decode (an error names the file), or a generated JPEG."""
-    if path is None:
-        return _generated_jpeg()
-    predictor.crop(path, str(path))  # ImageDecodeError naming the file: missing, a folder, not an image, too large
-    return path.read_bytes()
 
 
 def _generated_jpeg() -> bytes:

@@ -71,11 +71,11 @@ class HeaderDeadlineProtocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self.header_deadline = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+        self._start_header_deadline()
 
     def data_received(self, data: bytes) -> None:
         if self.header_deadline is None and self.conn.their_state is h11.IDLE:
-            self.header_deadline = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+            self._start_header_deadline()
         super().data_received(data)
         if self.conn.their_state is not h11.IDLE:  # the request line and headers are complete
             self._cancel_header_deadline()
@@ -83,6 +83,9 @@ class HeaderDeadlineProtocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_deadline()
         super().connection_lost(exc)
+
+    def _start_header_deadline(self) -> None:
+        self.header_deadline = self.loop.call_later(self.header_timeout, self._headers_too_slow)
 
     def _cancel_header_deadline(self) -> None:
         if self.header_deadline is not None:

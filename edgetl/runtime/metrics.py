@@ -26,7 +26,7 @@ def known_fields(cls: type, data: Any) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k in names}
 
 
-def _present(record: Any) -> dict[str, Any]:
+def present_fields(record: Any) -> dict[str, Any]:
     """The record's fields in declaration order (report.json's key order), None ones left out."""
     return {f.name: getattr(record, f.name) for f in fields(record) if getattr(record, f.name) is not None}
 
@@ -40,7 +40,7 @@ class Latency:
     p99: float | None = None
 
     def to_dict(self) -> dict[str, float]:
-        return _present(self)
+        return present_fields(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, float]) -> Latency:
@@ -82,7 +82,7 @@ class VariantMetrics:
 
     def to_dict(self) -> dict[str, Any]:
         """The row as report.json holds it; fields that are None are left out."""
-        return _present(self) | {"latency_ms": self.latency_ms.to_dict()}
+        return present_fields(self) | {"latency_ms": self.latency_ms.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VariantMetrics:

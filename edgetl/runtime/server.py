@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -31,7 +30,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from edgetl.errors import EdgetlError, InferenceError
-from edgetl.runtime.listen import DrainingServer, HeaderDeadlineProtocol, ServeError, bind
+from edgetl.runtime.listen import DrainingServer, HeaderDeadlineProtocol, ServeError, bind, log
 from edgetl.runtime.predictor import Prediction, Predictor
 from edgetl.runtime.preprocess import ImageDecodeError, ImageTooLarge
 
@@ -42,8 +41,6 @@ FILE_FIELDS = ("file", "image")
 GRACEFUL_SHUTDOWN_SECONDS = 5
 SHUTTING_DOWN = "server is shutting down"
 
-# uvicorn's logger, so our lines read like its own ("INFO:     ...") in the same stream.
-log = logging.getLogger("uvicorn.error")
 T = TypeVar("T")
 
 
@@ -66,15 +63,13 @@ def create_app(
 
     `read_timeout` bounds the seconds a body may take to arrive (408 after); once `closing` is set,
     requests not yet predicting get 503. Runs the model once on a blank crop: `/health` says 503
-    when it cannot predict. Raises ServeError for a limit below 1.
+    when it cannot predict. Raises ServeError for a limit below 1 or a `read_timeout` that is not a
+    positive number of seconds.
 
     >>> app = create_app(Predictor.load("model.tar.gz"), max_body_bytes=10 << 20, concurrency=4)
     >>> uvicorn.run(app, host="127.0.0.1", port=8080)
     """
-    if max_body_bytes < 1:
-        raise ServeError(f"the body limit (`--max-body-mb`) must allow at least one byte; got {max_body_bytes} bytes.")
-    if concurrency < 1:
-        raise ServeError(f"`--concurrency` must be an integer ≥ 1; got {concurrency}.")
+    _check_limits(max_body_bytes, concurrency, read_timeout)
     closing = asyncio.Event() if closing is None else closing
     slots = asyncio.Semaphore(concurrency)
     labels = predictor.labels
@@ -113,6 +108,16 @@ def create_app(
         Route("/predict", predict, methods=["POST"]),
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _unexpected})
+
+
+def _check_limits(max_body_bytes: int, concurrency: int, read_timeout: float) -> None:
+    """Raises ServeError for a limit the server cannot serve with."""
+    if max_body_bytes < 1:
+        raise ServeError(f"the body limit (`--max-body-mb`) must allow at least one byte; got {max_body_bytes} bytes.")
+    if concurrency < 1:
+        raise ServeError(f"`--concurrency` must be an integer ≥ 1; got {concurrency}.")
+    if not 0 < read_timeout < float("inf"):
+        raise ServeError(f"`--read-timeout` must be a number of seconds > 0; got {read_timeout}.")
 
 
 def _metadata(predictor: Predictor) -> dict:
@@ -170,8 +175,6 @@ def build_server(
 
     Raises ServeError for a limit below 1 or a `read_timeout` that is not a positive number of seconds.
     """
-    if not 0 < read_timeout < float("inf"):
-        raise ServeError(f"`--read-timeout` must be a number of seconds > 0; got {read_timeout}.")
     closing = asyncio.Event()
     config = uvicorn.Config(
         create_app(predictor, max_body_bytes, concurrency, read_timeout, closing),

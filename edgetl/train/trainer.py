@@ -136,7 +136,7 @@ class Trainer:
         if self.config.strategy == "linear_probe" and job.augment != "none":
             self._note(Note("augment_not_applied", {"augment": job.augment}), logging.WARNING)
         cache = caches_inputs(self.config, job.augment)
-        self.inputs = prepare_inputs(model, job.dataset, job.pre, frozen if cache else 0, cache)
+        self.inputs = prepare_inputs(model, job.dataset, job.pre, frozen, cache)
         for term in self.terms:
             term.prepare(self.inputs.cached)
         self.target = self._target()
