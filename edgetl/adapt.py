@@ -106,5 +106,8 @@ class DomainAdversary(LossTerm):
     ) -> torch.Tensor:
         """Binary domain loss (source 0, target 1); its gradient reaches the backbone reversed."""
         features = _ReverseGradient.apply(torch.cat([source_features, target_features]), self.reversal_weight(progress))
-        domains = torch.cat([torch.zeros(len(source_features)), torch.ones(len(target_features))])
+        device = source_features.device
+        domains = torch.cat(
+            [torch.zeros(len(source_features), device=device), torch.ones(len(target_features), device=device)]
+        )
         return nn.functional.binary_cross_entropy_with_logits(self.classifier(features).squeeze(1), domains)

@@ -84,13 +84,19 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except EdgetlError as exc:
-        print(f"edgetl: error: {exc}", file=sys.stderr)
+        print(f"edgetl: error: {_rank_prefix()}{exc}", file=sys.stderr)
         return exc.exit_code
     except ImageDecodeError as exc:  # an image given directly (not walked from a folder)
         print(f"edgetl: error: {exc}", file=sys.stderr)
         return 2
     except _Terminated:
-        print("edgetl: terminated (SIGTERM); temporary files removed, rerun with --resume to continue", file=sys.stderr)
+        # torchrun stops every rank with SIGTERM when one fails: its summary names the first failure
+        cause = "; torchrun stops every rank when one fails, see its first failure" if _rank_prefix() else ""
+        print(
+            f"edgetl: {_rank_prefix()}terminated (SIGTERM{cause}); temporary files removed, rerun with --resume "
+            "to continue",
+            file=sys.stderr,
+        )
         return 143
     except KeyboardInterrupt:
         print("edgetl: interrupted", file=sys.stderr)
@@ -105,20 +111,33 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise _Terminated
 
 
+def _rank_prefix() -> str:
+    """ "rank N of M: " in a torchrun launch (whose ranks share one terminal), else ""."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f"rank {os.environ.get('RANK', '?')} of {world}: " if world.isdigit() and int(world) > 1 else ""
+
+
 def _build(args: argparse.Namespace) -> int:
     from edgetl.fileio import output_errors
     from edgetl.pipeline import build
     from edgetl.recipe import load_recipe
+    from edgetl.train.distributed import from_env
 
     signal.signal(signal.SIGTERM, _raise_terminated)  # the default action would kill it with its temporaries in place
     recipe = load_recipe(args.recipe, args.overrides)
     run_dir = (args.output or Path("runs") / recipe.name).resolve()
-    with output_errors(run_dir / "build.log"):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(run_dir / "build.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
-    report = build(recipe, run_dir, resume=args.resume, force=args.force).report
+    if from_env().is_main:  # under torchrun rank 0 logs and writes; the others only warn
+        with output_errors(run_dir / "build.log"):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(run_dir / "build.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+    else:
+        logging.getLogger("edgetl").setLevel(logging.WARNING)
+    result = build(recipe, run_dir, resume=args.resume, force=args.force)
+    if result is None:  # a rank other than 0: it trained, rank 0 does the rest
+        return 0
+    report = result.report
     selected = report.selected_variant()
     print(
         f"{recipe.name}: selected {selected.name} ({selected.runtime} {selected.precision}): "

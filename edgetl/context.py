@@ -22,6 +22,7 @@ from edgetl.data import Dataset
 from edgetl.models import BackboneSpec
 from edgetl.recipe import Recipe
 from edgetl.runtime.preprocess import Preprocessing
+from edgetl.train.distributed import Dist
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class BuildContext:
     pre: Preprocessing
     dataset: Dataset
     resume: bool = False
+    dist: Dist = Dist()  # this process's place in a torchrun launch (rank 0 of 1 for a plain build)
     timings: dict[str, float] = field(default_factory=dict)
 
     def snapshot_path(self, stage: str, stage_key: str) -> Path:

@@ -49,13 +49,13 @@ class Distiller(LossTerm):
             self._table = torch.from_numpy(model_logits(teacher.model, teacher.train_images, teacher.pre))
 
     def loss(self, batch: TrainBatch, logits: torch.Tensor, features: torch.Tensor, progress: float) -> torch.Tensor:
-        targets = self._table[batch.index] if self._table is not None else self._online(batch.inputs)
+        targets = self._table[batch.index].to(logits.device) if self._table is not None else self._online(batch.inputs)
         return self.alpha * kd_loss(logits, targets, self.temperature)
 
     def _online(self, x: torch.Tensor) -> torch.Tensor:
         """Teacher logits for the student's (augmented, normalized) batch."""
         s, t = self.student_pre, self.teacher.pre
-        raw = x * _channels(s.std) + _channels(s.mean)
+        raw = x * _channels(s.std, x.device) + _channels(s.mean, x.device)
         if t.input_size != s.input_size:
             raw = F.interpolate(
                 raw,
@@ -64,9 +64,9 @@ class Distiller(LossTerm):
                 align_corners=False,
                 antialias=t.input_size < s.input_size,
             )
-        self.teacher.model.eval()
+        self.teacher.model.to(x.device).eval()  # the student's device (a no-op after the first batch)
         with torch.no_grad():
-            return self.teacher.model((raw - _channels(t.mean)) / _channels(t.std))
+            return self.teacher.model((raw - _channels(t.mean, x.device)) / _channels(t.std, x.device))
 
 
 def kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -84,5 +84,5 @@ def kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: flo
     ) * (t * t)
 
 
-def _channels(values: tuple[float, float, float]) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1)
+def _channels(values: tuple[float, float, float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device).view(1, 3, 1, 1)

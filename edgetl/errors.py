@@ -57,3 +57,9 @@ class InferenceError(EdgetlError):
     """A runtime cannot load or run a model file, or the model's outputs are not finite."""
 
     exit_code = 4
+
+
+class DistributedError(EdgetlError):
+    """Another process of a distributed (torchrun) build died, or a collective timed out."""
+
+    exit_code = 6

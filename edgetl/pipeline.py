@@ -27,6 +27,7 @@ from edgetl.errors import GateFailure, RecipeError
 from edgetl.fileio import atomic_path, remove_temporaries, write_json
 from edgetl.recipe import QuantVariant, Recipe
 from edgetl.runtime.engines import RUNTIMES, is_installed
+from edgetl.train import distributed
 from edgetl.transfer import Transferred, transfer
 
 log = logging.getLogger(__name__)
@@ -60,18 +61,24 @@ class _Made:
     measured: validate.Validation
 
 
-def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = False) -> BuildResult:
+def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = False) -> BuildResult | None:
     """Run every stage of `recipe` into `run_dir`; raise GateFailure (after writing the report) when no variant passes.
 
-    Raises RecipeError, DataError, ModelError, ExportError, InferenceError, OutputError (a write the disk refused).
+    Under torchrun every process trains; rank 0 alone goes on to export, quantize, validate, report and
+    bundle, and the others return None once training is done.
+    Raises RecipeError, DataError, ModelError, ExportError, InferenceError, OutputError (a write the disk refused),
+    DistributedError (another training process died).
 
     >>> build(load_recipe(Path("recipes/quickstart.yaml")), Path("runs/quickstart")).report.selected.name
     'ort-int8'
     """
     started = time.monotonic()
-    plan = _plan(recipe, run_dir)  # before training: a missing runtime fails fast
-    ctx = _context(recipe, run_dir, resume, force)
-    transferred = transfer(ctx)
+    dist = distributed.setup(recipe.train.device)
+    plan = _plan(recipe, run_dir, dist)  # before training: a missing runtime fails fast
+    ctx = _context(recipe, run_dir, resume, force, dist)
+    transferred = _transfer(ctx)
+    if transferred is None:  # a rank other than 0: its part is done
+        return None
     metrics = _save_training(ctx, transferred, started)
     recipe_hash = _recipe_hash(recipe)
     export_key = key(transferred.key, recipe.export.model_dump(mode="json"), plan.runtimes)
@@ -93,38 +100,45 @@ def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = Fal
     return BuildResult(run_dir, metrics, content)
 
 
-def train_model(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = False) -> dict:
+def train_model(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = False) -> dict | None:
     """Only the data and train stages of `recipe` (with its distillation and adaptation): metrics.json and
-    checkpoint.pt in `run_dir`, for benchmarks and tests of training. Returns metrics.json's content.
+    checkpoint.pt in `run_dir`, for benchmarks and tests of training. Returns metrics.json's content (None on
+    a rank other than 0 under torchrun).
 
     Raises RecipeError, DataError, ModelError, OutputError (a write the disk refused).
 
     >>> train_model(load_recipe(Path("recipes/quickstart.yaml")), Path("runs/train-only"))["test_accuracy"]
     """
     started = time.monotonic()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _remove_outputs(run_dir, recipe.name)
-    ctx = _context(recipe, run_dir, resume, force)
-    return _save_training(ctx, transfer(ctx), started)
+    dist = distributed.setup(recipe.train.device)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _remove_outputs(run_dir, recipe.name)
+    ctx = _context(recipe, run_dir, resume, force, dist)
+    transferred = _transfer(ctx)
+    return None if transferred is None else _save_training(ctx, transferred, started)
 
 
-def _plan(recipe: Recipe, run_dir: Path) -> _Plan:
-    """The runtimes and variants this machine builds, checked against the device; the last build's outputs removed."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+def _plan(recipe: Recipe, run_dir: Path, dist: distributed.Dist) -> _Plan:
+    """The runtimes and variants this machine builds, checked against the device; the last build's outputs removed
+    (by rank 0, which owns the run folder)."""
     runtimes, skipped = _available_runtimes(recipe)
     variants, skipped_variants = _runnable_variants(recipe, runtimes)
     _check_device_runtimes(recipe, runtimes)
-    _remove_outputs(run_dir, recipe.name)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _remove_outputs(run_dir, recipe.name)
     return _Plan(runtimes, variants, skipped + skipped_variants)
 
 
-def _context(recipe: Recipe, run_dir: Path, resume: bool, force: bool) -> BuildContext:
+def _context(recipe: Recipe, run_dir: Path, resume: bool, force: bool, dist: distributed.Dist) -> BuildContext:
     """The backbone, its preprocessing contract and the decoded data: what every later stage shares."""
     spec = models.REGISTRY.get(recipe.model.backbone)
     pre = spec.preprocessing(recipe.data.image_size, recipe.data.crop_pct, recipe.data.decode)
     log.info("backbone %s (%s), input %d px, weights %s", spec.name, spec.arch, pre.input_size, recipe.model.weights)
     seed_everything(recipe.seed)
-    dataset = data.run(recipe.data, pre, recipe.seed)
+    with distributed.main_first(dist):  # rank 0 decodes first (filling a disk cache), the others then read
+        dataset = data.run(recipe.data, pre, recipe.seed)
     counts = "/".join(str(len(dataset.split(s).labels)) for s in data.SPLITS)
     log.info(
         "data %s: %s images (train/val/test), %d classes, %d skipped",
@@ -133,7 +147,21 @@ def _context(recipe: Recipe, run_dir: Path, resume: bool, force: bool) -> BuildC
         len(dataset.classes),
         len(dataset.skipped),
     )
-    return BuildContext(recipe, run_dir, StageCache(run_dir / "stages", force), spec, pre, dataset, resume)
+    root = run_dir / "stages"
+    cache = distributed.RankCache(root, force, dist) if dist.enabled else StageCache(root, force)
+    return BuildContext(recipe, run_dir, cache, spec, pre, dataset, resume, dist)
+
+
+def _transfer(ctx: BuildContext) -> Transferred | None:
+    """The training half. Under torchrun every rank trains, then leaves the process group: rank 0 alone goes on
+    (the others get None), so nothing after training waits on a collective."""
+    try:
+        transferred = transfer(ctx)
+        distributed.shutdown(ctx.dist)
+    finally:
+        if isinstance(ctx.cache, distributed.RankCache):
+            ctx.cache.close()  # rank 0 goes on alone
+    return transferred if ctx.dist.is_main else None
 
 
 def _save_training(ctx: BuildContext, transferred: Transferred, started: float) -> dict:

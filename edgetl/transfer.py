@@ -104,7 +104,7 @@ def _train_stage(
 ) -> train.TrainedModel:
     recipe = ctx.recipe
     state_path = ctx.snapshot_path(job.stage, stage_key)
-    if ctx.resume and not state_path.is_file():
+    if ctx.resume and ctx.dist.is_main and not state_path.is_file():
         log.warning(
             "--resume: no interrupted %s stage of this recipe and data in %s; starting from epoch 1",
             job.stage,
@@ -118,7 +118,7 @@ def _train_stage(
         if target is not None:  # built after the model: the head's init draws from the global RNG first
             adapt = recipe.adapt
             terms.append(DomainAdversary(model.head.in_features, adapt.domain_hidden, adapt.dann_weight, target.images))
-        train_job = train.TrainJob(job.dataset, job.pre, job.config, job.augment, recipe.seed)
+        train_job = train.TrainJob(job.dataset, job.pre, job.config, job.augment, recipe.seed, ctx.dist)
         result = train.run(model, train_job, terms, state_path, ctx.resume)
         log.info(
             "%s %s: best epoch %d, val accuracy %.4f, test accuracy %.4f (%.1fs)",
@@ -138,7 +138,8 @@ def _train_stage(
         + " with DANN" * (target is not None)
     )
     folder = ctx.cache.run(job.stage, stage_key, make, label=label)
-    state_path.unlink(missing_ok=True)  # the finished stage supersedes the resumable snapshot
+    if ctx.dist.is_main:  # rank 0 owns the run folder
+        state_path.unlink(missing_ok=True)  # the finished stage supersedes the resumable snapshot
     return train.TrainedModel.load(folder)
 
 

@@ -109,7 +109,22 @@ class TrainConfig(Section):
     class_balance: Literal["none", "weighted_loss", "balanced_sampler"] = Field(
         "none", description="For imbalanced classes."
     )
-    threads: int | None = Field(None, ge=1, description="CPU threads; default: all cores.")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads per process; default: the cores, shared by the processes of a torchrun launch.",
+    )
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$",
+        description="Where training runs: auto (CUDA when available, else CPU) | cpu | cuda | cuda:N | mps. Export, "
+        "quantization and validation run on the CPU.",
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="Training's mixed precision: auto (bf16 on CUDA GPUs that support it, else fp16 with a grad "
+        "scaler; fp32 on CPU) | fp32 | bf16 | fp16.",
+    )
 
 
 class ExportConfig(Section):

@@ -67,21 +67,32 @@ def frozen_stage_count(model: TransferModel, config: TrainConfig) -> int:
     return 1 + model.num_blocks - config.unfreeze
 
 
-def prepare_inputs(model: TransferModel, dataset: Dataset, pre: Preprocessing, stop: int, cache: bool) -> Inputs:
-    """The splits as images, or (with `cache`) as the outputs of the model's first `stop` stages."""
+def prepare_inputs(
+    model: TransferModel, dataset: Dataset, pre: Preprocessing, stop: int, cache: bool, gather=None
+) -> Inputs:
+    """The splits as images, or (with `cache`) as the outputs of the model's first `stop` stages.
+
+    `gather(compute, images)` spreads the frozen prefix's work: under torchrun each rank computes a share
+    of the images and every rank gets all the outputs (`edgetl.train.distributed.gather_rows`).
+    """
     splits = ("train", "val", "test")
     if not cache:
         return Inputs(*(torch.from_numpy(dataset.split(s).images) for s in splits), start=0, cached=False, pre=pre)
-    cached = [prepare_split(model, dataset.split(split).images, pre, stop, split) for split in splits]
+    gather = gather or (lambda compute, images: compute(images))
+    cached = [
+        gather(lambda part, name=name: prepare_split(model, part, pre, stop, name), dataset.split(name).images)
+        for name in splits
+    ]
     return Inputs(*cached, start=stop, cached=True, pre=pre)
 
 
 def prepare_split(model: TransferModel, images: np.ndarray, pre: Preprocessing, stop: int, name: str) -> torch.Tensor:
-    """The frozen prefix's outputs for uint8 images, computed once."""
+    """The frozen prefix's outputs for uint8 images, computed once on the model's device, kept in host memory."""
     model.eval()
+    device = next(model.parameters()).device
 
     def prefix(batch: np.ndarray) -> torch.Tensor:
-        return model.features(torch.from_numpy(normalize(batch, pre)), 0, stop)
+        return model.features(torch.from_numpy(normalize(batch, pre)).to(device), 0, stop).cpu()
 
     outputs = in_batches(prefix, images, description=f"frozen features {name}")
     return torch.cat(outputs).clone()  # clone: leave inference mode so autograd can use them

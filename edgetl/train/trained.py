@@ -21,6 +21,7 @@ from edgetl.recipe import Recipe
 from edgetl.train.trainer import TrainJob, TrainResult
 
 CHECKPOINT = "checkpoint.pt"
+TRAINED_ON = ("device", "precision", "world_size")  # train.json's record of where the model trained
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class TrainedModel:
     notes: list[str] = field(default_factory=list)
     val_logits: np.ndarray | None = None  # the export parity check's PyTorch reference (absent in older folders)
     test_logits: np.ndarray | None = None  # validation's PyTorch reference
+    trained_on: dict = field(default_factory=dict)  # device, precision, world_size (absent in older folders)
 
     @cached_property
     def loaded(self) -> models.Checkpoint:
@@ -55,6 +57,7 @@ class TrainedModel:
             "test_accuracy": self.test_accuracy,
             "train_seconds": self.train_seconds,
             "notes": self.notes,
+            **self.trained_on,
         }
 
     def save(self, folder: Path) -> None:
@@ -84,6 +87,7 @@ class TrainedModel:
             summary["notes"],
             logits.get("val"),
             logits.get("test"),
+            {name: summary[name] for name in TRAINED_ON if name in summary},
         )
 
 
@@ -104,6 +108,7 @@ def save_result(folder: Path, result: TrainResult, spec: BackboneSpec, job: Trai
         [render(note) for note in result.notes],
         result.val_logits,
         result.test_logits,
+        {"device": result.device, "precision": result.precision, "world_size": result.world_size},
     )
     trained.save(folder)
     return trained

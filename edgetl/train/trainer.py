@@ -8,10 +8,8 @@ are loss terms (`edgetl.train.terms`) that the loop adds up without knowing whic
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,21 +22,21 @@ from torch import nn
 from edgetl.data import Dataset
 from edgetl.errors import RecipeError
 from edgetl.fileio import save_torch
-from edgetl.infer import accuracy, in_batches
+from edgetl.infer import accuracy, in_batches, model_logits
 from edgetl.models import TransferModel
 from edgetl.notes import Note, render
 from edgetl.progress import track
 from edgetl.recipe import TrainConfig
 from edgetl.runtime.preprocess import Preprocessing
+from edgetl.train import distributed
+from edgetl.train.best import BestEpoch, ranking_notes
+from edgetl.train.device import Placement, cpu_state, get_rng, resolve_device, resolve_precision, set_rng
+from edgetl.train.distributed import Dist, TrainStep, gather_rows, shard
 from edgetl.train.inputs import augmenter, caches_inputs, frozen_stage_count, prepare_inputs
 from edgetl.train.optim import criterion, epoch_order, optimizer, schedule
 from edgetl.train.terms import LossTerm, TrainBatch
 
 log = logging.getLogger(__package__)  # "edgetl.train": the stage's name in build.log
-
-# Below this many val images one image moves val accuracy by over 2 points, more than late
-# epochs usually differ by: their ranking is then mostly noise, and the report says so.
-SMALL_VAL_SPLIT = 50
 
 
 @dataclass(frozen=True)
@@ -50,6 +48,7 @@ class TrainJob:
     config: TrainConfig
     augment: str  # data.augment
     seed: int  # seeds the epoch order and DANN's target picks
+    dist: Dist = Dist()  # this process's place in a torchrun launch
 
 
 @dataclass(frozen=True)
@@ -63,35 +62,9 @@ class TrainResult:
     notes: list[Note] = field(default_factory=list)
     test_logits: np.ndarray | None = None  # the best model's, reused as validation's PyTorch reference
     val_logits: np.ndarray | None = None  # the best epoch's, reused as the export parity check's reference
-
-
-@dataclass(frozen=True)
-class BestEpoch:
-    """The epoch kept so far: the highest val accuracy, ties broken by the lower val loss."""
-
-    epoch: int
-    accuracy: float
-    loss: float
-    state: dict[str, torch.Tensor]  # a copy of the model's weights at that epoch
-    val_logits: np.ndarray | None = None
-
-    def beaten_by(self, accuracy: float, loss: float) -> bool:
-        return (accuracy, -loss) > (self.accuracy, -self.loss)
-
-    def to_dict(self) -> dict:
-        """For the resumable snapshot."""
-        return {
-            "epoch": self.epoch,
-            "accuracy": self.accuracy,
-            "loss": self.loss,
-            "state": self.state,
-            "val_logits": self.val_logits,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict) -> BestEpoch:
-        # Snapshots written before val loss and val logits were kept have neither.
-        return cls(data["epoch"], data["accuracy"], data.get("loss", math.inf), data["state"], data.get("val_logits"))
+    device: str = "cpu"  # where it trained (rank 0's device under torchrun)
+    precision: str = "fp32"
+    world_size: int = 1  # training processes
 
 
 def run(
@@ -112,11 +85,12 @@ def run(
 
     >>> run(model, TrainJob(dataset, pre, recipe.train, "none", seed=0)).test_accuracy
     """
-    trainer = Trainer(model, job, terms, snapshot)
-    if resume:
-        trainer.restore()
-    trainer.fit()
-    return trainer.finish()
+    with distributed.peer_errors(job.dist):  # a rank that died ends the others with one clear error
+        trainer = Trainer(model, job, terms, snapshot)
+        if resume:
+            trainer.restore()
+        trainer.fit()
+        return trainer.finish()
 
 
 class Trainer:
@@ -128,36 +102,52 @@ class Trainer:
         self.started = time.monotonic()
         self.model, self.job, self.config, self.terms, self.snapshot = model, job, job.config, list(terms), snapshot
         self.notes: list[Note] = []
-        torch.set_num_threads(self.config.threads or os.cpu_count() or 1)
+        self.dist = dist = job.dist
+        torch.set_num_threads(distributed.threads_per_process(dist, self.config.threads))
         frozen = frozen_stage_count(model, self.config)
         model.freeze_prefix(frozen)
-        # channels_last: 1.5× faster conv backward on CPU (3.2 → 2.1 s per lite0 batch of 32)
-        model.to(memory_format=torch.channels_last)
+        device = resolve_device(self.config.device, dist.local_rank, dist.enabled)
+        self.place = Placement(device, resolve_precision(self.config.precision, device))
+        # channels_last: 1.5× faster conv backward on CPU (3.2 → 2.1 s per lite0 batch of 32), and the layout
+        # tensor cores take on CUDA
+        model.to(device, memory_format=torch.channels_last)
         if self.config.strategy == "linear_probe" and job.augment != "none":
             self._note(Note("augment_not_applied", {"augment": job.augment}), logging.WARNING)
         cache = caches_inputs(self.config, job.augment)
-        self.inputs = prepare_inputs(model, job.dataset, job.pre, frozen, cache)
+        self.inputs = prepare_inputs(model, job.dataset, job.pre, frozen, cache, self._gather)
         for term in self.terms:
             term.prepare(self.inputs.cached)
+            term.to(device)
         self.target = self._target()
         self.train_labels = torch.from_numpy(job.dataset.train.labels)
         self.num_classes = len(job.dataset.classes)
-        self.generator = torch.Generator().manual_seed(job.seed)
+        self.generator = torch.Generator().manual_seed(job.seed)  # the same global epoch order on every rank
+        # DDP broadcasts rank 0's weights, so every rank starts alike; dropout and augmentation draw per rank
+        self.step = distributed.wrap(TrainStep(model, self.terms, self.inputs.start), dist, device)
+        if dist.rank:
+            torch.manual_seed(job.seed + 1_000_003 * dist.rank)
         self.optimizer = optimizer(model, self.config, [p for term in self.terms for p in term.parameters()])
-        steps_per_epoch = math.ceil(len(self.train_labels) / self.config.batch_size)
+        self.scaler = self.place.scaler()
+        # train.batch_size is the global batch: each of N processes takes its 1/N
+        self.batch_size = math.ceil(self.config.batch_size / dist.world_size)
+        steps_per_epoch = math.ceil(len(shard(torch.arange(len(self.train_labels)), dist)) / self.batch_size)
         self.schedule = schedule(self.optimizer, self.config, steps_per_epoch)
-        self.criterion = criterion(self.config, self.train_labels, self.num_classes)
+        self.criterion = criterion(self.config, self.train_labels, self.num_classes).to(device)
         self.label_weight = math.prod(term.label_weight for term in self.terms)
         self.augmenter = augmenter(job.augment, job.pre.input_size) if not self.inputs.cached else None
         self.history: list[dict] = []
-        self.best = BestEpoch(0, -1.0, math.inf, copy.deepcopy(model.state_dict()))
+        self.best = BestEpoch(0, -1.0, math.inf, cpu_state(model))
         self.first_epoch = 1
 
     def restore(self) -> None:
         """Continue from the snapshot when there is one: the next epoch runs as in an uninterrupted run."""
-        if self.snapshot is None or not self.snapshot.is_file():
+        found = self.dist.is_main and self.snapshot is not None and self.snapshot.is_file()
+        # rank 0's snapshot, read by every rank (other nodes need not see rank 0's disk)
+        snapshot = distributed.from_main(
+            torch.load(self.snapshot, map_location="cpu", weights_only=False) if found else None, self.dist
+        )
+        if snapshot is None:
             return
-        snapshot = torch.load(self.snapshot, map_location="cpu", weights_only=False)
         self.model.load_state_dict(snapshot["model"])
         # Snapshots written before loss terms kept the DANN classifier's state as "adversary".
         states = snapshot.get("terms") or {"domain classifier": snapshot.get("adversary")}
@@ -166,7 +156,11 @@ class Trainer:
         self.optimizer.load_state_dict(snapshot["optimizer"])
         self.schedule.load_state_dict(snapshot["schedule"])
         self.generator.set_state(snapshot["generator"])
-        torch.set_rng_state(snapshot["torch_rng"])
+        ranks = snapshot.get("rng_by_rank") or []  # each rank's dropout and augmentation streams
+        if len(ranks) == self.dist.world_size:
+            set_rng(ranks[self.dist.rank])
+        else:  # a single-process snapshot, or another world size: rank 0's stream
+            torch.set_rng_state(snapshot["torch_rng"])
         self.history, self.best = snapshot["history"], BestEpoch.from_dict(snapshot["best"])
         self.first_epoch = snapshot["epoch"] + 1
         log.info("resuming from epoch %d of %d", snapshot["epoch"], self.config.epochs)
@@ -183,7 +177,7 @@ class Trainer:
             val_logits, val_accuracy, val_loss = self.evaluate()
             improved = self.best.beaten_by(val_accuracy, val_loss)
             if improved:
-                self.best = BestEpoch(epoch, val_accuracy, val_loss, copy.deepcopy(self.model.state_dict()), val_logits)
+                self.best = BestEpoch(epoch, val_accuracy, val_loss, cpu_state(self.model), val_logits)
             self.history.append(
                 {
                     "epoch": epoch,
@@ -212,20 +206,21 @@ class Trainer:
 
         Raises RecipeError when the loss or a weight becomes non-finite.
         """
-        self.model.train()
-        for term in self.terms:
-            term.train()
+        self.step.train()  # the model and the loss terms
         order = epoch_order(self.train_labels, self.config.class_balance, self.generator, self.num_classes)
-        size = self.config.batch_size
+        order = shard(order, self.dist)  # this rank's share of the global order (all of it in one process)
+        size = self.batch_size
         batches = [order[i : i + size] for i in range(0, len(order), size)]
         total = 0.0
         description = f"epoch {epoch}/{self.config.epochs}"
         for step, index in enumerate(track(batches, total=len(batches), description=description)):
             progress = ((epoch - 1) * len(batches) + step) / (self.config.epochs * len(batches))
-            loss = self._loss(index, progress)
+            with self.place.autocast():
+                loss = self._loss(index, progress)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            self.scaler.scale(loss).backward()  # DDP all-reduces the gradients here
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             self.schedule.step()
             step_loss = loss.item()
             if not math.isfinite(step_loss):
@@ -234,10 +229,11 @@ class Trainer:
                 )
             total += step_loss * len(index)
         self._check_finite_weights(epoch)
-        return total / len(order)
+        total, count = distributed.sum_across([total, len(order)], self.dist)
+        return total / count
 
     def evaluate(self) -> tuple[np.ndarray, float, float]:
-        """The val split's logits, accuracy and loss."""
+        """The val split's logits (all of them on every rank), accuracy and loss."""
         logits = self._logits(self.inputs.val)
         labels = self.job.dataset.val.labels
         # Plain cross-entropy (no smoothing, no class weights): it ranks epochs the val accuracy ties.
@@ -245,13 +241,20 @@ class Trainer:
         return logits, accuracy(logits, labels), loss
 
     def finish(self) -> TrainResult:
-        """The best epoch's model (eval mode, contiguous weights), measured on the test split."""
+        """The best epoch's model (eval mode, contiguous weights, on the CPU in fp32: export, quantization and
+        validation run there), measured on the test split."""
         for note in ranking_notes(self.history, self.best.epoch, len(self.job.dataset.val.labels)):
             self._note(note)
         self.model.load_state_dict(self.best.state)
-        self.model.to(memory_format=torch.contiguous_format)
         self.model.eval()
-        test_logits = self._logits(self.inputs.test)
+        val_logits = self.best.val_logits
+        if self.place.exact:
+            self.model.to(memory_format=torch.contiguous_format)
+            test_logits = self._logits(self.inputs.test)
+        else:  # the references parity and validation compare with are the CPU FP32 model's, not autocast's
+            self.model.to("cpu", memory_format=torch.contiguous_format)
+            dataset, pre = self.job.dataset, self.job.pre
+            val_logits, test_logits = (self._cpu_logits(split.images, pre) for split in (dataset.val, dataset.test))
         test_accuracy = accuracy(test_logits, self.job.dataset.test.labels)
         return TrainResult(
             self.model,
@@ -262,11 +265,17 @@ class Trainer:
             time.monotonic() - self.started,
             self.notes,
             test_logits,
-            self.best.val_logits,
+            val_logits,
+            str(self.place.device),
+            self.place.precision,
+            self.dist.world_size,
         )
 
     def save_snapshot(self, epoch: int) -> None:
-        """Everything `restore` needs to continue after `epoch` as if never interrupted."""
+        """Everything `restore` needs to continue after `epoch` as if never interrupted (rank 0 writes it)."""
+        rng_by_rank = distributed.all_objects(get_rng(self.place.device), self.dist)
+        if not self.dist.is_main:
+            return
         state = {
             "model": self.model.state_dict(),
             "terms": {term.name: term.state_dict() for term in self.terms},
@@ -274,6 +283,7 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
+            "rng_by_rank": rng_by_rank,
             "history": self.history,
             "best": self.best.to_dict(),
             "epoch": epoch,
@@ -282,15 +292,14 @@ class Trainer:
 
     def _loss(self, index: torch.Tensor, progress: float) -> torch.Tensor:
         """The step's loss: the label loss times the terms' label weights, plus each term's loss."""
-        x = self.inputs.model_input(self.inputs.train[index], self.augmenter)
+        x = self.place.put(self.inputs.model_input(self.inputs.train[index], self.augmenter))
         stacked = x
         if self.target is not None:  # one pass over both domains: BatchNorm sees (and keeps) the statistics of both
             pick = torch.randint(len(self.target), (len(index),), generator=self.generator)
-            stacked = torch.cat([x, self.inputs.model_input(self.target[pick], self.augmenter)])
-        features = self.model.features(stacked, self.inputs.start)
+            stacked = torch.cat([x, self.place.put(self.inputs.model_input(self.target[pick], self.augmenter))])
+        features, logits = self.step(stacked, len(index))
         features, target_features = features.split(len(index)) if self.target is not None else (features, None)
-        logits = self.model.head(self.model.dropout(features))
-        batch = TrainBatch(index, x, self.train_labels[index], target_features)
+        batch = TrainBatch(index, x, self.place.put(self.train_labels[index]), target_features)
         loss = self.criterion(logits, batch.labels)
         if self.label_weight != 1.0:
             loss = self.label_weight * loss
@@ -299,13 +308,26 @@ class Trainer:
         return loss
 
     def _logits(self, data: torch.Tensor) -> np.ndarray:
+        """(N, classes) float32 logits of a split's inputs, every rank computing its share."""
         self.model.eval()
 
         def forward(batch: torch.Tensor) -> torch.Tensor:
-            return self.model.head(self.model.features(self.inputs.model_input(batch), self.inputs.start))
+            x = self.place.put(self.inputs.model_input(batch))
+            with self.place.autocast():
+                return self.model.head(self.model.features(x, self.inputs.start)).float().cpu()
 
-        outputs = in_batches(forward, data)
-        return torch.cat(outputs).numpy() if outputs else np.zeros((0, self.model.head.out_features), np.float32)
+        def share(part: torch.Tensor) -> torch.Tensor:
+            outputs = in_batches(forward, part)
+            return torch.cat(outputs) if outputs else torch.zeros((0, self.model.head.out_features))
+
+        return self._gather(share, data).numpy()
+
+    def _cpu_logits(self, images: np.ndarray, pre: Preprocessing) -> np.ndarray:
+        """The CPU FP32 model's logits of uint8 images, every rank computing its share."""
+        return self._gather(lambda part: torch.from_numpy(model_logits(self.model, part, pre)), images).numpy()
+
+    def _gather(self, compute, items) -> torch.Tensor:
+        return gather_rows(compute, items, self.dist)
 
     def _target(self) -> torch.Tensor | None:
         """The target-domain images a loss term asks for, prepared like the train split."""
@@ -329,31 +351,6 @@ class Trainer:
     def _note(self, note: Note, level: int = logging.INFO) -> None:
         self.notes.append(note)
         log.log(level, render(note))
-
-
-def ranking_notes(history: list[dict], best_epoch: int, val_images: int) -> list[Note]:
-    """The report's notes when the val split cannot rank epochs: too small, or tied (saturated) at the top.
-
-    >>> [note.kind for note in ranking_notes([{"epoch": 1, "val_accuracy": 1.0}] * 2, 1, 20)]
-    ['small_val_split', 'saturated_val_accuracy']
-    """
-    notes = []
-    if val_images < SMALL_VAL_SPLIT:
-        notes.append(
-            Note("small_val_split", {"images": val_images, "points": 100 / val_images, "minimum": SMALL_VAL_SPLIT})
-        )
-    top = max((h["val_accuracy"] for h in history), default=None)
-    tied = [h["epoch"] for h in history if h["val_accuracy"] == top]
-    if len(tied) > 1:
-        values = {"count": len(tied), "epochs": ", ".join(map(str, tied)), "best_epoch": best_epoch}
-        saturated = top == 1.0
-        notes.append(
-            Note(
-                "saturated_val_accuracy" if saturated else "tied_val_accuracy",
-                values if saturated else {"accuracy": top, **values},
-            )
-        )
-    return notes
 
 
 def _diverged(config: TrainConfig, epoch: int, what: str) -> RecipeError:
