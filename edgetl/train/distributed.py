@@ -26,6 +26,7 @@ import contextlib
 import datetime
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -103,7 +104,7 @@ def setup(device_setting: str) -> Dist:
             torch_dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_seconds()))
         except (RuntimeError, ValueError) as exc:
             raise DistributedError(
-                f"rank {dist.rank} of {dist.world_size} could not join the process group ({_first_line(exc)}); "
+                f"could not join the process group ({_first_line(exc)}); "
                 "check that every node runs the same torchrun command with the same --rdzv-endpoint."
             ) from exc
     dist = Dist(dist.rank, dist.world_size, dist.local_rank, dist.local_world_size, backend)
@@ -152,8 +153,8 @@ def peer_errors(dist: Dist) -> Iterator[None]:
         if not dist.enabled or not (isinstance(exc, torch_dist.DistError) or _is_comm_failure(text)):
             raise
         raise DistributedError(
-            f"rank {dist.rank} of {dist.world_size} lost the other training processes ({_first_line(exc)}): "
-            f"another rank died or stalled for over {timeout_seconds()} s ({TIMEOUT_ENV}). Its own log says why; "
+            f"lost the other training processes ({_first_line(exc)}): another rank died, or stalled for over "
+            f"{timeout_seconds()} s ({TIMEOUT_ENV}). Its own log says why; "
             "fix that and relaunch the same torchrun command with --resume to continue from the last finished epoch."
         ) from exc
 
@@ -164,7 +165,10 @@ def _is_comm_failure(text: str) -> bool:
 
 
 def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    """The library's own words, without its source location or advice: "Connection reset by peer"."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    line = re.sub(r"^\[[^\]]*\]\s*", "", line)  # gloo's "[.../pair.cc:545] "
+    return line.split(". ")[0].rstrip(".")[:300]
 
 
 class TrainStep(nn.Module):
