@@ -1,8 +1,8 @@
-"""Where training runs: the device, the precision and the processes of a `torchrun` launch.
+"""The processes of a `torchrun` launch: one build, trained by several processes with DDP.
 
-One process (`edgetl build`) trains on `train.device` in `train.precision`. Under `torchrun
---nproc-per-node N [--nnodes M --rdzv-endpoint HOST:PORT] -m edgetl build ...` every process
-runs the same build up to the end of training, with PyTorch's own machinery:
+Under `torchrun --nproc-per-node N [--nnodes M --rdzv-endpoint HOST:PORT] -m edgetl build ...`
+every process runs the same build up to the end of training (each on its device,
+`edgetl.train.device`), with PyTorch's own machinery:
 
 - `setup` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE) and
   joins the process group: NCCL on CUDA, gloo otherwise, every collective bounded by
@@ -44,7 +44,7 @@ from edgetl.train.device import resolve_device
 log = logging.getLogger(__name__)
 
 TIMEOUT_ENV = "EDGETL_DIST_TIMEOUT"
-DEFAULT_TIMEOUT_S = 600  # a first epoch's frozen features on a big dataset take minutes: keep the default long
+DEFAULT_TIMEOUT_S = 600  # the others wait this long for rank 0's first decode of the data (`main_first`)
 
 
 @dataclass(frozen=True)
