@@ -22,12 +22,12 @@ from conftest import write_folder, write_recipe
 from torch.utils.data import DistributedSampler
 
 from edgetl import data, models, pipeline
-from edgetl.errors import RecipeError
+from edgetl.errors import DistributedError, RecipeError
 from edgetl.infer import model_logits
 from edgetl.recipe import load_recipe
 from edgetl.train import TrainedModel
 from edgetl.train.device import Placement, resolve_device, resolve_precision
-from edgetl.train.distributed import Dist, from_env, shard
+from edgetl.train.distributed import Dist, from_env, peer_errors, shard, timeout_seconds
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -62,6 +62,21 @@ def test_cpu_precision_auto_is_fp32_and_fp16_on_the_cpu_is_refused() -> None:
     with pytest.raises(RecipeError, match=r"`train.precision` is fp16"):
         resolve_precision("fp16", cpu)
     assert Placement(cpu, "fp32").exact and not Placement(cpu, "bf16").exact
+
+
+def test_a_lost_peer_becomes_one_distributed_error_and_other_errors_pass_through(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gloo = "[/pytorch/third_party/gloo/pair.cc:561] Connection closed by peer [127.0.0.1]:5. This is typically caused"
+    with pytest.raises(DistributedError, match=r"^lost the other training processes \(Connection closed by peer") as e:
+        with peer_errors(Dist(0, 2)):
+            raise RuntimeError(gloo)
+    assert e.value.exit_code == 6 and "--resume" in str(e.value) and "pair.cc" not in str(e.value)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"), peer_errors(Dist(0, 2)):
+        raise RuntimeError("shapes cannot be multiplied")
+    monkeypatch.setenv("EDGETL_DIST_TIMEOUT", "soon")
+    with pytest.raises(RecipeError, match="EDGETL_DIST_TIMEOUT must be a whole number of seconds"):
+        timeout_seconds()
 
 
 @no_cuda
