@@ -195,6 +195,17 @@ def wrap(step: TrainStep, dist: Dist, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def broadcast_buffers(module: nn.Module, dist: Dist) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank. DDP broadcasts them before each training
+    forward, so after an epoch's last step every rank still holds its own: without this, each rank's share
+    of the val logits would come from a model slightly different from the one rank 0 keeps."""
+    if not dist.enabled:
+        return
+    with peer_errors(dist):
+        for buffer in module.buffers():
+            torch_dist.broadcast(buffer, src=0)
+
+
 def threads_per_process(dist: Dist, requested: int | None) -> int:
     """`train.threads`, or this machine's cores shared by the processes on it."""
     return requested or max(1, (os.cpu_count() or 1) // dist.local_world_size)

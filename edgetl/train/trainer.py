@@ -228,6 +228,7 @@ class Trainer:
                     self.config, epoch, f"the training loss became {step_loss} at step {step + 1} of {len(batches)}"
                 )
             total += step_loss * len(index)
+        distributed.broadcast_buffers(self.model, self.dist)  # evaluate (and keep) rank 0's BatchNorm statistics
         self._check_finite_weights(epoch)
         total, count = distributed.sum_across([total, len(order)], self.dist)
         return total / count
