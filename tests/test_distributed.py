@@ -220,6 +220,13 @@ def test_a_dead_rank_stops_the_other_with_a_clear_error_and_resume_ends_where_an
     assert [h["val_accuracy"] for h in got["history"]] == [h["val_accuracy"] for h in want["history"]]
     assert [round(h["train_loss"], 5) for h in got["history"]] == [round(h["train_loss"], 5) for h in want["history"]]
     assert got["test_accuracy"] == want["test_accuracy"]
+    # the gathered val logits (half of them scored by rank 1) are those of the model rank 0 kept, BatchNorm
+    # statistics included: what export parity compares with
+    folder = next((tmp_path / "ref" / "stages").glob("train-*"))
+    loaded = models.load_checkpoint(folder / "checkpoint.pt")
+    dataset = data.run(load_recipe(recipe).data, loaded.preprocessing, 0)
+    kept = model_logits(loaded.model, dataset.val.images, loaded.preprocessing)
+    np.testing.assert_allclose(TrainedModel.load(folder).val_logits, kept, atol=1e-4)
 
 
 @pytest.mark.slow
