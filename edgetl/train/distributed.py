@@ -17,7 +17,8 @@ every process runs the same build up to the end of training (each on its device,
 
 BatchNorm: on CUDA, trainable BatchNorm layers become `SyncBatchNorm`; PyTorch's SyncBatchNorm
 runs on GPUs only, so on the CPU (gloo) each rank normalizes with its own batch's statistics,
-and DDP broadcasts rank 0's running statistics at every step (what the checkpoint keeps).
+and rank 0's running statistics are the ones kept: DDP broadcasts them before every step, and
+`broadcast_buffers` after every epoch, before the ranks evaluate.
 """
 
 from __future__ import annotations
