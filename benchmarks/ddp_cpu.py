@@ -1,6 +1,7 @@
 """Two gloo processes through torchrun against one process, on the CPU, on real images.
 
-Usage: python benchmarks/ddp_cpu.py [--data DIR] [--size 96] [--epochs 3] [--strategy finetune]
+Usage: python benchmarks/ddp_cpu.py [--data DIR] [--size 96] [--epochs 3] [--strategy finetune] [--seed 0]
+                                   [--no-kill] [--output FILE]
 
 Builds the same recipe (same seed) with `edgetl build` in one process and with `torchrun
 --nproc-per-node 2 -m edgetl build`, then counts the reports and bundles each left, compares
@@ -36,10 +37,10 @@ TRAIN = {
 }
 
 
-def write_recipe(folder: Path, data: Path, size: int, epochs: int, strategy: str) -> Path:
+def write_recipe(folder: Path, data: Path, size: int, epochs: int, strategy: str, seed: int) -> Path:
     recipe = {
         "name": "ddp-bench",
-        "seed": 0,
+        "seed": seed,
         "data": {"path": str(data), "image_size": size, "augment": "default" if strategy == "finetune" else "none"},
         "model": {"backbone": "efficientnet_lite0", "weights": "pretrained"},
         "train": {"epochs": epochs, "batch_size": 32, **TRAIN[strategy]},
@@ -104,25 +105,33 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--strategy", choices=sorted(TRAIN), default="finetune")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-kill", action="store_true", help="skip the killed-rank run")
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "ddp_cpu.json")
     args = parser.parse_args()
     os.environ["PYTHONPATH"] = str(ROOT.parent)  # this checkout's edgetl in every process
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        recipe = write_recipe(work, args.data, args.size, args.epochs, args.strategy)
+        recipe = write_recipe(work, args.data, args.size, args.epochs, args.strategy, args.seed)
         base = ["-m", "edgetl", "build", str(recipe)]
         one = build([sys.executable, *base], work / "one")
         print("1 process:", one, flush=True)
         two = build([*TORCHRUN, *base], work / "two")
         print("2 processes:", two, flush=True)
-        killed = kill_rank(recipe, work / "killed")
+        killed = None if args.no_kill else kill_rank(recipe, work / "killed")
         print("rank 1 killed:", killed, flush=True)
     env = environment.describe()
     result = {
         "cpu_model": env["cpu_model"],
         "cores": env["cores"],
         "data": str(args.data),
-        "recipe": {"backbone": "efficientnet_lite0", "size": args.size, "epochs": args.epochs, **TRAIN[args.strategy]},
+        "recipe": {
+            "backbone": "efficientnet_lite0",
+            "size": args.size,
+            "epochs": args.epochs,
+            "seed": args.seed,
+            **TRAIN[args.strategy],
+        },
         "one_process": one,
         "two_processes": two,
         "test_accuracy_difference_points": round(100 * (two["test_accuracy"] - one["test_accuracy"]), 2),
