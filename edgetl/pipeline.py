@@ -124,16 +124,21 @@ def _context(recipe: Recipe, run_dir: Path, resume: bool, force: bool) -> BuildC
     pre = spec.preprocessing(recipe.data.image_size, recipe.data.crop_pct, recipe.data.decode)
     log.info("backbone %s (%s), input %d px, weights %s", spec.name, spec.arch, pre.input_size, recipe.model.weights)
     seed_everything(recipe.seed)
-    dataset = data.run(recipe.data, pre, recipe.seed)
+    started = time.monotonic()
+    dataset = data.run(recipe.data, pre, recipe.seed, frames=train.augments_images(recipe.train, recipe.data.augment))
+    seconds = round(time.monotonic() - started, 2)
     counts = "/".join(str(len(dataset.split(s).labels)) for s in data.SPLITS)
     log.info(
-        "data %s: %s images (train/val/test), %d classes, %d skipped",
+        "data %s: %s images (train/val/test), %d classes, %d skipped, %d decoded (%.1fs)",
         dataset.origin,
         counts,
         len(dataset.classes),
         len(dataset.skipped),
+        dataset.decoded,
+        seconds,
     )
-    return BuildContext(recipe, run_dir, StageCache(run_dir / "stages", force), spec, pre, dataset, resume)
+    stages = StageCache(run_dir / "stages", force)
+    return BuildContext(recipe, run_dir, stages, spec, pre, dataset, resume, {"data_seconds": seconds})
 
 
 def _save_training(ctx: BuildContext, transferred: Transferred, started: float) -> dict:

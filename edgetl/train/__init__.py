@@ -6,7 +6,7 @@
 - `TrainedModel` (trained.py): the stage folder's files (checkpoint.pt, train.json, logits).
 """
 
-from edgetl.train.inputs import caches_inputs
+from edgetl.train.inputs import augments_images, caches_inputs
 from edgetl.train.terms import LossTerm, TrainBatch
 from edgetl.train.trained import CHECKPOINT, TrainedModel, save_result
 from edgetl.train.trainer import SMALL_VAL_SPLIT, BestEpoch, Trainer, TrainJob, TrainResult, ranking_notes, run
@@ -21,6 +21,7 @@ __all__ = [
     "TrainResult",
     "TrainedModel",
     "Trainer",
+    "augments_images",
     "caches_inputs",
     "ranking_notes",
     "run",

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from edgetl.data import Dataset
+from edgetl.datacache import default_root
 from edgetl.errors import RecipeError
 from edgetl.fileio import save_torch
 from edgetl.infer import accuracy, in_batches
@@ -30,7 +31,15 @@ from edgetl.notes import Note, render
 from edgetl.progress import track
 from edgetl.recipe import TrainConfig
 from edgetl.runtime.preprocess import Preprocessing
-from edgetl.train.inputs import augmenter, caches_inputs, frozen_stage_count, prepare_inputs
+from edgetl.train.inputs import (
+    ArrayLike,
+    augmenter,
+    augments_images,
+    caches_inputs,
+    frozen_stage_count,
+    prepare_inputs,
+    train_loader,
+)
 from edgetl.train.optim import criterion, epoch_order, optimizer, schedule
 from edgetl.train.terms import LossTerm, TrainBatch
 
@@ -50,6 +59,8 @@ class TrainJob:
     config: TrainConfig
     augment: str  # data.augment
     seed: int  # seeds the epoch order and DANN's target picks
+    cache_dir: Path | None = None  # data.cache_dir: where frozen features are cached (None: the default)
+    workers: int | None = None  # data.workers: DataLoader worker processes (None: `inputs.default_workers()`)
 
 
 @dataclass(frozen=True)
@@ -136,7 +147,8 @@ class Trainer:
         if self.config.strategy == "linear_probe" and job.augment != "none":
             self._note(Note("augment_not_applied", {"augment": job.augment}), logging.WARNING)
         cache = caches_inputs(self.config, job.augment)
-        self.inputs = prepare_inputs(model, job.dataset, job.pre, frozen, cache)
+        root, frames = job.cache_dir or default_root(), augments_images(self.config, job.augment)
+        self.inputs = prepare_inputs(model, job.dataset, job.pre, frozen, cache, root, frames)
         for term in self.terms:
             term.prepare(self.inputs.cached)
         self.target = self._target()
@@ -218,11 +230,13 @@ class Trainer:
         order = epoch_order(self.train_labels, self.config.class_balance, self.generator, self.num_classes)
         size = self.config.batch_size
         batches = [order[i : i + size] for i in range(0, len(order), size)]
+        # pin_memory: page-locked batches copy to a CUDA device asynchronously
+        loader = train_loader(self.inputs, self.augmenter, batches, self.job.workers, torch.cuda.is_available())
         total = 0.0
         description = f"epoch {epoch}/{self.config.epochs}"
-        for step, index in enumerate(track(batches, total=len(batches), description=description)):
+        for step, (x, index) in enumerate(track(loader, total=len(batches), description=description)):
             progress = ((epoch - 1) * len(batches) + step) / (self.config.epochs * len(batches))
-            loss = self._loss(index, progress)
+            loss = self._loss(x, index, progress)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -280,13 +294,13 @@ class Trainer:
         }
         save_torch(state, self.snapshot)
 
-    def _loss(self, index: torch.Tensor, progress: float) -> torch.Tensor:
-        """The step's loss: the label loss times the terms' label weights, plus each term's loss."""
-        x = self.inputs.model_input(self.inputs.train[index], self.augmenter)
+    def _loss(self, x: torch.Tensor, index: torch.Tensor, progress: float) -> torch.Tensor:
+        """The step's loss for model inputs `x` of the train split's rows `index`: the label loss times the
+        terms' label weights, plus each term's loss."""
         stacked = x
         if self.target is not None:  # one pass over both domains: BatchNorm sees (and keeps) the statistics of both
             pick = torch.randint(len(self.target), (len(index),), generator=self.generator)
-            stacked = torch.cat([x, self.inputs.model_input(self.target[pick], self.augmenter)])
+            stacked = torch.cat([x, self.inputs.model_input(self.target[pick.numpy()], self.augmenter)])
         features = self.model.features(stacked, self.inputs.start)
         features, target_features = features.split(len(index)) if self.target is not None else (features, None)
         logits = self.model.head(self.model.dropout(features))
@@ -298,7 +312,7 @@ class Trainer:
             loss = loss + term.loss(batch, logits, features, progress)
         return loss
 
-    def _logits(self, data: torch.Tensor) -> np.ndarray:
+    def _logits(self, data: ArrayLike) -> np.ndarray:
         self.model.eval()
 
         def forward(batch: torch.Tensor) -> torch.Tensor:
@@ -307,7 +321,7 @@ class Trainer:
         outputs = in_batches(forward, data)
         return torch.cat(outputs).numpy() if outputs else np.zeros((0, self.model.head.out_features), np.float32)
 
-    def _target(self) -> torch.Tensor | None:
+    def _target(self) -> ArrayLike | None:
         """The target-domain images a loss term asks for, prepared like the train split."""
         wanted = [term for term in self.terms if term.target_images is not None]
         if len(wanted) > 1:
