@@ -158,6 +158,7 @@ def _save_training(ctx: BuildContext, transferred: Transferred, started: float) 
         "strategy": recipe.train.strategy,
         **transferred.trained.summary(),
         "build_seconds": round(time.monotonic() - started, 2),
+        "data_seconds": ctx.timings["data_seconds"],
         "environment": {**environment.describe(), "torch_threads": torch.get_num_threads()},
         "transfer": transferred.section,
     }
