@@ -55,6 +55,7 @@ print("RESULT " + json.dumps({
     "val_accuracy": metrics["val_accuracy"],
     "counts": {s: c["total"] for s, c in metrics["dataset"]["counts"].items()},
     "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    "imported_from": __import__("edgetl").__file__,
 }), flush=True)
 """
 
@@ -81,7 +82,11 @@ def build(code: Path, body: dict, run_dir: Path, label: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(code)}
     print(f"== {label}", flush=True)
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, json.dumps(body), str(run_dir)], env=env, capture_output=True, text=True
+        [sys.executable, "-c", CHILD, json.dumps(body), str(run_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=code,  # `python -c` puts the working folder first on sys.path, before PYTHONPATH
     )
     lines = [line for line in proc.stderr.splitlines() if "decode" not in line and "features" not in line]
     print("\n".join(lines[-8:]), flush=True)
