@@ -47,21 +47,21 @@ STRATEGIES = {
 }
 
 
-def recipe_body(name: str, data: dict, size: int, epochs: int) -> dict:
+def recipe_body(name: str, data: dict, size: int, epochs: int, workers: int | None = None) -> dict:
     train, augment = STRATEGIES[name]
     return {
         "name": f"bench-{name}",
         "seed": 0,
-        "data": {**data, "image_size": size, "augment": augment},
+        "data": {**data, "image_size": size, "augment": augment, **({} if workers is None else {"workers": workers})},
         "model": {"backbone": "efficientnet_lite0", "weights": "pretrained"},
         "train": {"epochs": epochs, "batch_size": 32, **train},
         "quantize": [],
     }
 
 
-def edgetl_run(name: str, data: dict, size: int, epochs: int, workdir: Path) -> dict:
+def edgetl_run(name: str, data: dict, size: int, epochs: int, workdir: Path, workers: int | None = None) -> dict:
     started = time.monotonic()
-    metrics = train_model(Recipe.model_validate(recipe_body(name, data, size, epochs)), workdir / name)
+    metrics = train_model(Recipe.model_validate(recipe_body(name, data, size, epochs, workers)), workdir / name)
     return figures(name, metrics, epochs, time.monotonic() - started)
 
 
@@ -180,6 +180,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--tutorial-epochs", type=int, default=2)
     parser.add_argument("--strategies", nargs="+", default=["linear_probe", "partial"], choices=list(STRATEGIES))
+    parser.add_argument("--workers", type=int, default=None, help="data.workers (default: the recipe default)")
     parser.add_argument("--compare", type=Path, default=None, help="another checkout to measure side by side")
     parser.add_argument("--finetune-epochs", type=int, default=None, help="epochs of finetune (default --epochs)")
     parser.add_argument("--out", default="train_speed.json", help="file name under benchmarks/results/")
@@ -204,8 +205,10 @@ def main() -> None:
         "runs": [],
     }
     with tempfile.TemporaryDirectory() as workdir:
+        os.environ.setdefault("EDGETL_CACHE_DIR", str(Path(workdir) / "cache"))  # not the user's cache
         for name in args.strategies:
-            results["runs"].append(edgetl_run(name, data, args.size, args.epochs, Path(workdir)))
+            epochs = args.finetune_epochs if name == "finetune" and args.finetune_epochs else args.epochs
+            results["runs"].append(edgetl_run(name, data, args.size, epochs, Path(workdir), args.workers))
             print(json.dumps(results["runs"][-1]), flush=True)
     if "path" in data and args.tutorial_epochs > 0:
         tutorial = tutorial_run(args.data, args.size, args.tutorial_epochs)
