@@ -78,14 +78,15 @@ class TrainBatches(torch.utils.data.Dataset):
 
 
 def train_loader(
-    inputs: Inputs, augmenter, batches: Sequence[torch.Tensor], workers: int | None, pin_memory: bool
+    inputs: Inputs, augmenter, batches: Sequence[torch.Tensor], workers: int | None, pin_memory: bool, seed: int
 ) -> torch.utils.data.DataLoader:
     """One epoch's batches (index tensors in the trainer's order) read, augmented and normalized by `workers`
     processes (None: `default_workers()`; 0: in this process), `pin_memory` for a CUDA device.
 
-    A new loader per epoch, not persistent workers: each epoch's workers are seeded from torch's
-    global generator, which the resumable snapshot restores, so `--resume` augments as an
-    uninterrupted run does.
+    A new loader per epoch, not persistent workers: each epoch's workers are seeded from `seed`
+    (the run's seed and the epoch), so `--resume` augments as an uninterrupted run does. The
+    loader's own generator leaves torch's global one alone: with 0 workers, augmentation and
+    dropout draw from it exactly as the loop did before the DataLoader.
     """
     workers = default_workers() if workers is None else workers
     return torch.utils.data.DataLoader(
@@ -95,6 +96,7 @@ def train_loader(
         num_workers=workers,
         pin_memory=pin_memory,
         prefetch_factor=4 if workers else None,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 

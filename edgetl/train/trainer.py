@@ -231,7 +231,8 @@ class Trainer:
         size = self.config.batch_size
         batches = [order[i : i + size] for i in range(0, len(order), size)]
         # pin_memory: page-locked batches copy to a CUDA device asynchronously
-        loader = train_loader(self.inputs, self.augmenter, batches, self.job.workers, torch.cuda.is_available())
+        seed = self.job.seed * 1_000_003 + epoch  # workers' seeds: a function of the run's seed and the epoch only
+        loader = train_loader(self.inputs, self.augmenter, batches, self.job.workers, torch.cuda.is_available(), seed)
         total = 0.0
         description = f"epoch {epoch}/{self.config.epochs}"
         for step, (x, index) in enumerate(track(loader, total=len(batches), description=description)):
