@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetl.errors import DataError
+from edgetl.errors import DataError, OutputError
 from edgetl.fileio import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -230,9 +230,18 @@ def load_or_build(
 
 @contextmanager
 def _locked(folder: Path) -> Iterator[None]:
-    """An exclusive lock per entry: a second process waits while the first builds, then reuses its entry."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f"{folder.name}.lock", "a") as handle:
+    """An exclusive lock per entry: a second process waits while the first builds, then reuses its entry.
+
+    Raises OutputError when the cache folder cannot be made or written."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(folder.parent / f"{folder.name}.lock", "a")
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write the data cache {folder.parent}: {exc.strerror or exc}. Set `data.cache_dir` in the recipe "
+            "(or $EDGETL_CACHE_DIR) to a writable folder with free space."
+        ) from None
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

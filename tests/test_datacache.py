@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from edgetl import data, datacache
+from edgetl.errors import OutputError
 from edgetl.models import REGISTRY
 from edgetl.pipeline import train_model
 from edgetl.recipe import DataConfig, TrainConfig, load_recipe
@@ -94,6 +95,13 @@ def test_a_failed_decode_leaves_no_entry_that_looks_complete(image_folder: Path,
     assert [Path(s.path).name for s in skipped.skipped] == ["broken.jpg"]
     with pytest.raises(data.DataError, match="broken.jpg"):  # a reused entry still fails in error mode
         data.run(config(image_folder, cache, on_bad_image="error"), PRE, seed=0)
+
+
+def test_a_cache_dir_that_cannot_be_written_is_an_error_naming_the_field(image_folder: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OutputError, match=r"data cache .*a-file.*`data.cache_dir`"):
+        data.run(config(image_folder, blocker / "cache"), PRE, seed=0)
 
 
 _LOAD = """
