@@ -85,6 +85,12 @@ class DiskArray:
         return self.count
 
     def __getitem__(self, index) -> np.ndarray:
+        if isinstance(index, tuple):  # rows first, then the rest on what was read (`images[..., 0]` reads all)
+            head, rest = (index[0], index[1:]) if index else (slice(None), ())
+            if head is Ellipsis:
+                return np.asarray(self)[index]
+            rows = self[head]
+            return rows[rest] if isinstance(head, (int, np.integer)) else rows[(slice(None), *rest)]
         if isinstance(index, (int, np.integer)):
             position = range(self.count)[index]  # negative indices, IndexError past the end
             return self._rows(position, position + 1)[0]

@@ -146,6 +146,8 @@ def test_disk_arrays_index_like_numpy_arrays_and_travel_to_other_processes(tmp_p
     assert np.array_equal(array[np.array([6, 0, 4])], rows[[6, 0, 4]])
     assert np.array_equal(array[torch.tensor([5, 1])], rows[[5, 1]])
     assert np.array_equal(pickle.loads(pickle.dumps(array))[1:4], rows[1:4])
+    assert np.array_equal(array[..., 1], rows[..., 1]) and np.array_equal(array[2:5, 0], rows[2:5, 0])
+    assert np.array_equal(array[3, 1], rows[3, 1])
     with pytest.raises(IndexError):
         array[7]
 
