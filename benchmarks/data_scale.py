@@ -60,6 +60,26 @@ print("RESULT " + json.dumps({
 """
 
 
+DATA_ONLY = r"""
+import json, resource, sys, time
+from pathlib import Path
+from edgetl import data, models
+from edgetl.recipe import Recipe
+recipe = Recipe.model_validate(json.loads(sys.argv[1]))
+spec, d = models.REGISTRY.get(recipe.model.backbone), recipe.data
+pre = spec.preprocessing(d.image_size, d.crop_pct, d.decode)
+started = time.monotonic()
+ds = data.run(recipe.data, pre, recipe.seed)
+print("RESULT " + json.dumps({
+    "data_seconds": round(time.monotonic() - started, 2),
+    "decoded": ds.decoded,
+    "counts": {s: len(ds.split(s).labels) for s in data.SPLITS},
+    "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    "imported_from": data.__file__,
+}), flush=True)
+"""
+
+
 def recipe(root: Path, size: int, epochs: int, cache_dir: Path) -> dict:
     return {
         "name": "data-scale",
@@ -77,12 +97,13 @@ def recipe(root: Path, size: int, epochs: int, cache_dir: Path) -> dict:
     }
 
 
-def build(code: Path, body: dict, run_dir: Path, label: str) -> dict:
-    """One build in its own process with `code` first on the path; its RESULT line."""
+def build(code: Path, body: dict, run_dir: Path, label: str, child: str = CHILD) -> dict:
+    """One build (or with `child` DATA_ONLY, its data stage) in its own process with `code` first on the path;
+    its RESULT line."""
     env = {**os.environ, "PYTHONPATH": str(code)}
     print(f"== {label}", flush=True)
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, json.dumps(body), str(run_dir)],
+        [sys.executable, "-c", child, json.dumps(body), str(run_dir)],
         env=env,
         capture_output=True,
         text=True,
@@ -105,6 +126,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--baseline-code", type=Path, default=None, help="a checkout of the code to compare with")
     parser.add_argument("--skip-new", action="store_true", help="only the baseline build")
+    parser.add_argument("--data-only", action="store_true", help="only the data stage: first, then two reruns")
     parser.add_argument("--out", default="data_scale.json", help="file name under benchmarks/results/")
     args = parser.parse_args()
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
@@ -133,7 +155,13 @@ def main() -> None:
                     "baseline",
                 )
             )
-        if not args.skip_new:
+        if args.data_only:
+            for label in ("first (empty cache)", "rerun (same cache)", "rerun again"):
+                results["runs"].append(build(ROOT.parent, body, work / "x", f"data stage, {label}", DATA_ONLY))
+            results["rerun_data_seconds_over_first"] = round(
+                results["runs"][1]["data_seconds"] / results["runs"][0]["data_seconds"], 3
+            )
+        elif not args.skip_new:
             results["runs"].append(build(ROOT.parent, body, work / "first", "first (empty cache)"))
             results["runs"].append(build(ROOT.parent, body, work / "rerun", "rerun (same cache)"))
             first, rerun = results["runs"][-2:]

@@ -341,8 +341,10 @@ def _bad_image_advice(reason: str) -> str:
 def _listing_key(items, pre: Preprocessing, config: DataConfig) -> str:
     """The cache key of a listing: every file's bytes (not its size and mtime, which an edit or a copy
     can keep or change regardless of the pixels), names, labels, the preprocessing contract and the pixel limit."""
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        contents = list(pool.map(_source_digest, (item[0] for item in items)))
+    sources = [item[0] for item in items]
+    chunks = [sources[i : i + _DECODE_CHUNK] for i in range(0, len(sources), _DECODE_CHUNK)]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # a task per chunk: 37,000 futures cost 1.5 s
+        contents = [digest for chunk in pool.map(lambda c: [_source_digest(s) for s in c], chunks) for digest in chunk]
     digest = hashlib.sha256(json.dumps([datacache.FORMAT, pre.to_dict(), config.max_image_pixels]).encode())
     for (_, label, name), content in zip(items, contents):
         digest.update(f"{name}\0{label}\0{content}\n".encode())
