@@ -10,14 +10,18 @@ consistent", Beyer et al. 2022).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgetl.infer import model_logits
+from edgetl.cache import key
+from edgetl.data import images_fingerprint
+from edgetl.datacache import DiskArray
 from edgetl.models import TransferModel
-from edgetl.runtime.preprocess import Preprocessing
+from edgetl.runtime.preprocess import Preprocessing, normalize
+from edgetl.train.inputs import cached_outputs, module_digest
 from edgetl.train.terms import LossTerm, TrainBatch
 
 
@@ -25,7 +29,8 @@ from edgetl.train.terms import LossTerm, TrainBatch
 class Teacher:
     model: TransferModel  # trained, eval mode
     pre: Preprocessing
-    train_images: np.ndarray  # uint8 (N, S_t, S_t, 3), aligned with the student's train split
+    train_images: np.ndarray | DiskArray  # uint8 (N, S_t, S_t, 3), aligned with the student's train split
+    cache_dir: Path  # where its logits over them are cached (data.cache_dir)
 
 
 class Distiller(LossTerm):
@@ -43,10 +48,20 @@ class Distiller(LossTerm):
         self._table: torch.Tensor | None = None  # the teacher's logits per training image, when they are fixed
 
     def prepare(self, cached: bool) -> None:
-        """With fixed student inputs, run the teacher once over every training image."""
+        """With fixed student inputs, run the teacher once over every training image (or reuse its logits
+        from the disk cache, keyed by the images and the teacher's weights)."""
         if cached:
             teacher = self.teacher
-            self._table = torch.from_numpy(model_logits(teacher.model, teacher.train_images, teacher.pre))
+            teacher.model.eval()
+
+            def logits(batch: np.ndarray) -> torch.Tensor:
+                x = torch.from_numpy(normalize(batch, teacher.pre))
+                return teacher.model(x.contiguous(memory_format=torch.channels_last))
+
+            weights = module_digest(teacher.model)
+            folder = teacher.cache_dir / "logits" / key(images_fingerprint(teacher.train_images), weights)
+            table = cached_outputs(logits, teacher.train_images, folder, "teacher logits")
+            self._table = torch.from_numpy(np.asarray(table))  # (N, classes): small, indexed every step
 
     def loss(self, batch: TrainBatch, logits: torch.Tensor, features: torch.Tensor, progress: float) -> torch.Tensor:
         targets = self._table[batch.index].to(logits.device) if self._table is not None else self._online(batch.inputs)

@@ -137,19 +137,24 @@ def _context(recipe: Recipe, run_dir: Path, resume: bool, force: bool, dist: dis
     pre = spec.preprocessing(recipe.data.image_size, recipe.data.crop_pct, recipe.data.decode)
     log.info("backbone %s (%s), input %d px, weights %s", spec.name, spec.arch, pre.input_size, recipe.model.weights)
     seed_everything(recipe.seed)
-    with distributed.main_first(dist):  # rank 0 decodes first (filling a disk cache), the others then read
-        dataset = data.run(recipe.data, pre, recipe.seed)
+    started = time.monotonic()
+    with distributed.main_first(dist):  # rank 0 decodes first (filling the disk cache), the others then read it
+        frames = train.augments_images(recipe.train, recipe.data.augment)
+        dataset = data.run(recipe.data, pre, recipe.seed, frames=frames)
+    seconds = round(time.monotonic() - started, 2)
     counts = "/".join(str(len(dataset.split(s).labels)) for s in data.SPLITS)
     log.info(
-        "data %s: %s images (train/val/test), %d classes, %d skipped",
+        "data %s: %s images (train/val/test), %d classes, %d skipped, %d decoded (%.1fs)",
         dataset.origin,
         counts,
         len(dataset.classes),
         len(dataset.skipped),
+        dataset.decoded,
+        seconds,
     )
     root = run_dir / "stages"
     cache = distributed.RankCache(root, force, dist) if dist.enabled else StageCache(root, force)
-    return BuildContext(recipe, run_dir, cache, spec, pre, dataset, resume, dist)
+    return BuildContext(recipe, run_dir, cache, spec, pre, dataset, resume, dist, {"data_seconds": seconds})
 
 
 def _transfer(ctx: BuildContext) -> Transferred | None:
@@ -181,6 +186,7 @@ def _save_training(ctx: BuildContext, transferred: Transferred, started: float) 
         "strategy": recipe.train.strategy,
         **transferred.trained.summary(),
         "build_seconds": round(time.monotonic() - started, 2),
+        "data_seconds": ctx.timings["data_seconds"],
         "environment": {**environment.describe(), "torch_threads": torch.get_num_threads()},
         "transfer": transferred.section,
     }

@@ -118,7 +118,16 @@ def _train_stage(
         if target is not None:  # built after the model: the head's init draws from the global RNG first
             adapt = recipe.adapt
             terms.append(DomainAdversary(model.head.in_features, adapt.domain_hidden, adapt.dann_weight, target.images))
-        train_job = train.TrainJob(job.dataset, job.pre, job.config, job.augment, recipe.seed, ctx.dist)
+        train_job = train.TrainJob(
+            job.dataset,
+            job.pre,
+            job.config,
+            job.augment,
+            recipe.seed,
+            ctx.dist,
+            data.cache_root(recipe.data),
+            recipe.data.workers,
+        )
         result = train.run(model, train_job, terms, state_path, ctx.resume)
         log.info(
             "%s %s: best epoch %d, val accuracy %.4f, test accuracy %.4f (%.1fs)",
@@ -155,7 +164,7 @@ def _teacher(ctx: BuildContext, student: _Job) -> tuple[Teacher, str, dict]:
                 f"has {list(student.dataset.classes)}; use a teacher trained on these classes."
             )
         spec, pre, model = loaded.spec, loaded.preprocessing, loaded.model
-        teacher_data = _teacher_data(ctx, pre)
+        teacher_data = _teacher_data(ctx, pre, frames=False)
         teacher_key = key(file_digest(config.checkpoint), recipe.seed, teacher_data.content_hash)
         line = {
             "source": str(config.checkpoint),
@@ -166,8 +175,8 @@ def _teacher(ctx: BuildContext, student: _Job) -> tuple[Teacher, str, dict]:
         spec = models.REGISTRY.get(config.backbone)
         # the data's framing and decoding, at the teacher's size
         pre = spec.preprocessing(config.image_size, recipe.data.crop_pct, recipe.data.decode)
-        teacher_data = _teacher_data(ctx, pre)
         augment = config.augment or recipe.data.augment
+        teacher_data = _teacher_data(ctx, pre, train.augments_images(config.train, augment))
         job = _Job("teacher", spec, config.weights, recipe.model.dropout, config.train, augment, pre, teacher_data)
         teacher_key = key(
             __version__,
@@ -180,13 +189,14 @@ def _teacher(ctx: BuildContext, student: _Job) -> tuple[Teacher, str, dict]:
         model = trained.model
         line = {"source": "trained in this build", **_accuracies(trained), "train_seconds": trained.train_seconds}
     log.info("teacher %s at %d px: test accuracy %.4f", spec.name, pre.input_size, line["test_accuracy"])
-    teacher = Teacher(model.eval(), pre, teacher_data.train.images)
+    teacher = Teacher(model.eval(), pre, teacher_data.train.images, data.cache_root(recipe.data))
     return teacher, teacher_key, {"teacher": {"backbone": spec.name, "input_size": pre.input_size, **line}}
 
 
-def _teacher_data(ctx: BuildContext, pre: Preprocessing) -> data.Dataset:
-    """The same splits at the teacher's size; the same seed and listing give the same images in the same order."""
-    teacher_data = data.run(ctx.recipe.data, pre, ctx.recipe.seed)
+def _teacher_data(ctx: BuildContext, pre: Preprocessing, frames: bool) -> data.Dataset:
+    """The same splits at the teacher's size (with train frames when the teacher augments); the same seed
+    and listing give the same images in the same order."""
+    teacher_data = data.run(ctx.recipe.data, pre, ctx.recipe.seed, frames)
     if teacher_data.train.sources != ctx.dataset.train.sources:
         raise RecipeError(
             "The teacher's and the student's training images differ (an image decoded at one size but not "

@@ -296,7 +296,7 @@ def _batch_seconds(
     median than timing extra batches, and no extra time); otherwise, and for PyTorch, whose
     logits training saved, a warm-up and three timed batches."""
     median = {name: float(np.median(p[1])) for name, p in passes.items() if len(p[1]) >= _TIMED_BATCHES}
-    many = normalize(np.resize(test.images, (batch, *test.images.shape[1:])), pre)
+    many = normalize(np.resize(test.images[:batch], (batch, *test.images.shape[1:])), pre)
     untimed = {name: (lambda e=e: e.run(many)) for name, e in engines.items() if name not in median}
     timed = interleaved_latency(untimed, rounds=_TIMED_BATCHES, runs_per_round=1, warmup=1) if untimed else {}
     return median | {name: t["p50"] / 1000.0 for name, t in timed.items()}

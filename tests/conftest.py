@@ -11,6 +11,15 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test's disk cache (decoded images, features, logits) in its own tmp folder, never ~/.cache;
+    builds in subprocesses inherit it."""
+    cache = tmp_path / "edgetl-cache"
+    monkeypatch.setenv("EDGETL_CACHE_DIR", str(cache))
+    return cache
+
+
 def photo_crops(count: int, size: int = 48, seed: int = 0) -> dict[str, list[Image.Image]]:
     """`count` random crops per class of the two bundled photos (a palace and a flower)."""
     rng = np.random.default_rng(seed)

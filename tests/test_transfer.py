@@ -134,7 +134,9 @@ def test_kd_loss_is_zero_at_the_teacher_and_its_gradient_pulls_the_student_there
     assert (torch.sign(-student.grad) == torch.sign(teacher_logits - teacher_logits.mean(1, keepdim=True))).all()
 
 
-def test_the_distiller_looks_up_the_teachers_logits_of_the_batch_images_and_weighs_the_label_loss() -> None:
+def test_the_distiller_looks_up_the_teachers_logits_of_the_batch_images_and_weighs_the_label_loss(
+    tmp_path: Path,
+) -> None:
     spec = models.REGISTRY.get("efficientnet_lite0")
     pre = spec.preprocessing(32)
     torch.manual_seed(0)
@@ -142,7 +144,7 @@ def test_the_distiller_looks_up_the_teachers_logits_of_the_batch_images_and_weig
     with torch.no_grad():
         teacher.head.weight.mul_(100)  # apart enough that another image's logits would not pass for these
     images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
-    distiller = Distiller(Teacher(teacher, pre, images), pre, temperature=3.0, alpha=0.25)
+    distiller = Distiller(Teacher(teacher, pre, images, tmp_path), pre, temperature=3.0, alpha=0.25)
     distiller.prepare(cached=True)  # fixed student inputs: one teacher pass over the train images
     table = torch.from_numpy(model_logits(teacher, images, pre))
     batch = TrainBatch(index=torch.tensor([3, 0]), inputs=torch.zeros(2, 8), labels=torch.tensor([0, 1]))

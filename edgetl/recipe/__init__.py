@@ -82,8 +82,11 @@ class Recipe(Section):
         return self
 
     def section_hash(self, *sections: str) -> str:
-        """A short, stable hash of some sections: stage caches and reports key on it."""
-        dumped = self.model_dump(mode="json")
+        """A short, stable hash of some sections: stage caches and reports key on it.
+
+        Where and with how many workers the data is read (`data.cache_dir`, `data.workers`) does not
+        shape the model: left out."""
+        dumped = self.model_dump(mode="json", exclude={"data": {"cache_dir", "workers"}})
         payload = json.dumps({s: dumped[s] for s in sections}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

@@ -64,8 +64,20 @@ class DataConfig(Section):
         ge=1,
         description="Larger images are refused from their header, before decoding (reported like unreadable ones).",
     )
+    cache_dir: Path | None = Field(
+        None,
+        description="Where decoded images, frozen features and teacher logits are cached on disk, shared by builds "
+        "of the same data; default $EDGETL_CACHE_DIR, else $XDG_CACHE_HOME/edgetl, else ~/.cache/edgetl.",
+    )
+    workers: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="DataLoader worker processes that read and augment training batches; 0 reads them in the "
+        "training process. Default: the cores beyond two, at most 8 (0 on a 2-core machine).",
+    )
 
-    _resolve_path = field_validator("path")(_resolve)
+    _resolve_path = field_validator("path", "cache_dir")(_resolve)
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:

@@ -8,7 +8,7 @@
 """
 
 from edgetl.train.best import SMALL_VAL_SPLIT, BestEpoch, ranking_notes
-from edgetl.train.inputs import caches_inputs
+from edgetl.train.inputs import augments_images, caches_inputs
 from edgetl.train.terms import LossTerm, TrainBatch
 from edgetl.train.trained import CHECKPOINT, TrainedModel, save_result
 from edgetl.train.trainer import Trainer, TrainJob, TrainResult, run
@@ -23,6 +23,7 @@ __all__ = [
     "TrainResult",
     "TrainedModel",
     "Trainer",
+    "augments_images",
     "caches_inputs",
     "ranking_notes",
     "run",

@@ -2,37 +2,54 @@
 
 Whatever is frozen runs once per image, not once per epoch: `linear_probe` caches the pooled
 features and trains the head in seconds; `partial` without augmentation caches the frozen
-prefix's output.
+prefix's output. Both go to the disk cache (`edgetl.datacache`), keyed by the images' cache key,
+the prefix's weights and where it stops, so a rebuild with the same data and backbone reuses them.
+Training batches come through a `torch.utils.data.DataLoader` that reads each batch of the
+trainer's epoch order from disk (in worker processes when there are cores to spare).
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from edgetl.data import Dataset
+from edgetl import datacache
+from edgetl.cache import key
+from edgetl.data import Dataset, images_fingerprint
+from edgetl.datacache import DiskArray, ShardWriter
 from edgetl.errors import RecipeError
 from edgetl.infer import in_batches
 from edgetl.models import TransferModel
 from edgetl.recipe import TrainConfig
 from edgetl.runtime.preprocess import Preprocessing, normalize
 
+log = logging.getLogger(__name__)
+
+ArrayLike = np.ndarray | DiskArray
+
 
 @dataclass(frozen=True)
 class Inputs:
     """The three splits as the trainable stages take them, and how to turn a slice into a model input."""
 
-    train: torch.Tensor  # uint8 (N, S, S, 3) images, or float32 cached activations
-    val: torch.Tensor
-    test: torch.Tensor
+    train: ArrayLike  # uint8 (N, S, S, 3) images (or (N, F, F, 3) train frames), or float32 cached activations
+    val: ArrayLike
+    test: ArrayLike
     start: int  # the first stage to run on them
     cached: bool
     pre: Preprocessing
+    root: Path  # the disk cache
 
-    def model_input(self, batch: torch.Tensor, augmenter=None) -> torch.Tensor:
+    def model_input(self, batch: np.ndarray | torch.Tensor, augmenter=None) -> torch.Tensor:
         """A slice of one split (or of target images prepared alike) as the model input, in channels_last."""
+        batch = torch.as_tensor(batch)
         if self.cached:
             return batch.contiguous(memory_format=torch.channels_last) if batch.dim() == 4 else batch
         images = batch.permute(0, 3, 1, 2)  # (N, 3, S, S) uint8
@@ -41,14 +58,61 @@ class Inputs:
         normalized = normalize(images.permute(0, 2, 3, 1).numpy(), self.pre)
         return torch.from_numpy(normalized).contiguous(memory_format=torch.channels_last)
 
-    def prepare(self, model: TransferModel, images: np.ndarray, name: str) -> torch.Tensor:
+    def prepare(self, model: TransferModel, images: ArrayLike, name: str) -> ArrayLike:
         """More images (DANN's target domain) in the form of the splits: cached like them, or as they are."""
-        return prepare_split(model, images, self.pre, self.start, name) if self.cached else torch.from_numpy(images)
+        return prepare_split(model, images, self.pre, self.start, name, self.root) if self.cached else images
+
+
+class TrainBatches(torch.utils.data.Dataset):
+    """The train split as a DataLoader dataset whose items are whole batches: `[index]`, a (B,) tensor of
+    positions, reads those rows from disk and gives (model input, index)."""
+
+    def __init__(self, inputs: Inputs, augmenter=None) -> None:
+        self.inputs, self.augmenter = inputs, augmenter
+
+    def __len__(self) -> int:
+        return len(self.inputs.train)
+
+    def __getitem__(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs.model_input(self.inputs.train[index.numpy()], self.augmenter), index
+
+
+def train_loader(
+    inputs: Inputs, augmenter, batches: Sequence[torch.Tensor], workers: int | None, pin_memory: bool, seed: int
+) -> torch.utils.data.DataLoader:
+    """One epoch's batches (index tensors in the trainer's order) read, augmented and normalized by `workers`
+    processes (None: `default_workers()`; 0: in this process), `pin_memory` for a CUDA device.
+
+    A new loader per epoch, not persistent workers: each epoch's workers are seeded from `seed`
+    (the run's seed and the epoch), so `--resume` augments as an uninterrupted run does. The
+    loader's own generator leaves torch's global one alone: with 0 workers, augmentation and
+    dropout draw from it exactly as the loop did before the DataLoader.
+    """
+    workers = default_workers() if workers is None else workers
+    return torch.utils.data.DataLoader(
+        TrainBatches(inputs, augmenter),
+        sampler=batches,
+        batch_size=None,  # the sampler's items are whole batches: one disk read per batch
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers else None,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def default_workers() -> int:
+    """The cores beyond two, at most 8: on a 2-core machine a worker would take a core from the model's threads."""
+    return max(0, min(8, (os.cpu_count() or 1) - 2))
 
 
 def caches_inputs(config: TrainConfig, augment: str) -> bool:
     """Whether training runs on cached frozen-prefix outputs (fixed inputs: teacher logits can be cached too)."""
     return config.strategy == "linear_probe" or (config.strategy == "partial" and augment == "none")
+
+
+def augments_images(config: TrainConfig, augment: str) -> bool:
+    """Whether training augments images, and so reads the train split's larger frames."""
+    return augment != "none" and not caches_inputs(config, augment)
 
 
 def frozen_stage_count(model: TransferModel, config: TrainConfig) -> int:
@@ -68,38 +132,91 @@ def frozen_stage_count(model: TransferModel, config: TrainConfig) -> int:
 
 
 def prepare_inputs(
-    model: TransferModel, dataset: Dataset, pre: Preprocessing, stop: int, cache: bool, gather=None
+    model: TransferModel,
+    dataset: Dataset,
+    pre: Preprocessing,
+    stop: int | None,
+    root: Path,
+    augment: bool,
+    gather: Callable | None = None,
 ) -> Inputs:
-    """The splits as images, or (with `cache`) as the outputs of the model's first `stop` stages.
+    """The splits as images (`stop` None; the train frames when `augment` and the split has them), or as the
+    outputs of the model's first `stop` stages, cached on disk under `root`.
 
-    `gather(compute, images)` spreads the frozen prefix's work: under torchrun each rank computes a share
-    of the images and every rank gets all the outputs (`edgetl.train.distributed.gather_rows`).
+    `gather(compute, images)` spreads the frozen prefix's work under torchrun: each rank computes (and caches)
+    a share of the images and every rank gets all the outputs, in memory (`edgetl.train.distributed.gather_rows`).
     """
-    splits = ("train", "val", "test")
-    if not cache:
-        return Inputs(*(torch.from_numpy(dataset.split(s).images) for s in splits), start=0, cached=False, pre=pre)
-    gather = gather or (lambda compute, images: compute(images))
-    cached = [
-        gather(lambda part, name=name: prepare_split(model, part, pre, stop, name), dataset.split(name).images)
-        for name in splits
-    ]
-    return Inputs(*cached, start=stop, cached=True, pre=pre)
+    splits = [dataset.train, dataset.val, dataset.test]
+    if stop is None:
+        train = dataset.train.frames if augment and dataset.train.frames is not None else dataset.train.images
+        return Inputs(train, dataset.val.images, dataset.test.images, start=0, cached=False, pre=pre, root=root)
+
+    def outputs(images: ArrayLike, name: str) -> ArrayLike:
+        if gather is None:
+            return prepare_split(model, images, pre, stop, name, root)
+        return gather(lambda part: torch.from_numpy(prepare_split(model, part, pre, stop, name, root)[:]), images)
+
+    cached = [outputs(split.images, name) for split, name in zip(splits, SPLIT_NAMES)]
+    return Inputs(*cached, start=stop, cached=True, pre=pre, root=root)
 
 
-def prepare_split(model: TransferModel, images: np.ndarray, pre: Preprocessing, stop: int, name: str) -> torch.Tensor:
-    """The frozen prefix's outputs for uint8 images, computed once on the model's device, kept in host memory."""
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def prepare_split(
+    model: TransferModel, images: ArrayLike, pre: Preprocessing, stop: int, name: str, root: Path
+) -> DiskArray:
+    """The frozen prefix's outputs for uint8 images, computed once on the model's device: on disk under `root`,
+    keyed by the images, the prefix's weights and `stop`."""
     model.eval()
     device = next(model.parameters()).device
 
     def prefix(batch: np.ndarray) -> torch.Tensor:
         return model.features(torch.from_numpy(normalize(batch, pre)).to(device), 0, stop).cpu()
 
-    outputs = in_batches(prefix, images, description=f"frozen features {name}")
-    return torch.cat(outputs).clone()  # clone: leave inference mode so autograd can use them
+    folder = root / "features" / key(images_fingerprint(images), module_digest(model.stages[:stop]), stop)
+    return cached_outputs(prefix, images, folder, f"frozen features {name}")
+
+
+def cached_outputs(run: Callable[[np.ndarray], torch.Tensor], images: ArrayLike, folder: Path, what: str) -> DiskArray:
+    """`run`'s float32 outputs over `images` in eval batches, from the disk cache entry `folder` (made on a miss).
+
+    Raises OutputError when the cache folder cannot be written.
+    """
+
+    def build(staging: Path) -> tuple[dict, list[ShardWriter]]:
+        writer: list[ShardWriter] = []
+
+        def write(batch: np.ndarray) -> None:
+            out = run(batch).float().numpy()
+            if not writer:
+                writer.append(ShardWriter(staging, "outputs", out.shape[1:], np.float32))
+            writer[0].append(out)
+
+        in_batches(write, images, description=what)
+        return {"count": len(images)}, writer
+
+    entry = datacache.load_or_build(folder, build)
+    if entry.reused:
+        log.info("%s: reused %s", what, folder)
+    return entry.arrays["outputs"]
+
+
+def module_digest(module: torch.nn.Module) -> str:
+    """A short hash of a module's weights and buffers (names and values): what cached outputs depend on."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def augmenter(augment: str, size: int):
-    """The train-time augmentation of `data.augment` for `size`-pixel crops; None for `none`."""
+    """The train-time augmentation of `data.augment` for `size`-pixel crops; None for `none`.
+
+    It crops the train frames (the whole center square at the resize size, `edgetl.data`): 60-100%
+    of the frame's area, so a crop reaches beyond the eval crop (77% of the frame at crop_pct 0.875)
+    while its mean area (80%) keeps objects near the scale the eval crop shows them at."""
     if augment == "none":
         return None
     from torchvision.transforms import v2

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from edgetl.data import Dataset
+from edgetl.datacache import default_root
 from edgetl.errors import RecipeError
 from edgetl.fileio import save_torch
 from edgetl.infer import accuracy, in_batches, model_logits
@@ -32,7 +33,15 @@ from edgetl.train import distributed
 from edgetl.train.best import BestEpoch, ranking_notes
 from edgetl.train.device import Placement, cpu_state, get_rng, resolve_device, resolve_precision, set_rng
 from edgetl.train.distributed import Dist, TrainStep, gather_rows, shard
-from edgetl.train.inputs import augmenter, caches_inputs, frozen_stage_count, prepare_inputs
+from edgetl.train.inputs import (
+    ArrayLike,
+    augmenter,
+    augments_images,
+    caches_inputs,
+    frozen_stage_count,
+    prepare_inputs,
+    train_loader,
+)
 from edgetl.train.optim import criterion, epoch_order, optimizer, schedule
 from edgetl.train.terms import LossTerm, TrainBatch
 
@@ -49,6 +58,8 @@ class TrainJob:
     augment: str  # data.augment
     seed: int  # seeds the epoch order and DANN's target picks
     dist: Dist = Dist()  # this process's place in a torchrun launch
+    cache_dir: Path | None = None  # data.cache_dir: where frozen features are cached (None: the default)
+    workers: int | None = None  # data.workers: DataLoader worker processes (None: `inputs.default_workers()`)
 
 
 @dataclass(frozen=True)
@@ -114,7 +125,9 @@ class Trainer:
         if self.config.strategy == "linear_probe" and job.augment != "none":
             self._note(Note("augment_not_applied", {"augment": job.augment}), logging.WARNING)
         cache = caches_inputs(self.config, job.augment)
-        self.inputs = prepare_inputs(model, job.dataset, job.pre, frozen, cache, self._gather)
+        root, frames = job.cache_dir or default_root(), augments_images(self.config, job.augment)
+        gather = self._gather if dist.enabled else None
+        self.inputs = prepare_inputs(model, job.dataset, job.pre, frozen if cache else None, root, frames, gather)
         for term in self.terms:
             term.prepare(self.inputs.cached)
             term.to(device)
@@ -211,12 +224,16 @@ class Trainer:
         order = shard(order, self.dist)  # this rank's share of the global order (all of it in one process)
         size = self.batch_size
         batches = [order[i : i + size] for i in range(0, len(order), size)]
+        # pin_memory: page-locked batches copy to a CUDA device asynchronously
+        seed = self.job.seed * 1_000_003 + epoch  # workers' seeds: a function of the run's seed and the epoch only
+        pin = self.place.device.type == "cuda"
+        loader = train_loader(self.inputs, self.augmenter, batches, self.job.workers, pin, seed)
         total = 0.0
         description = f"epoch {epoch}/{self.config.epochs}"
-        for step, index in enumerate(track(batches, total=len(batches), description=description)):
+        for step, (x, index) in enumerate(track(loader, total=len(batches), description=description)):
             progress = ((epoch - 1) * len(batches) + step) / (self.config.epochs * len(batches))
             with self.place.autocast():
-                loss = self._loss(index, progress)
+                loss = self._loss(x, index, progress)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()  # DDP all-reduces the gradients here
             self.scaler.step(self.optimizer)
@@ -291,13 +308,14 @@ class Trainer:
         }
         save_torch(state, self.snapshot)
 
-    def _loss(self, index: torch.Tensor, progress: float) -> torch.Tensor:
-        """The step's loss: the label loss times the terms' label weights, plus each term's loss."""
-        x = self.place.put(self.inputs.model_input(self.inputs.train[index], self.augmenter))
-        stacked = x
+    def _loss(self, x: torch.Tensor, index: torch.Tensor, progress: float) -> torch.Tensor:
+        """The step's loss for model inputs `x` of the train split's rows `index`: the label loss times the
+        terms' label weights, plus each term's loss."""
+        x = stacked = self.place.put(x)
         if self.target is not None:  # one pass over both domains: BatchNorm sees (and keeps) the statistics of both
             pick = torch.randint(len(self.target), (len(index),), generator=self.generator)
-            stacked = torch.cat([x, self.place.put(self.inputs.model_input(self.target[pick], self.augmenter))])
+            target = self.inputs.model_input(self.target[pick.numpy()], self.augmenter)
+            stacked = torch.cat([x, self.place.put(target)])
         features, logits = self.step(stacked, len(index))
         features, target_features = features.split(len(index)) if self.target is not None else (features, None)
         batch = TrainBatch(index, x, self.place.put(self.train_labels[index]), target_features)
@@ -308,7 +326,7 @@ class Trainer:
             loss = loss + term.loss(batch, logits, features, progress)
         return loss
 
-    def _logits(self, data: torch.Tensor) -> np.ndarray:
+    def _logits(self, data: ArrayLike) -> np.ndarray:
         """(N, classes) float32 logits of a split's inputs, every rank computing its share."""
         self.model.eval()
 
@@ -330,7 +348,7 @@ class Trainer:
     def _gather(self, compute, items) -> torch.Tensor:
         return gather_rows(compute, items, self.dist)
 
-    def _target(self) -> torch.Tensor | None:
+    def _target(self) -> ArrayLike | None:
         """The target-domain images a loss term asks for, prepared like the train split."""
         wanted = [term for term in self.terms if term.target_images is not None]
         if len(wanted) > 1:
