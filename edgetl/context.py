@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +39,7 @@ class BuildContext:
     dataset: Dataset
     resume: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    on_epoch: Callable[[dict], None] | None = None  # the train stage's per-epoch history rows, as made (sweeps)
 
     def snapshot_path(self, stage: str, stage_key: str) -> Path:
         """Where an unfinished training of this stage keeps its resumable snapshot."""

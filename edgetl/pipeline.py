@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -60,9 +61,19 @@ class _Made:
     measured: validate.Validation
 
 
-def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = False) -> BuildResult:
+def build(
+    recipe: Recipe,
+    run_dir: Path,
+    resume: bool = False,
+    force: bool = False,
+    *,
+    stage_root: Path | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> BuildResult:
     """Run every stage of `recipe` into `run_dir`; raise GateFailure (after writing the report) when no variant passes.
 
+    A sweep's trials pass one `stage_root` (a stage cache shared between processes, so trials that differ only
+    after training reuse its model) and `on_epoch` (called with each training epoch's history row).
     Raises RecipeError, DataError, ModelError, ExportError, InferenceError, OutputError (a write the disk refused).
 
     >>> build(load_recipe(Path("recipes/quickstart.yaml")), Path("runs/quickstart")).report.selected.name
@@ -70,7 +81,8 @@ def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = Fal
     """
     started = time.monotonic()
     plan = _plan(recipe, run_dir)  # before training: a missing runtime fails fast
-    ctx = _context(recipe, run_dir, resume, force)
+    cache = StageCache(stage_root or run_dir / "stages", force, shared=stage_root is not None)
+    ctx = _context(recipe, run_dir, resume, cache, on_epoch)
     transferred = transfer(ctx)
     metrics = _save_training(ctx, transferred, started)
     recipe_hash = _recipe_hash(recipe)
@@ -104,7 +116,7 @@ def train_model(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool
     started = time.monotonic()
     run_dir.mkdir(parents=True, exist_ok=True)
     _remove_outputs(run_dir, recipe.name)
-    ctx = _context(recipe, run_dir, resume, force)
+    ctx = _context(recipe, run_dir, resume, StageCache(run_dir / "stages", force))
     return _save_training(ctx, transfer(ctx), started)
 
 
@@ -118,7 +130,9 @@ def _plan(recipe: Recipe, run_dir: Path) -> _Plan:
     return _Plan(runtimes, variants, skipped + skipped_variants)
 
 
-def _context(recipe: Recipe, run_dir: Path, resume: bool, force: bool) -> BuildContext:
+def _context(
+    recipe: Recipe, run_dir: Path, resume: bool, cache: StageCache, on_epoch: Callable[[dict], None] | None = None
+) -> BuildContext:
     """The backbone, its preprocessing contract and the decoded data: what every later stage shares."""
     spec = models.REGISTRY.get(recipe.model.backbone)
     pre = spec.preprocessing(recipe.data.image_size, recipe.data.crop_pct, recipe.data.decode)
@@ -133,7 +147,7 @@ def _context(recipe: Recipe, run_dir: Path, resume: bool, force: bool) -> BuildC
         len(dataset.classes),
         len(dataset.skipped),
     )
-    return BuildContext(recipe, run_dir, StageCache(run_dir / "stages", force), spec, pre, dataset, resume)
+    return BuildContext(recipe, run_dir, cache, spec, pre, dataset, resume, on_epoch=on_epoch)
 
 
 def _save_training(ctx: BuildContext, transferred: Transferred, started: float) -> dict:

@@ -118,7 +118,8 @@ def _train_stage(
         if target is not None:  # built after the model: the head's init draws from the global RNG first
             adapt = recipe.adapt
             terms.append(DomainAdversary(model.head.in_features, adapt.domain_hidden, adapt.dann_weight, target.images))
-        train_job = train.TrainJob(job.dataset, job.pre, job.config, job.augment, recipe.seed)
+        on_epoch = ctx.on_epoch if job.stage == "train" else None  # the teacher's epochs are not the trial's
+        train_job = train.TrainJob(job.dataset, job.pre, job.config, job.augment, recipe.seed, on_epoch)
         result = train.run(model, train_job, terms, state_path, ctx.resume)
         log.info(
             "%s %s: best epoch %d, val accuracy %.4f, test accuracy %.4f (%.1fs)",

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +50,7 @@ class TrainJob:
     config: TrainConfig
     augment: str  # data.augment
     seed: int  # seeds the epoch order and DANN's target picks
+    on_epoch: Callable[[dict], None] | None = None  # called with each epoch's history row (a sweep's early stopping)
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,8 @@ class Trainer:
             )
             if self.snapshot is not None:
                 self.save_snapshot(epoch)
+            if self.job.on_epoch is not None:
+                self.job.on_epoch(self.history[-1])
 
     def train_epoch(self, epoch: int) -> float:
         """One pass over the train split; returns the mean train loss.
