@@ -152,3 +152,36 @@ def test_ranges_and_grids_fit_the_search(tmp_path, capsys):
     # exit 2 from the command line, before Ray starts
     assert main(["sweep", str(_write(tmp_path, SWEEP.replace("base:", "bass:")))]) == 2
     assert "`bass` is not a known field" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tpe_with_asha_stops_poor_trials_and_finishes_the_best(local_ray, tmp_path):
+    sweep = """
+    name: asha
+    base:
+      name: digits
+      data: {builtin: digits, image_size: 32, augment: none}
+      model: {backbone: efficientnet_lite0}
+      train: {strategy: linear_probe, epochs: 3, batch_size: 64}
+      quantize: []
+      measure: {latency_rounds: 2, latency_runs: 3, warmup: 2, throughput_batch: 4}
+    search: tpe
+    trials: 4
+    space:
+      train.lr: {low: 0.00001, high: 0.05, log: true}
+    budget: {max_latency_ms: 200}
+    early_stop: {grace_epochs: 1, reduction_factor: 2}
+    """
+    out = tmp_path / "out"
+    assert main(["sweep", str(_write(tmp_path, sweep)), "--concurrency", "2", "--output", str(out)]) == 0
+    data = json.loads((out / "sweep.json").read_text())
+    trials = data["trials"]
+    assert len(trials) == 4 and data["counts"]["ok"] >= 1
+    stopped = [t for t in trials if t["status"] == "stopped"]
+    assert stopped and all(len(t["history"]) < 3 and not t["variants"] for t in stopped)
+    lrs = {float(t["overrides"][0].split("=")[1]) for t in trials}
+    assert len(lrs) == 4 and all(1e-5 <= lr <= 0.05 for lr in lrs)
+    # the best finished all its epochs and is the most accurate of the finished trials
+    finished = [t for t in trials if t["status"] == "ok"]
+    best = max(finished, key=lambda t: t["variants"][1]["accuracy"])
+    assert data["best"]["trial"] == best["name"] and len(best["history"]) == 3

@@ -76,12 +76,18 @@ def _start_ray(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
-    ray.init(
-        address=address,
-        include_dashboard=False,
-        log_to_driver=False,  # trials log into their build.log; the driver prints the sweep's progress
-        logging_level=logging.WARNING,
-    )
+    try:
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=False,  # trials log into their build.log; the driver prints the sweep's progress
+            logging_level=logging.WARNING,
+        )
+    except ConnectionError as exc:
+        raise RecipeError(
+            f"--address {address}: no Ray cluster answers there ({exc}); start one (`ray start --head`) or leave "
+            "--address out to run on this machine."
+        ) from None
     return True
 
 

@@ -51,6 +51,8 @@ def searcher(sweep: Sweep, concurrency: int) -> Any:
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its per-trial INFO lines repeat the sweep's progress
+
     if sweep.search == "tpe":
         optuna_search = OptunaSearch(metric=OBJECTIVE, mode="max", sampler=optuna.samplers.TPESampler(seed=sweep.seed))
     else:
@@ -78,6 +80,7 @@ def scheduler(sweep: Sweep, max_epochs: int) -> Any:
         max_t=max(max_epochs, sweep.early_stop.grace_epochs),
         grace_period=sweep.early_stop.grace_epochs,
         reduction_factor=sweep.early_stop.reduction_factor,
+        stop_last_trials=False,  # a trial that reaches its last epoch goes on to export, quantize and validate
     )
 
 

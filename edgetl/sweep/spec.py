@@ -73,6 +73,7 @@ class Sweep(_Strict):
     version: Literal[1] = 1
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=80)
     base: str | dict[str, Any] = Field(..., description="The base recipe: a path (relative to this file) or inline.")
+    set: list[str] = Field(default_factory=list, description="`--set` overrides of the base, in every trial.")
     space: dict[str, list[Any] | Grid | Range] = Field(..., min_length=1)
     search: Literal["grid", "random", "tpe", "nsga2"] = "random"
     trials: int | None = Field(None, ge=1, description="Trials to sample (random, tpe, nsga2); grid runs them all.")
@@ -114,13 +115,13 @@ class SweepPlan:
     def trial_name(self, overrides: list[str], sweep_sets: list[str]) -> str:
         """The trial's recipe and run folder name: the sweep's name and a hash of the base recipe and of what the
         trial and the sweep set in it, so a rerun finds the same trial and a changed base or budget does not."""
-        return f"{self.sweep.name}-{key(self.base_raw, overrides, sweep_sets)[:8]}"
+        return f"{self.sweep.name}-{key(self.base_raw, self.sweep.set, overrides, sweep_sets)[:8]}"
 
     def sweep_overrides(self, cpus: int) -> list[str]:
         """What the sweep sets in every trial, after the space: threads (when the base leaves them to the machine,
         a trial gets its share of the CPUs, not all of them), `select` (the accuracy objective ships the most
         accurate variant within budget) and the budget as gates."""
-        base = recipe_from_mapping(self.base_raw, self.base_path)
+        base = recipe_from_mapping(self.base_raw, self.base_path, self.sweep.set)
         sets = [
             f"{section}.threads={cpus}" for section in ("train", "measure") if getattr(base, section).threads is None
         ]
@@ -132,7 +133,8 @@ class SweepPlan:
     def trial_recipe(self, overrides: list[str], sweep_sets: list[str]) -> Recipe:
         """The trial's complete recipe. Raises RecipeError for a combination the recipe refuses."""
         name = self.trial_name(overrides, sweep_sets)
-        return recipe_from_mapping(self.base_raw, self.base_path, [f"name={name}", *overrides, *sweep_sets])
+        sets = [f"name={name}", *self.sweep.set, *overrides, *sweep_sets]
+        return recipe_from_mapping(self.base_raw, self.base_path, sets)
 
 
 def override(path: str, value: Any) -> str:
@@ -164,7 +166,10 @@ def load_sweep(path: Path) -> SweepPlan:
         raise RecipeError(_describe(exc, path)) from None
     base_raw, base_path = _read_base(sweep.base, path)
     plan = SweepPlan(sweep, path, base_raw, base_path)
-    recipe_from_mapping(base_raw, base_path)  # the base recipe alone must be valid
+    try:  # the base recipe with the sweep's `set` must be valid alone
+        recipe_from_mapping(base_raw, base_path, sweep.set)
+    except RecipeError as exc:
+        raise RecipeError(f"{path}: the base recipe with `set` {sweep.set} is not valid: {exc}") from None
     for field, dimension in sweep.space.items():
         _check_dimension(plan, field, dimension)
     return plan
@@ -198,7 +203,7 @@ def _check_dimension(plan: SweepPlan, field: str, dimension: list[Any] | Grid | 
         raise RecipeError(f"{where} is an empty list; give at least one value.")
     for value in values:
         try:
-            recipe_from_mapping(plan.base_raw, plan.base_path, [override(field, value)])
+            recipe_from_mapping(plan.base_raw, plan.base_path, [*plan.sweep.set, override(field, value)])
         except RecipeError as exc:
             raise RecipeError(f"{where}: the value {value!r} does not make a valid recipe: {exc}") from None
 

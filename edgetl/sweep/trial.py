@@ -52,7 +52,11 @@ class TrialRecord:
         return next((v for v in self.variants if v["name"] == self.selected), None)
 
     def metrics(self) -> dict[str, float]:
-        """What the trial's last Ray result says: the searchers' metrics."""
+        """What the trial's last Ray result says: the searchers' metrics, and the best val accuracy (Ray checks that
+        every result carries the scheduler's metric)."""
+        return {space.VAL_ACCURACY: max((h["val_accuracy"] for h in self.history), default=0.0), **self._objectives()}
+
+    def _objectives(self) -> dict[str, float]:
         within = self.selected_row()
         deployable = [v for v in self.variants if v["runtime"] != "pytorch"]
         if within is not None:
