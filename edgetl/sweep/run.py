@@ -114,7 +114,9 @@ def _tune(plan: SweepPlan, launch: Launch, out_dir: Path) -> list[TrialRecord]:
         out_dir,
     )
     # Ray Tune's own console tables repeat what SweepProgress says; its legacy reporter at verbose 0 prints nothing.
+    # Its warnings point at Tuner.restore, but a sweep resumes by running it again.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    logging.getLogger("ray.tune").setLevel(logging.ERROR)
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": cpus, "gpu": gpus})
     tuner = tune.Tuner(
         trainable,
@@ -129,6 +131,9 @@ def _tune(plan: SweepPlan, launch: Launch, out_dir: Path) -> list[TrialRecord]:
         ),
     )
     results = tuner.fit()
+    if len(results) < total or results.num_terminated + results.num_errors < len(results):
+        # Ray Tune ends fit() quietly on Ctrl-C; the trials left unfinished must not be recorded as finished.
+        raise KeyboardInterrupt
     return _collect(setup, results)
 
 
@@ -146,6 +151,8 @@ def _collect(setup: TrialSetup, results: object) -> list[TrialRecord]:
         elif result.error is not None:
             error = str(result.error).strip().splitlines()
             record = TrialRecord(name, overrides, "crashed", 1, " ".join(error[-3:])[-800:])
+        elif plan.sweep.early_stop is None:  # ended without a record or an error, and no scheduler stops trials
+            record = TrialRecord(name, overrides, "crashed", 1, "the trial ended without a result (interrupted?)")
         else:
             history = _epochs(result)
             record = TrialRecord(name, overrides, "stopped", None, "stopped early by ASHA", history=history)
