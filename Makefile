@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh clone (offline, from PyPI packages alone):
 #   make demo   creates .venv, installs edgetl[train], runs `edgetl build recipes/quickstart.yaml`
-#   make test   creates .venv, installs edgetl[train,dev], runs the test suite
+#   make test   creates .venv, installs edgetl[train,dev,sweep], runs the test suite
 #   make lint   ruff's lint and format checks (CI runs them before the tests)
 VENV ?= .venv
 PYTHON ?= python3
@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[train,dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[train,dev,sweep]'
 	touch $@
 
 .PHONY: install demo test lint

@@ -55,6 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--force", action="store_true", help="rebuild every stage instead of reusing cached ones")
 
+    sweep = commands.add_parser("sweep", help="search recipe fields for the most accurate model within a budget")
+    sweep.add_argument("sweep", type=Path, metavar="SWEEP")
+    sweep.add_argument("--trials", type=int, help="trials to sample (random, tpe, nsga2); default the file's")
+    sweep.add_argument("--concurrency", type=int, help="trials at once; default as many as the CPUs allow")
+    sweep.add_argument("--address", help="join this Ray cluster (e.g. ray://head:10001) instead of a local Ray")
+    sweep.add_argument("--output", "-o", type=Path, help="output folder (default: runs/<sweep name>)")
+
     report = commands.add_parser("report", help="compare several runs in one chart and table")
     report.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR")
     report.add_argument("--output", "-o", type=Path, required=True, help="folder for report.html and report.md")
@@ -150,6 +157,32 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from edgetl.errors import RecipeError
+
+    try:
+        from edgetl.sweep.run import Launch, run_sweep
+    except ImportError as exc:
+        raise RecipeError(
+            f"`edgetl sweep` needs Ray Tune and Optuna ({exc}); install `pip install 'edgetl[sweep]'`."
+        ) from None
+    from edgetl.sweep.spec import load_sweep
+
+    for option in ("trials", "concurrency"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            raise RecipeError(f"--{option} must be an integer ≥ 1; got {getattr(args, option)}.")
+    plan = load_sweep(args.sweep)
+    out_dir = args.output or Path("runs") / plan.sweep.name
+    summary = run_sweep(plan, Launch(out_dir, args.trials, args.concurrency, args.address))
+    best, row = summary.best, summary.best.selected_row()
+    print(
+        f"{plan.sweep.name}: best {best.name} ({' '.join(best.overrides)}): {best.selected}, accuracy "
+        f"{row['accuracy']:.4f}, p50 {row['p50_ms']:.2f} ms, {row['size_mb']:.2f} MB; recipe {out_dir / 'best.yaml'}; "
+        f"bundle {out_dir / 'bundle'}; report {summary.html}"
+    )
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from edgetl.report import compare
 
@@ -179,4 +212,11 @@ def _backbones(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"build": _build, "report": _report, "schema": _schema, "backbones": _backbones, **DEVICE_COMMANDS}
+_COMMANDS = {
+    "build": _build,
+    "sweep": _sweep,
+    "report": _report,
+    "schema": _schema,
+    "backbones": _backbones,
+    **DEVICE_COMMANDS,
+}

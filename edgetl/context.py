@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +41,7 @@ class BuildContext:
     resume: bool = False
     dist: Dist = Dist()  # this process's place in a torchrun launch (rank 0 of 1 for a plain build)
     timings: dict[str, float] = field(default_factory=dict)
+    on_epoch: Callable[[dict], None] | None = None  # the train stage's per-epoch history rows, as made (sweeps)
 
     def snapshot_path(self, stage: str, stage_key: str) -> Path:
         """Where an unfinished training of this stage keeps its resumable snapshot."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -61,11 +62,21 @@ class _Made:
     measured: validate.Validation
 
 
-def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = False) -> BuildResult | None:
+def build(
+    recipe: Recipe,
+    run_dir: Path,
+    resume: bool = False,
+    force: bool = False,
+    *,
+    stage_root: Path | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> BuildResult | None:
     """Run every stage of `recipe` into `run_dir`; raise GateFailure (after writing the report) when no variant passes.
 
     Under torchrun every process trains; rank 0 alone goes on to export, quantize, validate, report and
-    bundle, and the others return None once training is done.
+    bundle, and the others return None once training is done. A sweep's trials pass one `stage_root` (a
+    stage cache shared between processes, so trials that differ only after training reuse its model) and
+    `on_epoch` (called with each training epoch's history row).
     Raises RecipeError, DataError, ModelError, ExportError, InferenceError, OutputError (a write the disk refused),
     DistributedError (another training process died).
 
@@ -75,7 +86,7 @@ def build(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = Fal
     started = time.monotonic()
     dist = distributed.setup(recipe.train.device)
     plan = _plan(recipe, run_dir, dist)  # before training: a missing runtime fails fast
-    ctx = _context(recipe, run_dir, resume, force, dist)
+    ctx = _context(recipe, run_dir, resume, _stage_cache(run_dir, force, dist, stage_root), dist, on_epoch)
     transferred = _transfer(ctx)
     if transferred is None:  # a rank other than 0: its part is done
         return None
@@ -114,7 +125,7 @@ def train_model(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _remove_outputs(run_dir, recipe.name)
-    ctx = _context(recipe, run_dir, resume, force, dist)
+    ctx = _context(recipe, run_dir, resume, _stage_cache(run_dir, force, dist), dist)
     transferred = _transfer(ctx)
     return None if transferred is None else _save_training(ctx, transferred, started)
 
@@ -131,7 +142,22 @@ def _plan(recipe: Recipe, run_dir: Path, dist: distributed.Dist) -> _Plan:
     return _Plan(runtimes, variants, skipped + skipped_variants)
 
 
-def _context(recipe: Recipe, run_dir: Path, resume: bool, force: bool, dist: distributed.Dist) -> BuildContext:
+def _stage_cache(run_dir: Path, force: bool, dist: distributed.Dist, stage_root: Path | None = None) -> StageCache:
+    """RUN_DIR/stages, or a sweep's root shared between processes; under torchrun, one whose reuse rank 0 decides."""
+    root = stage_root or run_dir / "stages"
+    if dist.enabled:
+        return distributed.RankCache(root, force, dist)
+    return StageCache(root, force, shared=stage_root is not None)
+
+
+def _context(
+    recipe: Recipe,
+    run_dir: Path,
+    resume: bool,
+    cache: StageCache,
+    dist: distributed.Dist,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> BuildContext:
     """The backbone, its preprocessing contract and the decoded data: what every later stage shares."""
     spec = models.REGISTRY.get(recipe.model.backbone)
     pre = spec.preprocessing(recipe.data.image_size, recipe.data.crop_pct, recipe.data.decode)
@@ -152,9 +178,8 @@ def _context(recipe: Recipe, run_dir: Path, resume: bool, force: bool, dist: dis
         dataset.decoded,
         seconds,
     )
-    root = run_dir / "stages"
-    cache = distributed.RankCache(root, force, dist) if dist.enabled else StageCache(root, force)
-    return BuildContext(recipe, run_dir, cache, spec, pre, dataset, resume, dist, {"data_seconds": seconds})
+    timings = {"data_seconds": seconds}
+    return BuildContext(recipe, run_dir, cache, spec, pre, dataset, resume, dist, timings, on_epoch)
 
 
 def _transfer(ctx: BuildContext) -> Transferred | None:

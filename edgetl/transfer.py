@@ -118,6 +118,7 @@ def _train_stage(
         if target is not None:  # built after the model: the head's init draws from the global RNG first
             adapt = recipe.adapt
             terms.append(DomainAdversary(model.head.in_features, adapt.domain_hidden, adapt.dann_weight, target.images))
+        on_epoch = ctx.on_epoch if job.stage == "train" else None  # the teacher's epochs are not the trial's
         train_job = train.TrainJob(
             job.dataset,
             job.pre,
@@ -127,6 +128,7 @@ def _train_stage(
             ctx.dist,
             data.cache_root(recipe.data),
             recipe.data.workers,
+            on_epoch,
         )
         result = train.run(model, train_job, terms, state_path, ctx.resume)
         log.info(

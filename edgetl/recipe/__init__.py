@@ -7,6 +7,7 @@ wrong model for an hour.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import json
@@ -47,6 +48,7 @@ __all__ = [
     "TrainConfig",
     "Recipe",
     "load_recipe",
+    "recipe_from_mapping",
     "recipe_json_schema",
 ]
 
@@ -107,10 +109,21 @@ def load_recipe(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Reci
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path} is not valid YAML: {exc}") from None
+    return recipe_from_mapping(raw, path, overrides)
+
+
+def recipe_from_mapping(raw: object, path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Override and validate a recipe already read as YAML (a sweep's inline base recipe, say); `path` names it in
+    errors and its folder resolves relative paths. `raw` is not modified. Raises RecipeError.
+
+    >>> recipe_from_mapping({"name": "x", "data": {"builtin": "digits"}}, Path("sweep.yaml"), ["seed=1"]).seed
+    1
+    """
     if not isinstance(raw, dict):
         raise RecipeError(
             f"{path} must be a YAML mapping of sections (name, data, model, train); got a {type(raw).__name__}."
         )
+    raw = copy.deepcopy(raw)
     for override in overrides:
         _apply_override(raw, override, path)
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +60,7 @@ class TrainJob:
     dist: Dist = Dist()  # this process's place in a torchrun launch
     cache_dir: Path | None = None  # data.cache_dir: where frozen features are cached (None: the default)
     workers: int | None = None  # data.workers: DataLoader worker processes (None: `inputs.default_workers()`)
+    on_epoch: Callable[[dict], None] | None = None  # called with each epoch's history row (a sweep's early stopping)
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,8 @@ class Trainer:
             )
             if self.snapshot is not None:
                 self.save_snapshot(epoch)
+            if self.job.on_epoch is not None:
+                self.job.on_epoch(self.history[-1])
 
     def train_epoch(self, epoch: int) -> float:
         """One pass over the train split; returns the mean train loss.
