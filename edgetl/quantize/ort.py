@@ -20,7 +20,7 @@ until the drop on the validation split is within bound.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,7 +34,8 @@ from edgetl.infer import accuracy, engine_logits, in_batches
 from edgetl.notes import Note, render
 from edgetl.progress import track
 from edgetl.quantize.artifact import Inputs
-from edgetl.quantize.graph import quantized_nodes
+from edgetl.quantize.control import MAX_FLOAT_LAYERS, ControlSet, fidelity, latency_cost, search
+from edgetl.quantize.graph import dequantized_tensors, quantized_nodes
 from edgetl.recipe import QuantVariant
 from edgetl.runtime.bench import interleaved_latency
 from edgetl.runtime.engines import OnnxRuntimeEngine, open_engine
@@ -51,9 +52,15 @@ _STATISTICS_BATCH = 32
 
 
 def quantize(
-    fp32: Path, file: Path, calibration: list[np.ndarray], variant: QuantVariant, inputs: Inputs
-) -> list[Note]:
-    """Quantize `fp32` into `file`; returns the notes for the report.
+    fp32: Path,
+    file: Path,
+    calibration: list[np.ndarray],
+    variant: QuantVariant,
+    inputs: Inputs,
+    control: ControlSet | None = None,
+) -> tuple[list[Note], dict | None]:
+    """Quantize `fp32` into `file`; returns the notes for the report and the agreement control's record
+    (`control.Search.record`; None when it did not run: no `control` set, or `max_accuracy_drop` instead).
 
     Calibration runs once; every trial below (activation type, layers left in float) reuses
     its ranges through ONNX Runtime's calibration cache. Raises RecipeError when `keep_float`
@@ -94,16 +101,21 @@ def quantize(
             notes.append(measured)
         else:
             quantizer(file, activation, kept)
+        record = None
         if variant.max_accuracy_drop is not None:
             val, max_drop = inputs.dataset.val, variant.max_accuracy_drop
-            excluded, control = _exclude_sensitive_nodes(quantizer, file, activation, kept, val, inputs.pre, max_drop)
-            notes.append(control)
+            excluded, accuracy_note = _exclude_sensitive_nodes(
+                quantizer, file, activation, kept, val, inputs.pre, max_drop
+            )
+            notes.append(accuracy_note)
             if excluded != kept:
                 quantizer(file, activation, excluded)
+        elif control is not None and variant.min_agreement is not None:
+            record = _agreement_control(quantizer, file, activation, kept, control, variant.min_agreement)
     finally:
         prepared.unlink(missing_ok=True)
         ranges.unlink(missing_ok=True)
-    return notes
+    return notes, record
 
 
 @dataclass(frozen=True)
@@ -346,6 +358,74 @@ def _sensitivity_ranking(
         quantizer(trial, activation, [*kept, node])
         error[node] = float(np.mean((quantizer.logits(trial, images, pre) - float_logits) ** 2))
     return sorted(nodes, key=error.__getitem__)
+
+
+def _agreement_control(
+    quantizer: _OrtQuantizer, file: Path, activation: str, kept: list[str], control: ControlSet, bound: float
+) -> dict:
+    """Leave the fewest quantized nodes of `file` in float (beyond `kept`) for agreement ≥ `bound` on the
+    control images (`control.search`); `file` is rewritten with them. Returns the search's record."""
+    import onnx
+
+    quantized = onnx.load(str(file))
+
+    def trial(float_layers: list[str], x: np.ndarray) -> np.ndarray:
+        import onnxruntime as ort
+
+        model = with_float_nodes(quantized, quantizer.float_model, float_layers).SerializeToString()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = quantizer.threads or 0  # 0: ONNX Runtime's default, the cores
+        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        return np.concatenate(in_batches(lambda batch: session.run(None, {quantizer.input_name: batch})[0], x))
+
+    candidates = [node for node in quantized_nodes(quantized.graph) if node not in kept]
+    found = search(trial, candidates, control.inputs, control.reference, bound, MAX_FLOAT_LAYERS)
+    if not found.float_layers:
+        return found.record(control, {})
+    trial_file = file.with_name(f".{file.stem}.trial.onnx")
+    try:  # the file itself from quantize_static, measured again: the trials were its QDQ graph with nodes bypassed
+        quantizer(trial_file, activation, kept + found.float_layers)
+        engines = [OnnxRuntimeEngine(path, quantizer.threads) for path in (file, trial_file)]
+        latency = latency_cost(*engines, control.inputs[:1])
+        final = replace(found, logits=np.concatenate(in_batches(engines[1].run, control.inputs)))
+        final = replace(final, reached=fidelity(final.logits, control.reference))
+        trial_file.replace(file)
+    finally:
+        trial_file.unlink(missing_ok=True)
+    return final.record(control, latency)
+
+
+def with_float_nodes(quantized: onnx.ModelProto, float_model: onnx.ModelProto, nodes: list[str]) -> onnx.ModelProto:
+    """A copy of the QDQ model `quantized` in which `nodes` read float inputs: each input a DequantizeLinear
+    made is replaced by the tensor the node reads in `float_model` (the activation before its QuantizeLinear,
+    the float weight and bias). What `quantize_static` with these nodes excluded computes, without
+    quantizing again (a lite0 trial: one session instead of ~2 s of quantize_static).
+    """
+    import onnx
+
+    model = onnx.ModelProto()
+    model.CopyFrom(quantized)
+    dequantized = dequantized_tensors(model.graph)
+    float_nodes = {node.name: node for node in float_model.graph.node}
+    float_weights = {init.name: init for init in float_model.graph.initializer}
+    present = {init.name for init in model.graph.initializer}
+    wanted = set(nodes)
+    for node in model.graph.node:
+        if node.name not in wanted:
+            continue
+        for i, name in enumerate(node.input):
+            if name not in dequantized:
+                continue
+            source = float_nodes[node.name].input[i]
+            if source in float_weights:  # a weight or bias; its DequantizeLinear may output its float name
+                node.input[i] = f"{source}.float"
+                if node.input[i] not in present:
+                    model.graph.initializer.append(onnx.numpy_helper.from_array(
+                        onnx.numpy_helper.to_array(float_weights[source]), node.input[i]))  # fmt: skip
+                    present.add(node.input[i])
+            else:
+                node.input[i] = source
+    return model
 
 
 class _Reader:

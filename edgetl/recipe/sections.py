@@ -218,6 +218,19 @@ class QuantVariant(Section):
         description="Accuracy control: keep the val accuracy drop within this (0.01 = 1 point) by leaving the most "
         "sensitive layers in float.",
     )
+    min_agreement: float | None = Field(
+        0.99,
+        gt=0,
+        le=1,
+        description="Agreement control: the share of images whose top-1 must match the FP32 model's, on the val "
+        "split and the calibration images; the most sensitive layers stay in float until it holds (fewest first). "
+        "A variant whose test agreement misses it is marked and not selected. null: no control, no check.",
+    )
+    allow_below_agreement: bool = Field(
+        False,
+        description="Let the selection pick this variant even when its test agreement misses `min_agreement` "
+        "(the report still marks it).",
+    )
     keep_float: list[str] | None = Field(
         None,
         description="engine onnxruntime only: ONNX node names left in float. Default: the first convolution and "
