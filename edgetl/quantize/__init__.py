@@ -22,9 +22,9 @@ import numpy as np
 
 from edgetl.errors import RecipeError
 from edgetl.export import ExportResult, to_openvino
+from edgetl.infer import in_batches
 from edgetl.models import TransferModel
 from edgetl.notes import Note, render
-from edgetl.infer import in_batches
 from edgetl.quantize import nncf_control, nncf_ptq, ort, qat
 from edgetl.quantize.artifact import Inputs, QuantizedArtifact
 from edgetl.quantize.control import ControlSet
