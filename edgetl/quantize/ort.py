@@ -1,20 +1,10 @@
 """INT8 for ONNX Runtime: its own `quantize_static` (QDQ, per-channel int8 weights) on the
-ORT-optimized graph, with bias correction, layers kept in float and the accuracy-control search.
+ORT-optimized graph, with bias correction, layers kept in float, and the agreement and accuracy controls.
 
-Measured on lite0, its uint8-activation model ran at 0.25× FP32 latency, while NNCF's QDQ
-graph ran 2–3× *slower* than FP32 in ONNX Runtime on this AVX2 CPU.
-
-ONNX Runtime's INT8 gets two corrections NNCF already applies on its side. Its weights are
-7-bit on CPUs without VNNI, and their rounding shifts each conv's mean output: every
-quantized conv's bias absorbs that shift, measured on the calibration images (bias
-correction). And the first convolution and the first depthwise one stay in float by
-default (`keep_float`). Measured on the fine-tuned cifar lite0 (1,000 test images, FP32
-0.776): plain 0.719, first conv in float 0.764, bias-corrected 0.742, both 0.774 (agreement
-0.805 → 0.911); the first depthwise conv in float too: agreement 0.919 → 0.954 on test and
-0.927 → 0.973 on val (NNCF reverts it as well). Neither float layer costs measurable latency.
-
-`max_accuracy_drop` turns on accuracy control: the most sensitive layers are left in float
-until the drop on the validation split is within bound.
+Two corrections NNCF also applies: each quantized conv's bias absorbs the mean output shift of
+its rounded (7-bit without VNNI) weights, and the first conv and first depthwise conv stay in
+float (`keep_float`). `min_agreement` runs `control`'s search with trials that bypass Q/DQ pairs
+of the quantized graph; `max_accuracy_drop` keeps layers in float until the val drop is in bound.
 """
 
 from __future__ import annotations
@@ -35,7 +25,7 @@ from edgetl.notes import Note, render
 from edgetl.progress import track
 from edgetl.quantize.artifact import Inputs
 from edgetl.quantize.control import MAX_FLOAT_LAYERS, ControlSet, fidelity, latency_cost, search
-from edgetl.quantize.graph import dequantized_tensors, quantized_nodes
+from edgetl.quantize.graph import quantized_nodes, with_float_nodes
 from edgetl.recipe import QuantVariant
 from edgetl.runtime.bench import interleaved_latency
 from edgetl.runtime.engines import OnnxRuntimeEngine, open_engine
@@ -387,45 +377,12 @@ def _agreement_control(
         quantizer(trial_file, activation, kept + found.float_layers)
         engines = [OnnxRuntimeEngine(path, quantizer.threads) for path in (file, trial_file)]
         latency = latency_cost(*engines, control.inputs[:1])
-        final = replace(found, logits=np.concatenate(in_batches(engines[1].run, control.inputs)))
-        final = replace(final, reached=fidelity(final.logits, control.reference))
+        logits = np.concatenate(in_batches(engines[1].run, control.inputs))
+        final = replace(found, logits=logits, reached=fidelity(logits, control.reference))
         trial_file.replace(file)
     finally:
         trial_file.unlink(missing_ok=True)
     return final.record(control, latency)
-
-
-def with_float_nodes(quantized: onnx.ModelProto, float_model: onnx.ModelProto, nodes: list[str]) -> onnx.ModelProto:
-    """A copy of the QDQ model `quantized` in which `nodes` read float inputs: each input a DequantizeLinear
-    made is replaced by the tensor the node reads in `float_model` (the activation before its QuantizeLinear,
-    the float weight and bias). What `quantize_static` with these nodes excluded computes, without
-    quantizing again (a lite0 trial: one session instead of ~2 s of quantize_static).
-    """
-    import onnx
-
-    model = onnx.ModelProto()
-    model.CopyFrom(quantized)
-    dequantized = dequantized_tensors(model.graph)
-    float_nodes = {node.name: node for node in float_model.graph.node}
-    float_weights = {init.name: init for init in float_model.graph.initializer}
-    present = {init.name for init in model.graph.initializer}
-    wanted = set(nodes)
-    for node in model.graph.node:
-        if node.name not in wanted:
-            continue
-        for i, name in enumerate(node.input):
-            if name not in dequantized:
-                continue
-            source = float_nodes[node.name].input[i]
-            if source in float_weights:  # a weight or bias; its DequantizeLinear may output its float name
-                node.input[i] = f"{source}.float"
-                if node.input[i] not in present:
-                    model.graph.initializer.append(onnx.numpy_helper.from_array(
-                        onnx.numpy_helper.to_array(float_weights[source]), node.input[i]))  # fmt: skip
-                    present.add(node.input[i])
-            else:
-                node.input[i] = source
-    return model
 
 
 class _Reader:

@@ -272,6 +272,11 @@ class QuantVariant(Section):
                 "than FP32 in ONNX Runtime); use runtime: openvino and drop `precision`, `engine` and "
                 "`max_accuracy_drop`"
             )
+        if self.allow_below_agreement and self.min_agreement is None:
+            raise ValueError(
+                "allow_below_agreement lets a variant below its min_agreement be selected, but min_agreement is "
+                "null; set a bound (e.g. 0.99) or drop allow_below_agreement"
+            )
         if self.engine == "onnxruntime" and self.runtime != "onnxruntime":
             raise ValueError("engine onnxruntime quantizes for runtime onnxruntime only; use engine: nncf for openvino")
         if self.quantizer == "nncf" and (
