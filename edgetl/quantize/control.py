@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -107,6 +107,7 @@ class Search:
     ranked: int
     trials: list[tuple[int, float]]
     logits: np.ndarray  # (N, classes) of the chosen model on the control images
+    ranking: list[str] = field(default_factory=list)  # the ranked candidates, most sensitive first (≤ the limit)
 
     @property
     def met(self) -> bool:
@@ -168,12 +169,12 @@ def search(
     missed, count = 0, 1
     while not meets(count):  # doubling: the first count that meets the bound, or all of the ranking
         if count == len(ranking):
-            return Search(ranking, start, measured[count], bound, len(candidates), trials, logits[count])
+            return Search(ranking, start, measured[count], bound, len(candidates), trials, logits[count], ranking)
         missed, count = count, min(2 * count, len(ranking))
     while count - missed > 1:  # bisection: `missed` misses the bound, `count` meets it
         middle = (missed + count) // 2
         missed, count = (missed, middle) if meets(middle) else (middle, count)
-    return Search(ranking[:count], start, measured[count], bound, len(candidates), trials, logits[count])
+    return Search(ranking[:count], start, measured[count], bound, len(candidates), trials, logits[count], ranking)
 
 
 def rank(trial: Trial, candidates: Sequence[str], inputs: np.ndarray, reference: np.ndarray) -> list[str]:

@@ -32,7 +32,8 @@ def control(file: Path, fp32: Path, control_set: ControlSet, bound: float, threa
 
     core = ov.Core()
     quantized, original = core.read_model(str(file)), core.read_model(str(fp32))
-    config = {"INFERENCE_NUM_THREADS": threads} if threads else {}
+    # f32 as the engines run it: OpenVINO computes in bf16 by default on CPUs that have AVX-512 BF16
+    config = {"INFERENCE_PRECISION_HINT": "f32"} | ({"INFERENCE_NUM_THREADS": threads} if threads else {})
 
     def trial(float_ops: list[str], x: np.ndarray) -> np.ndarray:
         compiled = core.compile_model(with_float_ops(quantized, original, float_ops), "CPU", config)

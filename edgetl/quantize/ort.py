@@ -10,7 +10,7 @@ of the quantized graph; `max_accuracy_drop` keeps layers in float until the val 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,8 +24,9 @@ from edgetl.infer import accuracy, engine_logits, in_batches
 from edgetl.notes import Note, render
 from edgetl.progress import track
 from edgetl.quantize.artifact import Inputs
-from edgetl.quantize.control import MAX_FLOAT_LAYERS, ControlSet, fidelity, latency_cost, search
-from edgetl.quantize.graph import quantized_nodes, with_float_nodes
+from edgetl.quantize.control import ControlSet
+from edgetl.quantize.graph import quantized_nodes
+from edgetl.quantize.ort_control import agreement_control
 from edgetl.recipe import QuantVariant
 from edgetl.runtime.bench import interleaved_latency
 from edgetl.runtime.engines import OnnxRuntimeEngine, open_engine
@@ -72,17 +73,8 @@ def quantize(
             notes.append(Note("keep_float", {"nodes": ", ".join(kept)}))
         errors = weight_rounding_errors(float_model, calibration, reduce_range, input_name)
         notes.append(Note("bias_correction", {"convs": len(errors)}))
-        quantizer = _OrtQuantizer(
-            prepared,
-            float_model,
-            calibration,
-            variant.calibration_method,
-            ranges,
-            reduce_range,
-            input_name,
-            errors,
-            inputs.threads,
-        )
+        quantizer = _OrtQuantizer(prepared, float_model, calibration, variant.calibration_method, ranges,
+                                  reduce_range, input_name, errors, inputs.threads)  # fmt: skip
         if quantizer.reduce_range:
             notes.append(Note("reduce_range"))
         activation = variant.activation_type
@@ -101,7 +93,7 @@ def quantize(
             if excluded != kept:
                 quantizer(file, activation, excluded)
         elif control is not None and variant.min_agreement is not None:
-            record = _agreement_control(quantizer, file, activation, kept, control, variant.min_agreement)
+            record = agreement_control(quantizer, file, activation, kept, control, variant.min_agreement)
     finally:
         prepared.unlink(missing_ok=True)
         ranges.unlink(missing_ok=True)
@@ -348,41 +340,6 @@ def _sensitivity_ranking(
         quantizer(trial, activation, [*kept, node])
         error[node] = float(np.mean((quantizer.logits(trial, images, pre) - float_logits) ** 2))
     return sorted(nodes, key=error.__getitem__)
-
-
-def _agreement_control(
-    quantizer: _OrtQuantizer, file: Path, activation: str, kept: list[str], control: ControlSet, bound: float
-) -> dict:
-    """Leave the fewest quantized nodes of `file` in float (beyond `kept`) for agreement ≥ `bound` on the
-    control images (`control.search`); `file` is rewritten with them. Returns the search's record."""
-    import onnx
-
-    quantized = onnx.load(str(file))
-
-    def trial(float_layers: list[str], x: np.ndarray) -> np.ndarray:
-        import onnxruntime as ort
-
-        model = with_float_nodes(quantized, quantizer.float_model, float_layers).SerializeToString()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = quantizer.threads or 0  # 0: ONNX Runtime's default, the cores
-        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-        return np.concatenate(in_batches(lambda batch: session.run(None, {quantizer.input_name: batch})[0], x))
-
-    candidates = [node for node in quantized_nodes(quantized.graph) if node not in kept]
-    found = search(trial, candidates, control.inputs, control.reference, bound, MAX_FLOAT_LAYERS)
-    if not found.float_layers:
-        return found.record(control, {})
-    trial_file = file.with_name(f".{file.stem}.trial.onnx")
-    try:  # the file itself from quantize_static, measured again: the trials were its QDQ graph with nodes bypassed
-        quantizer(trial_file, activation, kept + found.float_layers)
-        engines = [OnnxRuntimeEngine(path, quantizer.threads) for path in (file, trial_file)]
-        latency = latency_cost(*engines, control.inputs[:1])
-        logits = np.concatenate(in_batches(engines[1].run, control.inputs))
-        final = replace(found, logits=logits, reached=fidelity(logits, control.reference))
-        trial_file.replace(file)
-    finally:
-        trial_file.unlink(missing_ok=True)
-    return final.record(control, latency)
 
 
 class _Reader:
