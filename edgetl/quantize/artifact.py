@@ -57,8 +57,7 @@ class QuantizedArtifact:
             "notes": self.notes_text(),
             "note_records": [note.to_dict() for note in self.notes],
             "file": self.file.name,
-            "agreement_control": self.agreement_control,
-        }
+        } | ({"agreement_control": self.agreement_control} if self.agreement_control is not None else {})
 
     def save(self, folder: Path) -> None:
         """Write `folder/quantize.json`; the model file is already in `folder` (run_variant made it there).
