@@ -18,6 +18,7 @@ so the chosen count is one whose count − 1 was measured below the bound.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -154,7 +155,9 @@ def search(
     if start.agreement >= bound or not candidates or limit < 1:
         return Search([], start, start, bound, 0, trials, start_logits)
     worst = np.argsort(-_softmax_delta(start_logits, reference), kind="stable")[:RANKING_IMAGES]
+    started = time.monotonic()
     ranking = rank(trial, candidates, inputs[np.sort(worst)], reference[np.sort(worst)])[:limit]
+    log.info("agreement search: ranked %d layers in %.1fs", len(candidates), time.monotonic() - started)
     measured: dict[int, Fidelity] = {0: start}
     logits: dict[int, np.ndarray] = {}
 
