@@ -15,7 +15,7 @@ from edgetl.build_report import BuildReport
 from edgetl.models import load_checkpoint
 from edgetl.pipeline import train_model
 from edgetl.quantize import Inputs, QuantizedArtifact, run_variant
-from edgetl.quantize.control import fidelity, search
+from edgetl.quantize.control import fidelity, search, verify
 from edgetl.quantize.graph import quantized_nodes, with_float_nodes
 from edgetl.quantize.nncf_control import quantized_ops, with_float_ops
 from edgetl.recipe import GatesConfig, QuantVariant, load_recipe
@@ -70,7 +70,7 @@ def test_the_ort_agreement_search_stops_at_the_bound(tiny, tmp_path: Path) -> No
     assert record["start"]["agreement"] < 1.0, "the tiny model no longer needs the search: make the test harder"
     assert record["met"] and record["reached"]["all"]["agreement"] == 1.0
     count = len(record["float_layers_added"])
-    trials, files = dict(record["trials"]), dict(record["file_checks"])  # (count, agreement): trials, the file
+    trials, files = dict(record["trials"]), dict(record["checks"])  # (count, agreement): trials, the file
     assert count >= 1 and files[count] == 1.0
     assert files.get(count - 1, trials[count - 1]) < 1.0  # one ranked layer fewer misses the bound
     assert set(made.float_layers) >= {n for n in record["float_layers_added"] if n.endswith("Conv")}
@@ -129,9 +129,9 @@ def test_the_search_keeps_the_shortest_prefix_of_the_ranking_that_meets_the_boun
         return h @ head
 
     reference = run(list(layers), x)
-    found = search(run, list(layers), x, reference, bound=0.97, limit=6)
+    found, checks = verify(search(run, list(layers), x, reference, bound=0.97, limit=6), lambda f: run(f, x), reference)
     assert found.start.agreement < 0.97 <= found.reached.agreement
-    assert found.met and found.reached == fidelity(run(found.float_layers, x), reference)
+    assert found.met and found.reached == fidelity(run(found.float_layers, x), reference) and checks[-1][1] >= 0.97
     count = len(found.float_layers)
     shorter = fidelity(run(found.float_layers[:-1], x), reference).agreement
     assert shorter < 0.97  # one layer fewer misses the bound

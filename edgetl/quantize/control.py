@@ -12,7 +12,8 @@ measured sensitivity (the error left with that layer alone in float, on the cont
 the fully quantized model gets most wrong, as NNCF's accuracy control ranks its quantizers),
 then finds the shortest prefix of the ranking that meets the bound: 1, 2, 4, … layers until
 the bound holds, then a bisection between the last count that missed and the first that met,
-so the chosen count is one whose count − 1 was measured below the bound.
+so the chosen count is one whose count − 1 was found below the bound. `verify` then measures
+the file-to-be on every control image, adding the next ranked layer while it misses.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -107,7 +108,7 @@ class Search:
     bound: float
     ranked: int
     trials: list[tuple[int, float]]
-    logits: np.ndarray  # (N, classes) of the chosen model on the control images
+    logits: np.ndarray | None  # (N, classes) of the chosen model on the control images; None: not measured yet
     ranking: list[str] = field(default_factory=list)  # the ranked candidates, most sensitive first (≤ the limit)
 
     @property
@@ -141,43 +142,70 @@ def search(
     """The fewest of `candidates`, most sensitive first, to keep in float for agreement ≥ `bound`
     with `reference` (the FP32 logits of `inputs`), at most `limit` of them.
 
-    `inputs`: float32 (N, 3, S, S), the control images, preprocessed. Costs one trial on all of
-    them per count tried (about 2·log2 of the count chosen) plus one on `RANKING_IMAGES` per
-    candidate, and none of those when the fully quantized model already meets the bound.
-    When even `limit` layers miss it, the result has them all and `met` is False.
+    `inputs`: float32 (N, 3, S, S), the control images, preprocessed. The fully quantized model
+    runs on all of them; each later trial only on the images it can change: those it disagrees
+    on and the quarter with the smallest FP32 margin (the rest count as they were), so its
+    agreement is an estimate and `logits` None until `verify` measures the choice on every image.
+    Costs one trial on `RANKING_IMAGES` images per candidate and about 2·log2 of the count
+    chosen on the focus images; nothing more when the fully quantized model meets the bound.
+    When even `limit` layers miss it, the result has them all.
 
-    >>> search(trial, ["conv1", "conv2"], control, fp32_logits, 0.99, limit=8).float_layers
-    ['conv2']
+    >>> verify(search(trial, ["conv1", "conv2"], control, fp32_logits, 0.99, limit=8), measure, fp32_logits)
     """
     start_logits = trial([], inputs)
     start = fidelity(start_logits, reference)
     trials = [(0, start.agreement)]
     if start.agreement >= bound or not candidates or limit < 1:
         return Search([], start, start, bound, 0, trials, start_logits)
-    worst = np.argsort(-_softmax_delta(start_logits, reference), kind="stable")[:RANKING_IMAGES]
+    worst = np.sort(np.argsort(-_softmax_delta(start_logits, reference), kind="stable")[:RANKING_IMAGES])
     started = time.monotonic()
-    ranking = rank(trial, candidates, inputs[np.sort(worst)], reference[np.sort(worst)])[:limit]
+    ranking = rank(trial, candidates, inputs[worst], reference[worst])[:limit]
     log.info("agreement search: ranked %d layers in %.1fs", len(candidates), time.monotonic() - started)
-    measured: dict[int, Fidelity] = {0: start}
-    logits: dict[int, np.ndarray] = {}
+    agrees = start_logits.argmax(1) == reference.argmax(1)  # (N,)
+    top2 = np.sort(reference, axis=1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    focus = np.flatnonzero(~agrees | (margin <= np.quantile(margin, 0.25)))
+    outside = int(agrees.sum() - agrees[focus].sum())
+    measured = {0: start.agreement}
 
     def meets(count: int) -> bool:
         if count not in measured:
-            logits[count] = trial(ranking[:count], inputs)
-            measured[count] = fidelity(logits[count], reference)
-            trials.append((count, measured[count].agreement))
-            log.info("agreement search: %d layer(s) in float → agreement %.4f", count, measured[count].agreement)
-        return measured[count].agreement >= bound
+            hits = trial(ranking[:count], inputs[focus]).argmax(1) == reference[focus].argmax(1)
+            measured[count] = (outside + int(hits.sum())) / len(reference)
+            trials.append((count, measured[count]))
+            log.info("agreement search: %d layer(s) in float → agreement ~%.4f", count, measured[count])
+        return measured[count] >= bound
+
+    def estimate(count: int) -> Search:
+        reached = Fidelity(measured[count], float("nan"), len(reference))
+        return Search(ranking[:count], start, reached, bound, len(candidates), trials, None, ranking)
 
     missed, count = 0, 1
     while not meets(count):  # doubling: the first count that meets the bound, or all of the ranking
         if count == len(ranking):
-            return Search(ranking, start, measured[count], bound, len(candidates), trials, logits[count], ranking)
+            return estimate(count)
         missed, count = count, min(2 * count, len(ranking))
     while count - missed > 1:  # bisection: `missed` misses the bound, `count` meets it
         middle = (missed + count) // 2
         missed, count = (missed, middle) if meets(middle) else (middle, count)
-    return Search(ranking[:count], start, measured[count], bound, len(candidates), trials, logits[count], ranking)
+    return estimate(count)
+
+
+def verify(
+    found: Search, measure: Callable[[list[str]], np.ndarray], reference: np.ndarray, extra: int = 4
+) -> tuple[Search, list[list]]:
+    """`found` measured on every control image (`measure`: float layers → (N, classes) logits of the model
+    that will be the file); while it misses the bound, the next ranked layer joins, at most `extra` more.
+    Returns the measured result and each check as [count, agreement]."""
+    count, checks = len(found.float_layers), []
+    while True:
+        logits = measure(found.ranking[:count])
+        result = replace(found, float_layers=found.ranking[:count], logits=logits,
+                         reached=fidelity(logits, reference))  # fmt: skip
+        checks.append([count, result.reached.agreement])
+        if result.met or count >= min(len(found.ranking), len(found.float_layers) + extra):
+            return result, checks
+        count += 1
 
 
 def rank(trial: Trial, candidates: Sequence[str], inputs: np.ndarray, reference: np.ndarray) -> list[str]:

@@ -19,7 +19,7 @@ import numpy as np
 
 from edgetl.export import save_openvino
 from edgetl.infer import in_batches
-from edgetl.quantize.control import MAX_FLOAT_LAYERS, ControlSet, latency_cost, search
+from edgetl.quantize.control import MAX_FLOAT_LAYERS, ControlSet, latency_cost, search, verify
 from edgetl.runtime.engines import open_engine
 
 _WEIGHTS = "/fq_weights_"  # NNCF names the decompression chain of an operation's int8 weights <op>/fq_weights_<port>
@@ -42,6 +42,7 @@ def control(file: Path, fp32: Path, control_set: ControlSet, bound: float, threa
     found = search(trial, quantized_ops(quantized), control_set.inputs, control_set.reference, bound, MAX_FLOAT_LAYERS)
     if not found.float_layers:
         return found.record(control_set, {})
+    found, checks = verify(found, lambda float_ops: trial(float_ops, control_set.inputs), control_set.reference)
     trial_file = file.with_name(f".{file.stem}.trial.xml")
     try:
         save_openvino(with_float_ops(quantized, original, found.float_layers), trial_file, compress_to_fp16=False)
@@ -52,7 +53,7 @@ def control(file: Path, fp32: Path, control_set: ControlSet, bound: float, threa
     finally:
         trial_file.unlink(missing_ok=True)
         trial_file.with_suffix(".bin").unlink(missing_ok=True)
-    return found.record(control_set, latency)
+    return found.record(control_set, latency) | {"checks": checks}  # [count, agreement] on every control image
 
 
 def quantized_ops(model) -> list[str]:

@@ -4,13 +4,12 @@ then the file quantized again with those nodes excluded, and checked."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from edgetl.infer import in_batches
-from edgetl.quantize.control import MAX_FLOAT_LAYERS, ControlSet, fidelity, latency_cost, search
+from edgetl.quantize.control import MAX_FLOAT_LAYERS, ControlSet, latency_cost, search, verify
 from edgetl.quantize.graph import quantized_nodes, with_float_nodes
 from edgetl.runtime.engines import OnnxRuntimeEngine
 
@@ -42,24 +41,16 @@ def agreement_control(
     if not found.float_layers:
         return found.record(control, {})
     trial_file = file.with_name(f".{file.stem}.trial.onnx")
-    try:  # the file from quantize_static, measured: the trials approximate it (activations clipped, not float),
-        # so while it misses the bound, the next ranked node joins (at most _VERIFIED more)
-        count, checks = len(found.float_layers), []
-        while True:
-            quantizer(trial_file, activation, kept + found.ranking[:count])
-            engine = OnnxRuntimeEngine(trial_file, quantizer.threads)
-            logits = np.concatenate(in_batches(engine.run, control.inputs))
-            final = replace(found, float_layers=found.ranking[:count], logits=logits,
-                            reached=fidelity(logits, control.reference))  # fmt: skip
-            checks.append([count, final.reached.agreement])
-            if final.met or count >= min(len(found.ranking), len(found.float_layers) + _VERIFIED):
-                break
-            count += 1
-        latency = latency_cost(OnnxRuntimeEngine(file, quantizer.threads), engine, control.inputs[:1])
+
+    def measure(float_layers: list[str]) -> np.ndarray:  # the file itself: the trials approximate it
+        quantizer(trial_file, activation, kept + float_layers)  # (activations clipped, not float)
+        return np.concatenate(in_batches(OnnxRuntimeEngine(trial_file, quantizer.threads).run, control.inputs))
+
+    try:
+        final, checks = verify(found, measure, control.reference)
+        engines = [OnnxRuntimeEngine(path, quantizer.threads) for path in (file, trial_file)]
+        latency = latency_cost(*engines, control.inputs[:1])
         trial_file.replace(file)
     finally:
         trial_file.unlink(missing_ok=True)
-    return final.record(control, latency) | {"file_checks": checks}  # (count, agreement) of the file itself
-
-
-_VERIFIED = 4  # ranked nodes the quantized file may need beyond the search's trials
+    return final.record(control, latency) | {"checks": checks}  # [count, agreement] of the file itself
