@@ -188,3 +188,29 @@ def test_recipe_fields_of_the_agreement_control() -> None:
             QuantVariant(runtime="onnxruntime", min_agreement=bad)
     with pytest.raises(ValidationError, match="allow_below_agreement lets a variant below its min_agreement"):
         QuantVariant(runtime="onnxruntime", min_agreement=None, allow_below_agreement=True)
+
+
+@pytest.mark.slow
+def test_a_build_checks_each_variant_against_its_bound_and_reports_the_control(tiny_recipe: Path, tmp_path: Path):
+    """The pipeline's wiring: the variant's bound reaches the gates, the control's record the reports."""
+    from edgetl.pipeline import build
+    from edgetl.recipe import Recipe
+
+    recipe = load_recipe(tiny_recipe)
+    variant = {"runtime": "onnxruntime", "activation_type": "int8", "keep_float": [], "min_agreement": 1.0}
+    # select the smallest: the INT8 file, unless it is below its bound (at 32 px the FP32 file can be the faster)
+    recipe = Recipe.model_validate({**recipe.model_dump(mode="json"), "quantize": [variant], "select": "smallest"})
+    report = build(recipe, tmp_path / "run").report
+    (outcome,) = [g for g in report.gates if g.gate == "quantize.min_agreement"]
+    row = next(v for v in report.variants if v.name == "ort-int8")
+    assert (outcome.variant, outcome.threshold, outcome.value, outcome.enforced) == (
+        "ort-int8",
+        1.0,
+        row.agreement,
+        True,
+    )
+    assert outcome.passed == (row.agreement == 1.0) and (report.selected.name == "ort-int8") == outcome.passed
+    control = report.quantize[0]["agreement_control"]
+    assert control["min_agreement"] == 1.0 and control["reached"]["all"]["agreement"] >= control["start"]["agreement"]
+    markdown = (tmp_path / "run" / "report.md").read_text()
+    assert "Agreement with FP32 (agreement control)" in markdown and ("✗ below" in markdown) != outcome.passed
