@@ -99,7 +99,7 @@ def summary(report: dict) -> dict:
             "latency_vs_ort_fp32": round(p50[v["name"]] / p50["onnx-fp32"], 3),
             "float_layers": v["float_layers"],
             "control": {k: controls.get(v["name"], {}).get(k) for k in ("met", "float_layers_added", "start", "reached",
-                                                                        "latency_ms", "trials", "file_checks")},
+                                                                        "latency_ms", "trials", "checks")},
         }
         for v in report["variants"]
         if v["precision"] == "int8"

@@ -137,7 +137,8 @@ def test_the_search_keeps_the_shortest_prefix_of_the_ranking_that_meets_the_boun
     assert shorter < 0.97  # one layer fewer misses the bound
     assert len(found.trials) <= 2 + 2 * int(np.ceil(np.log2(max(count, 2))))  # doubling, then bisection
     unreachable = search(run, list(layers), x, reference, bound=1.0, limit=2)
-    assert not unreachable.met and len(unreachable.float_layers) == 2
+    closest = max([1, 2], key=lambda n: (dict(unreachable.trials)[n], -n))
+    assert not unreachable.met and unreachable.float_layers == unreachable.ranking[:closest]
 
 
 def row(name: str, runtime: str, agreement: float, p50: float) -> VariantMetrics:

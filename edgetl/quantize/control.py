@@ -148,7 +148,8 @@ def search(
     agreement is an estimate and `logits` None until `verify` measures the choice on every image.
     Costs one trial on `RANKING_IMAGES` images per candidate and about 2·log2 of the count
     chosen on the focus images; nothing more when the fully quantized model meets the bound.
-    When even `limit` layers miss it, the result has them all.
+    When even `limit` layers miss it, the result has the count that came closest (more float
+    layers do not always help: each trial's noise is not additive).
 
     >>> verify(search(trial, ["conv1", "conv2"], control, fp32_logits, 0.99, limit=8), measure, fp32_logits)
     """
@@ -182,8 +183,8 @@ def search(
 
     missed, count = 0, 1
     while not meets(count):  # doubling: the first count that meets the bound, or all of the ranking
-        if count == len(ranking):
-            return estimate(count)
+        if count == len(ranking):  # missed: the count that came closest (the fewest of equals)
+            return estimate(max(sorted(c for c in measured if c), key=measured.__getitem__))
         missed, count = count, min(2 * count, len(ranking))
     while count - missed > 1:  # bisection: `missed` misses the bound, `count` meets it
         middle = (missed + count) // 2
@@ -195,9 +196,11 @@ def verify(
     found: Search, measure: Callable[[list[str]], np.ndarray], reference: np.ndarray, extra: int = 4
 ) -> tuple[Search, list[list]]:
     """`found` measured on every control image (`measure`: float layers → (N, classes) logits of the model
-    that will be the file); while it misses the bound, the next ranked layer joins, at most `extra` more.
+    that will be the file); while it misses the bound, the next ranked layer joins, at most `extra` more
+    (none when the search's estimate already missed it).
     Returns the measured result and each check as [count, agreement]."""
     count, checks = len(found.float_layers), []
+    extra = extra if found.met else 0  # the search's estimate missed: the file as it is, measured once
     while True:
         logits = measure(found.ranking[:count])
         result = replace(found, float_layers=found.ranking[:count], logits=logits,
