@@ -81,6 +81,7 @@ def test_the_ort_agreement_search_stops_at_the_bound(tiny, tmp_path: Path) -> No
     assert [note.kind for note in made.notes if note.kind.startswith("agreement")] == ["agreement_control_latency"]
 
 
+@pytest.mark.slow
 def test_reverting_every_quantized_node_or_op_gives_back_the_fp32_model(tiny, tmp_path: Path) -> None:
     """The trials of both runtimes revert what they are asked to: with every quantized node in float, the
     logits are FP32's (ONNX Runtime's activations still within their calibrated ranges)."""
