@@ -91,7 +91,21 @@ def summary(report: dict) -> dict:
     ]
     p50 = {name: row["latency_ms"]["p50"] for name, row in rows.items()}
     best_int8 = min(int8, key=lambda v: v["latency_ms"]["p50"])
+    controls = {q["name"]: q.get("agreement_control") or {} for q in report["quantize"]}
+    agreement = {
+        v["name"]: {
+            "test_agreement": v["agreement"],
+            "test_accuracy_drop_points": round(100 * v["accuracy_drop"], 2),
+            "latency_vs_ort_fp32": round(p50[v["name"]] / p50["onnx-fp32"], 3),
+            "float_layers": v["float_layers"],
+            "control": {k: controls.get(v["name"], {}).get(k) for k in ("met", "float_layers_added", "start", "reached",
+                                                                        "latency_ms", "trials", "checks")},
+        }
+        for v in report["variants"]
+        if v["precision"] == "int8"
+    }  # fmt: skip
     return {
+        "agreement_control": agreement,
         "parity": [
             {k: p[k] for k in ("name", "agreement", "max_abs_logit_delta", "images")}
             for p in report["export"]["parity"]

@@ -55,6 +55,8 @@ GATES: dict[str, Gate] = {
         Gate("min_agreement", True, "fraction", lambda v: v.agreement),
         Gate("max_latency_ms", False, "ms", lambda v: v.latency_ms.p50),
         Gate("max_size_mb", False, "MB", lambda v: v.size_mb),
+        # not a `gates` field: each quantized variant's own `quantize[].min_agreement`, checked on the test split
+        Gate("quantize.min_agreement", True, "fraction", lambda v: v.agreement),
     )
 }
 _POLICIES: dict[str, tuple[Callable[[VariantMetrics], tuple], str]] = {
@@ -80,13 +82,16 @@ class GateOutcome:
     variant: str
     value: float
     passed: bool
+    # False for a variant whose recipe lets it be selected below its bound (`allow_below_agreement`): marked only
+    enforced: bool = True
 
     def describe(self) -> str:
         """One line: gate, threshold, measured value, variant."""
         gate = GATES[self.gate]
+        allowed = "" if self.enforced else " (allowed: allow_below_agreement)"
         return (
             f"gate {self.gate} failed for {self.variant}: needs {gate.relation} {self.threshold:g}{gate.suffix}, "
-            f"measured {self.value:.4g}{gate.suffix}"
+            f"measured {self.value:.4g}{gate.suffix}{allowed}"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -149,12 +154,20 @@ class Decision:
 
 
 def run(
-    variants: list[VariantMetrics], config: GatesConfig, policy: str, device_runtimes: Sequence[str] | None = None
+    variants: list[VariantMetrics],
+    config: GatesConfig,
+    policy: str,
+    device_runtimes: Sequence[str] | None = None,
+    agreement_bounds: dict[str, tuple[float, bool]] | None = None,
 ) -> Decision:
-    """Check every deployable variant against the recipe's gates and select one that runs on
-    `device_runtimes` (None: any runtime).
+    """Check every deployable variant against the recipe's gates and its own agreement bound, and select one
+    that runs on `device_runtimes` (None: any runtime).
 
-    >>> run(report.variants, recipe.gates, recipe.select, recipe.device.runtimes).selected
+    `agreement_bounds`: variant name → (`quantize[].min_agreement`, `allow_below_agreement`). A variant whose
+    test agreement is below its bound gets a failed `quantize.min_agreement` outcome and is not selected,
+    unless allowed (the outcome is then marked, not enforced).
+
+    >>> run(report.variants, recipe.gates, recipe.select, recipe.device.runtimes, {"ort-int8": (0.99, False)}).selected
     'ort-int8'
     """
     deployable = [v for v in variants if v.runtime != "pytorch"]
@@ -164,7 +177,13 @@ def run(
         for gate, threshold in thresholds.items():
             value = float(GATES[gate].read(variant))
             outcomes.append(GateOutcome(gate, threshold, variant.name, value, GATES[gate].passes(value, threshold)))
-    failed = {o.variant for o in outcomes if not o.passed}
+        if variant.name in (agreement_bounds or {}):
+            bound, allowed = agreement_bounds[variant.name]
+            agreement = float(variant.agreement)
+            outcomes.append(
+                GateOutcome("quantize.min_agreement", bound, variant.name, agreement, agreement >= bound, not allowed)
+            )
+    failed = {o.variant for o in outcomes if not o.passed and o.enforced}
     passing = [v for v in deployable if v.name not in failed]
     candidates = [v for v in passing if device_runtimes is None or v.runtime in device_runtimes]
     elsewhere = ", ".join(f"{v.name} ({v.runtime})" for v in passing if v not in candidates)
@@ -179,8 +198,9 @@ def run(
             reason = "there is no deployable variant (no runtime was available)"
         return Decision(outcomes, None, policy, reason)
     chosen = min(candidates, key=key)
-    which = " and ".join(filter(None, ["pass every gate" if thresholds else "", on_device]))
+    checked = thresholds or agreement_bounds
+    which = " and ".join(filter(None, ["pass every gate" if checked else "", on_device]))
     reason = f"{description} of the {len(candidates)} variant(s)" + (f" that {which}" if which else "")
-    reason += "" if thresholds else " (no gates set)"
+    reason += "" if checked else " (no gates set)"
     reason += f"; not considered, measured on a runtime the device lacks: {elsewhere}" if elsewhere else ""
     return Decision(outcomes, chosen.name, policy, reason, chosen.runtime)

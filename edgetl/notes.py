@@ -31,6 +31,16 @@ TEMPLATES: dict[str, str] = {
     "accuracy_control_missed": "accuracy control: {count} more of {ranked} quantized node(s) left in float, "
     "val drop {drop:.4f} NOT within {max_drop}",
     "float_layers": "{count} weighted layer(s) kept in float: {layers}",
+    "agreement_control": "agreement control: {count} more layer(s) in float for agreement ≥ {bound} with FP32 "
+    "(fully quantized {start:.4f}; reached {val:.4f} on val, {calibration:.4f} on the calibration images)",
+    "agreement_control_latency": "agreement control: {count} more layer(s) in float for agreement ≥ {bound} with "
+    "FP32 (fully quantized {start:.4f}; reached {val:.4f} on val, {calibration:.4f} on the calibration images), "
+    "at {ms:.2f} ms against {quantized_ms:.2f} ms fully quantized",
+    "agreement_control_missed": "agreement control: bound {bound} NOT met with {count} more layer(s) in float "
+    "(fully quantized {start:.4f}; reached {val:.4f} on val, {calibration:.4f} on the calibration images)",
+    "agreement_control_missed_latency": "agreement control: bound {bound} NOT met with {count} more layer(s) in "
+    "float (fully quantized {start:.4f}; reached {val:.4f} on val, {calibration:.4f} on the calibration images), "
+    "at {ms:.2f} ms against {quantized_ms:.2f} ms fully quantized",
     "qat": "QAT: val accuracy {start:.4f} after calibration, {best:.4f} after fine-tuning "
     "(best epoch {best_epoch} of {epochs}, {seconds:.0f}s)",
     # train

@@ -97,7 +97,9 @@ def build(
     quantized = [_quantize_stage(ctx, exported, transferred.trained, variant, export_key) for variant in plan.variants]
     artifacts = _artifacts(exported, quantized)
     measured = _validate_stage(ctx, transferred.trained, artifacts, export_key)
-    decision = gates.run(measured.variants, recipe.gates, recipe.select, recipe.device.runtimes)
+    decision = gates.run(
+        measured.variants, recipe.gates, recipe.select, recipe.device.runtimes, _agreement_bounds(plan.variants)
+    )
     made = _Made(transferred, metrics, recipe_hash, exported, quantized, measured)
     content = _report(ctx, plan, made, decision)
     if decision.passed:  # bundle and archive first: no report may say "passed" before they are complete
@@ -109,6 +111,11 @@ def build(
         failures = "\n".join(decision.failures() + [decision.reason])
         raise GateFailure(f"gates failed, no variant can be deployed; report in {run_dir / 'report.html'}:\n{failures}")
     return BuildResult(run_dir, metrics, content)
+
+
+def _agreement_bounds(variants: list[QuantVariant]) -> dict[str, tuple[float, bool]]:
+    """Each quantized variant's `min_agreement` and whether the recipe lets it be selected below it."""
+    return {v.display_name: (v.min_agreement, v.allow_below_agreement) for v in variants if v.min_agreement is not None}
 
 
 def train_model(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = False) -> dict | None:

@@ -20,6 +20,7 @@ from edgetl.report_content import (
     DASH,
     VARIANT_COLUMNS,
     Run,
+    agreement_table,
     failed_gates,
     gate_value,
     pareto_front,
@@ -91,7 +92,7 @@ def build_markdown(report: BuildReport) -> str:
     else:
         lines += ["", "**Selected:** none; no variant passes every gate."]
     lines += ["", f"**Pareto front** (fastest first): {_front_names([('', v) for v in variants])}"]
-    for table in transfer_tables(report):
+    for table in filter(None, [agreement_table(report), *transfer_tables(report)]):
         lines += ["", f"**{table.title}**", ""] + _markdown_table(
             table.headers, table.rows, [False] + [True] * (len(table.headers) - 1)
         )

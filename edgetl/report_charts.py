@@ -108,6 +108,29 @@ def accuracy_latency_svg(
         return _svg(fig)
 
 
+def agreement_latency_svg(points: Sequence[ChartPoint], min_agreement: float | None = None) -> str:
+    """Top-1 agreement with the FP32 model (each point's `accuracy` holds it) against p50 latency, with the
+    lowest `quantize[].min_agreement` bound as a line: what accuracy on a small test split hides.
+
+    >>> svg = agreement_latency_svg([ChartPoint("ort-int8", 2.5, 0.992)], 0.99)
+    """
+    with _style("agreement-latency"):
+        fig, ax = _figure((9.4, 3.6))
+        ax.plot([p.latency_ms for p in points], [p.accuracy * 100 for p in points], "o", color="C2", markersize=7,
+                label="variants", zorder=3)  # fmt: skip
+        if min_agreement is not None:
+            label = f"min_agreement {min_agreement * 100:.2f}%"
+            ax.axhline(min_agreement * 100, color="tab:red", linestyle="--", linewidth=1, label=label)
+        _latency_axis(ax, [p.latency_ms for p in points])
+        ax.margins(x=0.12, y=0.25)
+        ax.set_xlabel("p50 latency (ms) · lower is better")
+        ax.set_ylabel("agreement with FP32 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8)
+        _label_points(fig, ax, [(p, "0.15") for p in points])
+        return _svg(fig)
+
+
 def _gate_lines(ax: Axes, min_accuracy: float | None, max_latency_ms: float | None) -> None:
     """The accuracy and latency gates, where the recipe sets them, as a horizontal and a vertical line."""
     if min_accuracy is not None:

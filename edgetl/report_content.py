@@ -248,3 +248,29 @@ def transfer_tables(report: BuildReport) -> list[TransferTable]:
         )
         tables.append(TransferTable(title, ("model", "target accuracy", "source test accuracy"), tuple(rows)))
     return tables
+
+
+def agreement_table(report: BuildReport) -> TransferTable | None:
+    """Per quantized variant with a `min_agreement`: the bound, the layers the agreement control kept in
+    float, agreement with FP32 fully quantized and reached (val, calibration images, test), and the latency
+    the float layers cost. None when no variant has a bound."""
+    bounds = {g.variant: g for g in report.gates if g.gate == "quantize.min_agreement"}
+    if not bounds:
+        return None
+    controls = {q["name"]: q.get("agreement_control") or {} for q in report.quantize}
+    rows = []
+    for name, outcome in bounds.items():
+        control = controls.get(name, {})
+        reached, latency = control.get("reached", {}), control.get("latency_ms") or {}
+        added = control.get("float_layers_added")
+        cost = f"{latency['quantized']:.2f} → {latency['with_float_layers']:.2f}" if latency else DASH
+        test = pct(outcome.value) + ("" if outcome.passed else " ✗ below" + ("" if outcome.enforced else " (allowed)"))
+        rows.append((
+            name, pct(outcome.threshold), DASH if added is None else f"{len(added)}: {', '.join(added[:4])}"
+            + (" …" if len(added) > 4 else ""), pct(control.get("start", {}).get("agreement")),
+            pct(reached.get("val", {}).get("agreement")), pct(reached.get("calibration", {}).get("agreement")),
+            test, cost,
+        ))  # fmt: skip
+    headers = ("variant", "min agreement", "layers kept in float", "fully quantized", "val", "calibration", "test",
+               "latency ms (int8 → with float layers)")  # fmt: skip
+    return TransferTable("Agreement with FP32 (agreement control)", headers, tuple(rows))

@@ -11,11 +11,19 @@ from collections.abc import Sequence
 from html import escape
 
 from edgetl.build_report import BuildReport
-from edgetl.report_charts import ChartPoint, Series, accuracy_latency_svg, confusion_svg, training_svg
+from edgetl.report_charts import (
+    ChartPoint,
+    Series,
+    accuracy_latency_svg,
+    agreement_latency_svg,
+    confusion_svg,
+    training_svg,
+)
 from edgetl.report_content import (
     DASH,
     DETAIL_COLUMNS,
     Run,
+    agreement_table,
     class_scores,
     focus_variant,
     gate_rule,
@@ -68,6 +76,7 @@ def build_page(report: BuildReport) -> str:
     series = [Series("variants (bars: accuracy 95% CI)", tuple(_points(variants)))]
     sections = [
         _chart_section(series, gate_threshold(report, "min_accuracy"), gate_threshold(report, "max_latency_ms")),
+        _agreement_section(report),
         _section("Variants", _variant_table([("", v) for v in variants], selected.name if selected else None)),
         _section("Gates", _gate_table(report)),
         _focus_section(report),
@@ -81,7 +90,7 @@ def build_page(report: BuildReport) -> str:
                     [None] * len(t.rows),
                 ),
             )
-            for t in transfer_tables(report)
+            for t in filter(None, [agreement_table(report), *transfer_tables(report)])
         ),
         _dataset_section(report.dataset),
         _build_section(report),
@@ -134,6 +143,16 @@ def _chart_section(series: Sequence[Series], min_accuracy: float | None, max_lat
     front = [points[i] for i in pareto_front([(p.latency_ms, p.accuracy) for p in points])]
     chart = accuracy_latency_svg(series, front, min_accuracy, max_latency_ms)
     return _section("Accuracy vs latency", f'<div class="chart">{chart}</div>')
+
+
+def _agreement_section(report: BuildReport) -> str:
+    """Agreement with FP32 vs latency of every deployable variant, with the lowest agreement bound."""
+    points = [ChartPoint(v.name, v.latency_ms.p50, v.agreement) for v in report.variants if v.runtime != "pytorch"]
+    bounds = [g.threshold for g in report.gates if g.gate in ("quantize.min_agreement", "min_agreement")]
+    if not points:
+        return ""
+    chart = agreement_latency_svg(points, min(bounds) if bounds else None)
+    return _section("Agreement with FP32 vs latency", f'<div class="chart">{chart}</div>')
 
 
 def _section(heading: str, body: str) -> str:

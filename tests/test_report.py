@@ -216,7 +216,7 @@ def test_html_is_self_contained_and_escaped(written: ReportFiles) -> None:
     # Namespace declarations name URLs but load nothing; anything else would be a fetch.
     without_namespaces = re.sub(r'xmlns(:\w+)?="[^"]*"', "", page)
     assert "http://" not in without_namespaces and "https://" not in without_namespaces
-    assert page.count("<svg") == 3  # accuracy vs latency, confusion matrix, training curves
+    assert page.count("<svg") == 4  # accuracy vs latency, confusion matrix, training curves
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
 
 
@@ -293,7 +293,8 @@ def test_compare_names_the_field_a_report_lacks(tmp_path: Path) -> None:
 
 
 def test_every_recipe_gate_is_in_the_one_gate_table_and_reads_its_direction_from_it() -> None:
-    assert set(GatesConfig.model_fields) == set(GATES)
+    # and each quantized variant's own bound, `quantize[].min_agreement`
+    assert set(GatesConfig.model_fields) | {"quantize.min_agreement"} == set(GATES)
     rules = {name: gate_rule(GateOutcome(name, 0.5, "ort-int8", 0.25, False)) for name in GATES}
     assert rules == {
         "min_accuracy": "min_accuracy ≥ 50.00%",
@@ -301,6 +302,7 @@ def test_every_recipe_gate_is_in_the_one_gate_table_and_reads_its_direction_from
         "min_agreement": "min_agreement ≥ 50.00%",
         "max_latency_ms": "max_latency_ms ≤ 0.50 ms",
         "max_size_mb": "max_size_mb ≤ 0.50 MB",
+        "quantize.min_agreement": "quantize.min_agreement ≥ 50.00%",
     }
     row = VariantMetrics.from_dict(make_variant("ort-int8", "onnxruntime", "int8", 0.93, 1.5, [[1]]))
     assert {name: gate.read(row) for name, gate in GATES.items()} == {
@@ -309,6 +311,7 @@ def test_every_recipe_gate_is_in_the_one_gate_table_and_reads_its_direction_from
         "min_agreement": 0.93,
         "max_latency_ms": 1.5,
         "max_size_mb": 3.8,
+        "quantize.min_agreement": 0.93,
     }
     assert GateOutcome("max_size_mb", 3.0, "ort-int8", 3.8, False).describe() == (
         "gate max_size_mb failed for ort-int8: needs ≤ 3 MB, measured 3.8 MB"

@@ -22,12 +22,15 @@ import numpy as np
 
 from edgetl.errors import RecipeError
 from edgetl.export import ExportResult, to_openvino
+from edgetl.infer import in_batches
 from edgetl.models import TransferModel
 from edgetl.notes import Note, render
-from edgetl.quantize import nncf_ptq, ort, qat
+from edgetl.quantize import nncf_control, nncf_ptq, ort, qat
 from edgetl.quantize.artifact import Inputs, QuantizedArtifact
+from edgetl.quantize.control import ControlSet
 from edgetl.quantize.graph import float_weighted_layers, onnx_metadata
 from edgetl.recipe import QuantVariant
+from edgetl.runtime.engines import OnnxRuntimeEngine
 from edgetl.runtime.preprocess import normalize
 
 __all__ = ["Inputs", "QuantizedArtifact", "float_weighted_layers", "run_variant"]
@@ -58,15 +61,21 @@ def run_variant(
             file = to_openvino(export.onnx, out_dir / f"{name}.xml", compress_to_fp16=True)
             return QuantizedArtifact(name, "openvino", "fp16", file, [], time.monotonic() - started, 0)
         calibration, notes = _calibration_batches(inputs, variant.calibration_images, name)
+        control = _control_set(export, inputs, calibration) if _controlled(variant) else None
+        record = None
         if variant.method == "qat":
             metadata = onnx_metadata(export.onnx)  # the labels and contract, for the IR converted from PyTorch
             file, engine_notes = qat.run(model, variant, calibration, out_dir, inputs, metadata)
         elif variant.quantizer == "onnxruntime":
             file = out_dir / f"{name}.onnx"
-            engine_notes = ort.quantize(export.onnx, file, calibration, variant, inputs)
+            engine_notes, record = ort.quantize(export.onnx, file, calibration, variant, inputs, control)
         else:
             file, engine_notes = nncf_ptq.quantize(export, out_dir, calibration, variant, inputs), []
+            if control is not None:
+                record = nncf_control.control(file, export.openvino, control, variant.min_agreement, inputs.threads)
         notes += engine_notes
+        if record is not None:
+            notes.append(_control_note(record))
         float_layers = float_weighted_layers(file)
         if float_layers:
             shown = ", ".join(float_layers[:8]) + (" …" if len(float_layers) > 8 else "")
@@ -74,7 +83,50 @@ def run_variant(
         seconds = time.monotonic() - started
         said = f" ({'; '.join(render(note) for note in notes)})" if notes else ""
         log.info("quantized %s in %.1fs%s", name, seconds, said)
-        return QuantizedArtifact(name, variant.runtime, "int8", file, float_layers, seconds, len(calibration), notes)
+        return QuantizedArtifact(
+            name, variant.runtime, "int8", file, float_layers, seconds, len(calibration), notes, record
+        )
+
+
+def _controlled(variant: QuantVariant) -> bool:
+    """Whether the agreement search runs: an INT8 PTQ variant with `min_agreement`, no `max_accuracy_drop`
+    (accuracy control then decides) and not NNCF's QDQ ONNX; the bound is checked at selection in any case."""
+    nncf_onnx = variant.quantizer == "nncf" and variant.runtime == "onnxruntime"
+    return (
+        variant.method == "ptq"
+        and variant.precision == "int8"
+        and variant.min_agreement is not None
+        and variant.max_accuracy_drop is None
+        and not nncf_onnx
+    )
+
+
+def _control_set(export: ExportResult, inputs: Inputs, calibration: list[np.ndarray]) -> ControlSet:
+    """The val split (at most `_CONTROL_VAL_IMAGES`, seeded) and the calibration images, with the FP32
+    ONNX file's logits of them (the parity gate proved them PyTorch's)."""
+    val = inputs.dataset.val
+    chosen = np.sort(np.random.default_rng(inputs.seed).permutation(len(val.labels))[:_CONTROL_VAL_IMAGES])
+    images = np.concatenate([normalize(val.images[chosen], inputs.pre), *calibration])  # (N, 3, S, S)
+    engine = OnnxRuntimeEngine(export.onnx, inputs.threads)
+    return ControlSet(images, np.concatenate(in_batches(engine.run, images)), len(chosen))
+
+
+_CONTROL_VAL_IMAGES = 1000  # bounds the control set's memory (4 GB of float32 at 224 px for 7,000 images)
+
+
+def _control_note(record: dict) -> Note:
+    reached = record["reached"]
+    values = {
+        "count": len(record["float_layers_added"]),
+        "bound": record["min_agreement"],
+        "start": record["start"]["agreement"],
+        "val": reached["val"]["agreement"],
+        "calibration": reached["calibration"]["agreement"],
+    }
+    if record["latency_ms"]:
+        values |= {"quantized_ms": record["latency_ms"]["quantized"], "ms": record["latency_ms"]["with_float_layers"]}
+        return Note("agreement_control_latency" if record["met"] else "agreement_control_missed_latency", values)
+    return Note("agreement_control" if record["met"] else "agreement_control_missed", values)
 
 
 @contextmanager

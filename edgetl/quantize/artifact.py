@@ -37,6 +37,8 @@ class QuantizedArtifact:
     seconds: float
     calibration_images: int
     notes: list[Note] = field(default_factory=list)
+    # the agreement search's record (`control.Search.record`): bound, met, layers added, agreement, latency cost
+    agreement_control: dict[str, Any] | None = None
 
     def notes_text(self) -> list[str]:
         """The notes as the report's sentences."""
@@ -55,7 +57,7 @@ class QuantizedArtifact:
             "notes": self.notes_text(),
             "note_records": [note.to_dict() for note in self.notes],
             "file": self.file.name,
-        }
+        } | ({"agreement_control": self.agreement_control} if self.agreement_control is not None else {})
 
     def save(self, folder: Path) -> None:
         """Write `folder/quantize.json`; the model file is already in `folder` (run_variant made it there).
@@ -86,4 +88,5 @@ class QuantizedArtifact:
             facts["seconds"],
             facts["calibration_images"],
             notes,
+            facts.get("agreement_control"),
         )

@@ -1,20 +1,10 @@
 """INT8 for ONNX Runtime: its own `quantize_static` (QDQ, per-channel int8 weights) on the
-ORT-optimized graph, with bias correction, layers kept in float and the accuracy-control search.
+ORT-optimized graph, with bias correction, layers kept in float, and the agreement and accuracy controls.
 
-Measured on lite0, its uint8-activation model ran at 0.25× FP32 latency, while NNCF's QDQ
-graph ran 2–3× *slower* than FP32 in ONNX Runtime on this AVX2 CPU.
-
-ONNX Runtime's INT8 gets two corrections NNCF already applies on its side. Its weights are
-7-bit on CPUs without VNNI, and their rounding shifts each conv's mean output: every
-quantized conv's bias absorbs that shift, measured on the calibration images (bias
-correction). And the first convolution and the first depthwise one stay in float by
-default (`keep_float`). Measured on the fine-tuned cifar lite0 (1,000 test images, FP32
-0.776): plain 0.719, first conv in float 0.764, bias-corrected 0.742, both 0.774 (agreement
-0.805 → 0.911); the first depthwise conv in float too: agreement 0.919 → 0.954 on test and
-0.927 → 0.973 on val (NNCF reverts it as well). Neither float layer costs measurable latency.
-
-`max_accuracy_drop` turns on accuracy control: the most sensitive layers are left in float
-until the drop on the validation split is within bound.
+Two corrections NNCF also applies: each quantized conv's bias absorbs the mean output shift of
+its rounded (7-bit without VNNI) weights, and the first conv and first depthwise conv stay in
+float (`keep_float`). `min_agreement` runs `control`'s search with trials that bypass Q/DQ pairs
+of the quantized graph; `max_accuracy_drop` keeps layers in float until the val drop is in bound.
 """
 
 from __future__ import annotations
@@ -34,7 +24,9 @@ from edgetl.infer import accuracy, engine_logits, in_batches
 from edgetl.notes import Note, render
 from edgetl.progress import track
 from edgetl.quantize.artifact import Inputs
+from edgetl.quantize.control import ControlSet
 from edgetl.quantize.graph import quantized_nodes
+from edgetl.quantize.ort_control import agreement_control
 from edgetl.recipe import QuantVariant
 from edgetl.runtime.bench import interleaved_latency
 from edgetl.runtime.engines import OnnxRuntimeEngine, open_engine
@@ -51,9 +43,15 @@ _STATISTICS_BATCH = 32
 
 
 def quantize(
-    fp32: Path, file: Path, calibration: list[np.ndarray], variant: QuantVariant, inputs: Inputs
-) -> list[Note]:
-    """Quantize `fp32` into `file`; returns the notes for the report.
+    fp32: Path,
+    file: Path,
+    calibration: list[np.ndarray],
+    variant: QuantVariant,
+    inputs: Inputs,
+    control: ControlSet | None = None,
+) -> tuple[list[Note], dict | None]:
+    """Quantize `fp32` into `file`; returns the notes for the report and the agreement control's record
+    (`control.Search.record`; None when it did not run: no `control` set, or `max_accuracy_drop` instead).
 
     Calibration runs once; every trial below (activation type, layers left in float) reuses
     its ranges through ONNX Runtime's calibration cache. Raises RecipeError when `keep_float`
@@ -75,17 +73,8 @@ def quantize(
             notes.append(Note("keep_float", {"nodes": ", ".join(kept)}))
         errors = weight_rounding_errors(float_model, calibration, reduce_range, input_name)
         notes.append(Note("bias_correction", {"convs": len(errors)}))
-        quantizer = _OrtQuantizer(
-            prepared,
-            float_model,
-            calibration,
-            variant.calibration_method,
-            ranges,
-            reduce_range,
-            input_name,
-            errors,
-            inputs.threads,
-        )
+        quantizer = _OrtQuantizer(prepared, float_model, calibration, variant.calibration_method, ranges,
+                                  reduce_range, input_name, errors, inputs.threads)  # fmt: skip
         if quantizer.reduce_range:
             notes.append(Note("reduce_range"))
         activation = variant.activation_type
@@ -94,16 +83,21 @@ def quantize(
             notes.append(measured)
         else:
             quantizer(file, activation, kept)
+        record = None
         if variant.max_accuracy_drop is not None:
             val, max_drop = inputs.dataset.val, variant.max_accuracy_drop
-            excluded, control = _exclude_sensitive_nodes(quantizer, file, activation, kept, val, inputs.pre, max_drop)
-            notes.append(control)
+            excluded, accuracy_note = _exclude_sensitive_nodes(
+                quantizer, file, activation, kept, val, inputs.pre, max_drop
+            )
+            notes.append(accuracy_note)
             if excluded != kept:
                 quantizer(file, activation, excluded)
+        elif control is not None and variant.min_agreement is not None:
+            record = agreement_control(quantizer, file, activation, kept, control, variant.min_agreement)
     finally:
         prepared.unlink(missing_ok=True)
         ranges.unlink(missing_ok=True)
-    return notes
+    return notes, record
 
 
 @dataclass(frozen=True)

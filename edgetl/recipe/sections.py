@@ -245,6 +245,19 @@ class QuantVariant(Section):
         description="Accuracy control: keep the val accuracy drop within this (0.01 = 1 point) by leaving the most "
         "sensitive layers in float.",
     )
+    min_agreement: float | None = Field(
+        0.99,
+        gt=0,
+        le=1,
+        description="Agreement control: the share of images whose top-1 must match the FP32 model's, on the val "
+        "split and the calibration images; the most sensitive layers stay in float until it holds (fewest first). "
+        "A variant whose test agreement misses it is marked and not selected. null: no control, no check.",
+    )
+    allow_below_agreement: bool = Field(
+        False,
+        description="Let the selection pick this variant even when its test agreement misses `min_agreement` "
+        "(the report still marks it).",
+    )
     keep_float: list[str] | None = Field(
         None,
         description="engine onnxruntime only: ONNX node names left in float. Default: the first convolution and "
@@ -285,6 +298,11 @@ class QuantVariant(Section):
                 "method qat makes an int8 OpenVINO IR with NNCF (its QDQ ONNX kept float weights and ran 2x slower "
                 "than FP32 in ONNX Runtime); use runtime: openvino and drop `precision`, `engine` and "
                 "`max_accuracy_drop`"
+            )
+        if self.allow_below_agreement and self.min_agreement is None:
+            raise ValueError(
+                "allow_below_agreement lets a variant below its min_agreement be selected, but min_agreement is "
+                "null; set a bound (e.g. 0.99) or drop allow_below_agreement"
             )
         if self.engine == "onnxruntime" and self.runtime != "onnxruntime":
             raise ValueError("engine onnxruntime quantizes for runtime onnxruntime only; use engine: nncf for openvino")
