@@ -195,7 +195,7 @@ class QuantVariant(Section):
     method: Literal["ptq", "qat"] = Field(
         "ptq",
         description="ptq: post-training quantization; qat: NNCF quantization-aware fine-tuning of the trained "
-        "model (runtime openvino).",
+        "model (an int8 IR for openvino, a QDQ ONNX with int8 weights for onnxruntime).",
     )
     qat_epochs: int = Field(2, ge=1, le=100, description="qat: fine-tuning epochs with fake quantization.")
     qat_lr: float = Field(1e-5, gt=0, le=1, description="qat: learning rate (AdamW); QAT needs a small one.")
@@ -224,6 +224,28 @@ class QuantVariant(Section):
         "the first depthwise one (on a fine-tuned cifar lite0, INT8 agreement with FP32 0.805 → 0.954 with "
         "bias correction, at no latency cost). [] quantizes everything.",
     )
+    bias_correction: Literal["fast", "full"] = Field(
+        "fast",
+        description="engine nncf: NNCF's fast bias correction, or the full one (layer by layer on the quantized "
+        "model, slower).",
+    )
+    preset: Literal["performance", "mixed"] = Field(
+        "performance", description="engine nncf: symmetric activations, or asymmetric ones (mixed)."
+    )
+    activation_ranges: Literal["default", "minmax", "mean_minmax", "quantile", "histogram"] = Field(
+        "default",
+        description="engine nncf: how activation ranges come from the calibration statistics: NNCF's default, "
+        "global min-max, the mean of per-image min-max, the mean 0.01%/99.99% quantile, or the histogram "
+        "search for the range with the least quantization error.",
+    )
+    overflow_fix: Literal["first_layer", "enable", "disable"] = Field(
+        "first_layer",
+        description="engine nncf: 7-bit weights (the fix for int8 overflow on CPUs without VNNI) in the first "
+        "layer (NNCF's default), everywhere, or nowhere.",
+    )
+    channel_alignment: bool = Field(
+        False, description="runtime openvino, engine nncf: NNCF's cross-layer channel alignment before quantizing."
+    )
 
     @property
     def display_name(self) -> str:
@@ -249,16 +271,14 @@ class QuantVariant(Section):
         if self.precision == "fp16" and self.runtime != "openvino":
             raise ValueError("precision fp16 is an OpenVINO IR variant; use runtime: openvino")
         if self.method == "qat" and (
-            self.runtime != "openvino"
-            or self.precision != "int8"
-            or self.engine is not None
-            or self.max_accuracy_drop is not None
+            self.precision != "int8" or self.engine is not None or self.max_accuracy_drop is not None
         ):
             raise ValueError(
-                "method qat makes an int8 OpenVINO IR with NNCF (its QDQ ONNX kept float weights and ran 2x slower "
-                "than FP32 in ONNX Runtime); use runtime: openvino and drop `precision`, `engine` and "
-                "`max_accuracy_drop`"
+                "method qat makes an int8 model with NNCF (an OpenVINO IR, or a QDQ ONNX for onnxruntime); "
+                "drop `precision`, `engine` and `max_accuracy_drop`"
             )
+        if self.channel_alignment and (self.runtime != "openvino" or self.method == "qat"):
+            raise ValueError("channel_alignment is NNCF's OpenVINO post-training algorithm; use runtime: openvino")
         if self.engine == "onnxruntime" and self.runtime != "onnxruntime":
             raise ValueError("engine onnxruntime quantizes for runtime onnxruntime only; use engine: nncf for openvino")
         if self.quantizer == "nncf" and (
@@ -268,6 +288,10 @@ class QuantVariant(Section):
                 "calibration_method, activation_type and keep_float apply to engine: onnxruntime; "
                 "NNCF chooses its own (use max_accuracy_drop to keep layers in float)"
             )
+        nncf_options = ("bias_correction", "preset", "activation_ranges", "overflow_fix", "channel_alignment")
+        changed = [name for name in nncf_options if getattr(self, name) != type(self).model_fields[name].default]
+        if self.quantizer != "nncf" and changed:
+            raise ValueError(f"{', '.join(changed)} apply to engine: nncf (NNCF's quantization); add `engine: nncf`")
         return self
 
 
