@@ -57,9 +57,9 @@ def export_qdq(quantized: nn.Module, input_size: int, file: Path, opset: int, me
 
 
 def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Fold every BatchNormalization that alone reads a Conv with per-channel dequantized int8 weights into that
-    conv: scale_o ← scale_o·|γ_o/σ_o|, the int8 weights of channels with γ_o < 0 negated (symmetric weights),
-    bias ← (bias − μ)·γ/σ + β. Edits and returns `model`."""
+    """Fold every BatchNormalization that alone reads a Conv with per-channel symmetric int8 weights into that
+    conv: scale_o ← scale_o·|γ_o/σ_o|, the int8 weights of channels with γ_o < 0 negated, bias ← (bias − μ)·γ/σ
+    + β (σ = √(var + ε)). Edits and returns `model`."""
     from onnx import numpy_helper
 
     graph = model.graph
@@ -77,11 +77,12 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
         if len(users) != 1 or users[0].op_type != "BatchNormalization":
             continue
         norm = users[0]
-        weights = numpy_helper.to_array(tensors[dequantize.input[0]]).copy()
+        # NNCF's weight quantizers are narrow-range ([-127, 127]); ONNX's QuantizeLinear saturates at -128, which
+        # the weights QAT pushed past the range reach: clipping gives NNCF's value, and a weight that negates
+        weights = np.clip(numpy_helper.to_array(tensors[dequantize.input[0]]), -127, 127)
         scale = numpy_helper.to_array(tensors[dequantize.input[1]]).astype(np.float64)
         zero = numpy_helper.to_array(tensors[dequantize.input[2]]) if len(dequantize.input) > 2 else np.zeros(1)
-        # per output channel and symmetric (zero point 0, no -128 to negate), as NNCF quantizes conv weights
-        if scale.shape != (weights.shape[0],) or zero.any() or weights.min() < -127:
+        if scale.shape != (weights.shape[0],) or zero.any():  # per output channel and symmetric, as NNCF's
             continue
         bias = (
             numpy_helper.to_array(tensors[conv.input[2]]).astype(np.float64)

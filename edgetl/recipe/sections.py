@@ -201,8 +201,9 @@ class QuantVariant(Section):
     qat_lr: float = Field(1e-5, gt=0, le=1, description="qat: learning rate (AdamW); QAT needs a small one.")
     engine: Literal["nncf", "onnxruntime"] | None = Field(
         None,
-        description="int8 quantizer. Default: onnxruntime's quantize_static for runtime onnxruntime (NNCF's QDQ "
-        "graphs ran 2-3× slower than FP32 in ONNX Runtime on our AVX2 CPUs), nncf for openvino.",
+        description="int8 quantizer. Default: onnxruntime's quantize_static for runtime onnxruntime (NNCF places "
+        "its quantizers for OpenVINO, which fuses a conv with the residual Add after it: ONNX Runtime runs those "
+        "convs in float, and NNCF's QDQ lite0 was no faster than FP32), nncf for openvino.",
     )
     calibration_images: int = Field(300, ge=1, description="Real training images, through the eval preprocessing.")
     calibration_method: Literal["minmax", "entropy", "percentile"] = Field(
