@@ -211,8 +211,6 @@ def test_nncf_for_onnxruntime_quantizes_activations_per_tensor_with_the_recipes_
 def test_nncf_options_apply_to_the_nncf_engine_only() -> None:
     with pytest.raises(ValueError, match="bias_correction, preset apply to engine: nncf"):
         QuantVariant(runtime="onnxruntime", bias_correction="full", preset="mixed")
-    with pytest.raises(ValueError, match="channel_alignment is NNCF's OpenVINO"):
-        QuantVariant(runtime="onnxruntime", engine="nncf", channel_alignment=True)
     with pytest.raises(ValueError, match="drop `precision`, `engine`"):
         QuantVariant(runtime="onnxruntime", method="qat", engine="nncf")
     assert QuantVariant(runtime="onnxruntime", method="qat").display_name == "ort-int8-qat"

@@ -2,7 +2,7 @@
 and for ONNX Runtime when a variant asks for `engine: nncf`. With `max_accuracy_drop`, NNCF's
 accuracy-controlled quantization reverts the most sensitive layers to float until the drop on
 the validation split is within bound. The variant's NNCF options (bias correction, preset,
-activation ranges, overflow fix, channel alignment) become `nncf.quantize`'s arguments in
+activation ranges, overflow fix) become `nncf.quantize`'s arguments in
 `options`, which QAT's calibration shares."""
 
 from __future__ import annotations
@@ -88,7 +88,6 @@ def options(variant: QuantVariant) -> dict[str, Any]:
     }
     advanced = AdvancedQuantizationParameters(
         overflow_fix=OverflowFix(variant.overflow_fix.replace("first_layer", "first_layer_only")),
-        disable_channel_alignment=not variant.channel_alignment,
         activations_range_estimator_params=ranges[variant.activation_ranges],
         activations_quantization_params=QuantizationParameters(per_channel=False)
         if variant.runtime == "onnxruntime"

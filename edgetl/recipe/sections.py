@@ -244,9 +244,6 @@ class QuantVariant(Section):
         description="engine nncf: 7-bit weights (the fix for int8 overflow on CPUs without VNNI) in the first "
         "layer (NNCF's default), everywhere, or nowhere.",
     )
-    channel_alignment: bool = Field(
-        False, description="runtime openvino, engine nncf: NNCF's cross-layer channel alignment before quantizing."
-    )
 
     @property
     def display_name(self) -> str:
@@ -278,8 +275,6 @@ class QuantVariant(Section):
                 "method qat makes an int8 model with NNCF (an OpenVINO IR, or a QDQ ONNX for onnxruntime); "
                 "drop `precision`, `engine` and `max_accuracy_drop`"
             )
-        if self.channel_alignment and (self.runtime != "openvino" or self.method == "qat"):
-            raise ValueError("channel_alignment is NNCF's OpenVINO post-training algorithm; use runtime: openvino")
         if self.engine == "onnxruntime" and self.runtime != "onnxruntime":
             raise ValueError("engine onnxruntime quantizes for runtime onnxruntime only; use engine: nncf for openvino")
         if self.quantizer == "nncf" and (
@@ -289,7 +284,7 @@ class QuantVariant(Section):
                 "calibration_method, activation_type and keep_float apply to engine: onnxruntime; "
                 "NNCF chooses its own (use max_accuracy_drop to keep layers in float)"
             )
-        nncf_options = ("bias_correction", "preset", "activation_ranges", "overflow_fix", "channel_alignment")
+        nncf_options = ("bias_correction", "preset", "activation_ranges", "overflow_fix")
         changed = [name for name in nncf_options if getattr(self, name) != type(self).model_fields[name].default]
         if self.quantizer != "nncf" and changed:
             raise ValueError(f"{', '.join(changed)} apply to engine: nncf (NNCF's quantization); add `engine: nncf`")
