@@ -203,7 +203,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["lp", "ft", "digits"], required=True)
     parser.add_argument("--workdir", type=Path, required=True)
-    parser.add_argument("--rows", choices=["ort", "ov", "latency"], required=True)
+    parser.add_argument(
+        "--rows",
+        choices=["ort", "ov", "latency", "table"],
+        required=True,
+        help="latency: time the made rows and write the JSON; table: write it without timing",
+    )
     parser.add_argument("--only", nargs="*", help="row labels to make (default: the group's)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -224,9 +229,9 @@ def main() -> None:
     rows = [json.loads(p.read_text()) for p in sorted(folder.glob("*/row.json"))]
     order = [label for group in ROWS.values() for label in group]
     rows.sort(key=lambda r: order.index(r["row"]))
-    timed = latency(rows, export, inputs)
+    timed = latency(rows, export, inputs) if args.rows == "latency" else {}
     for row in rows:
-        if "error" not in row:
+        if "error" not in row and timed:
             row.update(latency_p50_ms=timed[row["row"]]["p50_ms"], latency_vs_ort_fp32=timed[row["row"]]["vs_ort_fp32"])
     environment = describe()
     result = {
@@ -239,7 +244,7 @@ def main() -> None:
         "test_images": len(inputs.dataset.test.labels),
         "val_images": len(inputs.dataset.val.labels),
         "fp32_accuracy": {s: accuracy(reference[s], inputs.dataset.split(s).labels) for s in ("test", "val")},
-        "fp32_latency": {k: timed[k] for k in ("onnx-fp32", "ov-fp32")},
+        "fp32_latency": {k: timed[k] for k in ("onnx-fp32", "ov-fp32") if timed},
         "rows": [{k: v for k, v in row.items() if k != "file"} for row in rows],
     }
     everything = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
@@ -252,7 +257,7 @@ def main() -> None:
             continue
         print(
             f"{row['row']:28s} agree test {row['agreement_test']:.4f} val {row['agreement_val']:.4f} "
-            f"drop {row['accuracy_drop_test_points']:+.2f} pt  {row['latency_vs_ort_fp32']:.2f}x  "
+            f"drop {row['accuracy_drop_test_points']:+.2f} pt  {row.get('latency_vs_ort_fp32', float('nan')):.2f}x  "
             f"{row['quantize_seconds']:.0f} s"
         )
     print(f"wrote {RESULTS}", file=sys.stderr)
