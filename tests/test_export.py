@@ -415,9 +415,9 @@ def test_qat_variant_fine_tunes_with_fake_quantization_and_exports_an_int8_ir(tr
     assert json.loads(engine.metadata["edgetl.preprocessing"]) == pre.to_dict()
 
 
-def test_qat_is_an_openvino_variant() -> None:
-    with pytest.raises(ValueError, match="method qat makes an int8 OpenVINO IR"):
-        QuantVariant(runtime="onnxruntime", method="qat")
+def test_qat_makes_int8_only() -> None:
+    with pytest.raises(ValueError, match="method qat makes an int8 model"):
+        QuantVariant(runtime="openvino", method="qat", precision="fp16")
 
 
 def test_saved_training_logits_are_reused_only_when_they_match_the_model(

@@ -2,7 +2,8 @@
 
 One entry, `run_variant`, makes one variant of the recipe's `quantize:` list with its engine:
 ONNX Runtime's own quantizer for runtime onnxruntime (`ort`: bias correction, float layers,
-accuracy control), NNCF for OpenVINO (`nncf_ptq`), quantization-aware training (`qat`), FP16
+accuracy control), NNCF for OpenVINO (`nncf_ptq`), quantization-aware training (`qat`, with
+`nncf_onnx` for its QDQ ONNX), FP16
 by conversion. `graph` reads the result back (the weighted layers left in float). Calibration
 always uses real training images through the eval preprocessing. Each engine returns its
 notes as records (`edgetl.notes.Note`); the reports render them.
@@ -65,7 +66,7 @@ def run_variant(
         record = None
         if variant.method == "qat":
             metadata = onnx_metadata(export.onnx)  # the labels and contract, for the IR converted from PyTorch
-            file, engine_notes = qat.run(model, variant, calibration, out_dir, inputs, metadata)
+            file, engine_notes = qat.run(model, variant, calibration, out_dir, inputs, metadata, export.opset)
         elif variant.quantizer == "onnxruntime":
             file = out_dir / f"{name}.onnx"
             engine_notes, record = ort.quantize(export.onnx, file, calibration, variant, inputs, control)

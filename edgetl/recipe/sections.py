@@ -222,14 +222,15 @@ class QuantVariant(Section):
     method: Literal["ptq", "qat"] = Field(
         "ptq",
         description="ptq: post-training quantization; qat: NNCF quantization-aware fine-tuning of the trained "
-        "model (runtime openvino).",
+        "model (an int8 IR for openvino, a QDQ ONNX with int8 weights for onnxruntime).",
     )
     qat_epochs: int = Field(2, ge=1, le=100, description="qat: fine-tuning epochs with fake quantization.")
     qat_lr: float = Field(1e-5, gt=0, le=1, description="qat: learning rate (AdamW); QAT needs a small one.")
     engine: Literal["nncf", "onnxruntime"] | None = Field(
         None,
-        description="int8 quantizer. Default: onnxruntime's quantize_static for runtime onnxruntime (NNCF's QDQ "
-        "graphs ran 2-3× slower than FP32 in ONNX Runtime on our AVX2 CPUs), nncf for openvino.",
+        description="int8 quantizer. Default: onnxruntime's quantize_static for runtime onnxruntime (NNCF places "
+        "its quantizers for OpenVINO, which fuses a conv with the residual Add after it: ONNX Runtime runs those "
+        "convs in float, and NNCF's QDQ lite0 was no faster than FP32), nncf for openvino.",
     )
     calibration_images: int = Field(300, ge=1, description="Real training images, through the eval preprocessing.")
     calibration_method: Literal["minmax", "entropy", "percentile"] = Field(
@@ -264,6 +265,25 @@ class QuantVariant(Section):
         "the first depthwise one (on a fine-tuned cifar lite0, INT8 agreement with FP32 0.805 → 0.954 with "
         "bias correction, at no latency cost). [] quantizes everything.",
     )
+    bias_correction: Literal["fast", "full"] = Field(
+        "fast",
+        description="engine nncf: NNCF's fast bias correction, or the full one (layer by layer on the quantized "
+        "model, slower).",
+    )
+    preset: Literal["performance", "mixed"] = Field(
+        "performance", description="engine nncf: symmetric activations, or asymmetric ones (mixed)."
+    )
+    activation_ranges: Literal["default", "minmax", "mean_minmax", "quantile", "histogram"] = Field(
+        "default",
+        description="engine nncf: how activation ranges come from the calibration statistics: NNCF's default, "
+        "global min-max, the mean of per-image min-max, the mean 0.01%/99.99% quantile, or the histogram "
+        "search for the range with the least quantization error.",
+    )
+    overflow_fix: Literal["first_layer", "enable", "disable"] = Field(
+        "first_layer",
+        description="engine nncf: 7-bit weights (the fix for int8 overflow on CPUs without VNNI) in the first "
+        "layer (NNCF's default), everywhere, or nowhere.",
+    )
 
     @property
     def display_name(self) -> str:
@@ -289,15 +309,11 @@ class QuantVariant(Section):
         if self.precision == "fp16" and self.runtime != "openvino":
             raise ValueError("precision fp16 is an OpenVINO IR variant; use runtime: openvino")
         if self.method == "qat" and (
-            self.runtime != "openvino"
-            or self.precision != "int8"
-            or self.engine is not None
-            or self.max_accuracy_drop is not None
+            self.precision != "int8" or self.engine is not None or self.max_accuracy_drop is not None
         ):
             raise ValueError(
-                "method qat makes an int8 OpenVINO IR with NNCF (its QDQ ONNX kept float weights and ran 2x slower "
-                "than FP32 in ONNX Runtime); use runtime: openvino and drop `precision`, `engine` and "
-                "`max_accuracy_drop`"
+                "method qat makes an int8 model with NNCF (an OpenVINO IR, or a QDQ ONNX for onnxruntime); "
+                "drop `precision`, `engine` and `max_accuracy_drop`"
             )
         if self.allow_below_agreement and self.min_agreement is None:
             raise ValueError(
@@ -313,6 +329,10 @@ class QuantVariant(Section):
                 "calibration_method, activation_type and keep_float apply to engine: onnxruntime; "
                 "NNCF chooses its own (use max_accuracy_drop to keep layers in float)"
             )
+        nncf_options = ("bias_correction", "preset", "activation_ranges", "overflow_fix")
+        changed = [name for name in nncf_options if getattr(self, name) != type(self).model_fields[name].default]
+        if self.quantizer != "nncf" and changed:
+            raise ValueError(f"{', '.join(changed)} apply to engine: nncf (NNCF's quantization); add `engine: nncf`")
         return self
 
 
