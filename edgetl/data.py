@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgetl import manifests
 from edgetl.errors import DataError
 from edgetl.progress import track
 from edgetl.recipe import DataConfig
@@ -90,6 +91,8 @@ def run(config: DataConfig, pre: Preprocessing, seed: int) -> Dataset:
     """
     if config.builtin == "digits":
         classes, listing, origin = _digits_listing(config, seed)
+    elif config.manifest is not None:
+        classes, listing, origin = _manifest_listing(Path(config.manifest), config, seed)
     else:
         classes, listing, origin = _folder_listing(Path(str(config.path)), config, seed)
     skipped: list[SkippedImage] = []
@@ -173,15 +176,43 @@ def _folder_listing(root: Path, config: DataConfig, seed: int) -> tuple[tuple[st
                     "training images."
                 )
             listing[name] = _list_files(folder, classes, allow_empty=True)
+    return classes, _carve_missing(listing, classes, config, seed, str(split_dirs["train"])), str(root)
+
+
+def _manifest_listing(manifest: Path, config: DataConfig, seed: int) -> tuple[tuple[str, ...], _Listing, str]:
+    """The rows of a label manifest, listed as an ImageFolder with the same images would be."""
+    rows = manifests.read(manifest)
+    split_rows = {name: [row for row in rows if row.split in (None, name)] for name in SPLITS}
+    classes = tuple(sorted({row.label for row in split_rows["train"]}))
+    if len(classes) < 2:
+        raise DataError(
+            f"The train rows of `data.manifest` {manifest} have {len(classes)} label(s) {list(classes)}; edgetl "
+            "needs at least 2 classes with training images."
+        )
+    index = {name: label for label, name in enumerate(classes)}
+    listing: _Listing = {}
+    for name in SPLITS if rows[0].split is not None else ("train",):
+        unknown = next((row for row in split_rows[name] if row.label not in index), None)
+        if unknown is not None:
+            raise DataError(
+                f"{manifest} line {unknown.line} ({unknown.path}) has label {unknown.label!r}, which no train row has. "
+                f"Every class needs training images; the train labels are {list(classes)}."
+            )
+        items = [(row.path, index[row.label], str(row.path)) for row in split_rows[name]]
+        if items or name == "train":
+            listing[name] = sorted(items, key=lambda item: (item[1], item[0]))  # an ImageFolder's order
+    if rows[0].split is None:
+        return classes, _stratified(listing["train"], classes, config, seed, str(manifest)), str(manifest)
+    return classes, _carve_missing(listing, classes, config, seed, str(manifest)), str(manifest)
+
+
+def _carve_missing(listing: _Listing, classes: tuple[str, ...], config: DataConfig, seed: int, origin: str) -> _Listing:
+    """Hold the missing val/test split(s) out of train, stratified."""
     missing = [name for name in ("val", "test") if name not in listing]
     if missing:
-        # Hold the missing split(s) out of train, stratified.
         fractions = {"val": config.val_split, "test": config.test_split}
-        carved = _stratified(
-            listing["train"], classes, config, seed, str(split_dirs["train"]), only=missing, fractions=fractions
-        )
-        listing.update(carved)
-    return classes, listing, str(root)
+        listing.update(_stratified(listing["train"], classes, config, seed, origin, only=missing, fractions=fractions))
+    return listing
 
 
 def _class_names(folder: Path, need_two: bool = True) -> tuple[str, ...]:
