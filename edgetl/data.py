@@ -181,27 +181,8 @@ def _folder_listing(root: Path, config: DataConfig, seed: int) -> tuple[tuple[st
 
 def _manifest_listing(manifest: Path, config: DataConfig, seed: int) -> tuple[tuple[str, ...], _Listing, str]:
     """The rows of a label manifest, listed as an ImageFolder with the same images would be."""
-    rows = manifests.read(manifest)
-    split_rows = {name: [row for row in rows if row.split in (None, name)] for name in SPLITS}
-    classes = tuple(sorted({row.label for row in split_rows["train"]}))
-    if len(classes) < 2:
-        raise DataError(
-            f"The train rows of `data.manifest` {manifest} have {len(classes)} label(s) {list(classes)}; edgetl "
-            "needs at least 2 classes with training images."
-        )
-    index = {name: label for label, name in enumerate(classes)}
-    listing: _Listing = {}
-    for name in SPLITS if rows[0].split is not None else ("train",):
-        unknown = next((row for row in split_rows[name] if row.label not in index), None)
-        if unknown is not None:
-            raise DataError(
-                f"{manifest} line {unknown.line} ({unknown.path}) has label {unknown.label!r}, which no train row has. "
-                f"Every class needs training images; the train labels are {list(classes)}."
-            )
-        items = [(row.path, index[row.label], str(row.path)) for row in split_rows[name]]
-        if items or name == "train":
-            listing[name] = sorted(items, key=lambda item: (item[1], item[0]))  # an ImageFolder's order
-    if rows[0].split is None:
+    classes, listing, named_splits = manifests.listing(manifest)
+    if not named_splits:
         return classes, _stratified(listing["train"], classes, config, seed, str(manifest)), str(manifest)
     return classes, _carve_missing(listing, classes, config, seed, str(manifest)), str(manifest)
 

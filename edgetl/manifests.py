@@ -23,6 +23,7 @@ from pathlib import Path
 
 from edgetl.errors import DataError
 
+SPLITS = ("train", "val", "test")
 SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 _MAX_FIELD = 4096  # characters in one field: a path or a label; longer means the file is not a manifest
 
@@ -63,6 +64,38 @@ def read(manifest: Path) -> list[Row]:
     _require_consistent_splits(manifest, rows)
     _require_unique_paths(manifest, rows)
     return rows
+
+
+def listing(manifest: Path) -> tuple[tuple[str, ...], dict[str, list[tuple[Path, int, str]]], bool]:
+    """The classes (the train rows' labels, sorted), each split's (path, label index, name) items in an
+    ImageFolder's order (by class, then path), and whether the rows name their splits (if not, every row is
+    listed under "train", for the data stage to split).
+
+    Raises DataError naming the file and row: see `read`; also fewer than two classes, or a val/test label
+    that no train row has.
+    """
+    rows = read(manifest)
+    named_splits = rows[0].split is not None
+    split_rows = {name: [row for row in rows if row.split in (None, name)] for name in SPLITS}
+    classes = tuple(sorted({row.label for row in split_rows["train"]}))
+    if len(classes) < 2:
+        raise DataError(
+            f"The train rows of `data.manifest` {manifest} have {len(classes)} label(s) {list(classes)}; edgetl "
+            "needs at least 2 classes with training images."
+        )
+    index = {name: label for label, name in enumerate(classes)}
+    listed = {}
+    for name in SPLITS if named_splits else ("train",):
+        unknown = next((row for row in split_rows[name] if row.label not in index), None)
+        if unknown is not None:
+            raise DataError(
+                f"{manifest} line {unknown.line} ({unknown.path}) has label {unknown.label!r}, which no train row has. "
+                f"Every class needs training images; the train labels are {list(classes)}."
+            )
+        items = [(row.path, index[row.label], str(row.path)) for row in split_rows[name]]
+        if items or name == "train":
+            listed[name] = sorted(items, key=lambda item: (item[1], item[0]))
+    return classes, listed, named_splits
 
 
 def _csv_records(handle, manifest: Path) -> Iterator[tuple[int, dict]]:
