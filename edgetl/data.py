@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetl import datacache
+from edgetl import datacache, manifests
 from edgetl.datacache import DiskArray, ShardWriter
 from edgetl.errors import DataError
 from edgetl.progress import track
@@ -120,6 +120,8 @@ def run(config: DataConfig, pre: Preprocessing, seed: int, frames: bool = False)
     """
     if config.builtin == "digits":
         classes, listing, origin = _digits_listing(config, seed)
+    elif config.manifest is not None:
+        classes, listing, origin = _manifest_listing(Path(config.manifest), config, seed)
     else:
         classes, listing, origin = _folder_listing(Path(str(config.path)), config, seed)
     skipped: list[SkippedImage] = []
@@ -211,15 +213,24 @@ def _folder_listing(root: Path, config: DataConfig, seed: int) -> tuple[tuple[st
                     "training images."
                 )
             listing[name] = _list_files(folder, classes, allow_empty=True)
+    return classes, _carve_missing(listing, classes, config, seed, str(split_dirs["train"])), str(root)
+
+
+def _manifest_listing(manifest: Path, config: DataConfig, seed: int) -> tuple[tuple[str, ...], _Listing, str]:
+    """The rows of a label manifest, listed as an ImageFolder with the same images would be."""
+    classes, listing, named_splits = manifests.listing(manifest)
+    if not named_splits:
+        return classes, _stratified(listing["train"], classes, config, seed, str(manifest)), str(manifest)
+    return classes, _carve_missing(listing, classes, config, seed, str(manifest)), str(manifest)
+
+
+def _carve_missing(listing: _Listing, classes: tuple[str, ...], config: DataConfig, seed: int, origin: str) -> _Listing:
+    """Hold the missing val/test split(s) out of train, stratified."""
     missing = [name for name in ("val", "test") if name not in listing]
     if missing:
-        # Hold the missing split(s) out of train, stratified.
         fractions = {"val": config.val_split, "test": config.test_split}
-        carved = _stratified(
-            listing["train"], classes, config, seed, str(split_dirs["train"]), only=missing, fractions=fractions
-        )
-        listing.update(carved)
-    return classes, listing, str(root)
+        listing.update(_stratified(listing["train"], classes, config, seed, origin, only=missing, fractions=fractions))
+    return listing
 
 
 def _class_names(folder: Path, need_two: bool = True) -> tuple[str, ...]:

@@ -33,6 +33,11 @@ class DataConfig(Section):
         None, description="ImageFolder root: <root>/<class>/* or <root>/{train,val|validation,test}/<class>/*"
     )
     builtin: Literal["digits"] | None = Field(None, description="A bundled offline dataset, instead of `path`.")
+    manifest: Path | None = Field(
+        None,
+        description="A label manifest instead of `path`: a .csv with columns path,label[,split] or a .jsonl with one "
+        "such object per line; paths relative to the manifest's folder; split train|val|validation|test.",
+    )
     val_split: float = Field(
         0.15, gt=0, lt=1, description="Stratified fraction held out for validation when the root has no val folder."
     )
@@ -77,12 +82,15 @@ class DataConfig(Section):
         "training process. Default: the cores beyond two, at most 8 (0 on a 2-core machine).",
     )
 
-    _resolve_path = field_validator("path", "cache_dir")(_resolve)
+    _resolve_path = field_validator("path", "manifest", "cache_dir")(_resolve)
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
-        if (self.path is None) == (self.builtin is None):
-            raise ValueError("set exactly one of `data.path` (an image folder) or `data.builtin` (one of: digits)")
+        if [self.path, self.builtin, self.manifest].count(None) != 2:
+            raise ValueError(
+                "set exactly one of `data.path` (an image folder), `data.manifest` (a .csv/.jsonl label manifest) or "
+                "`data.builtin` (one of: digits)"
+            )
         if self.val_split + self.test_split >= 0.9:
             raise ValueError(
                 f"`data.val_split` + `data.test_split` must leave data to train on; got {self.val_split} + "

@@ -1,0 +1,181 @@
+"""Label manifests: one row per image in a CSV or JSON Lines file, as labeling tools export them.
+
+A row names an image by its path (relative to the manifest's folder, or absolute), its label,
+and optionally its split (`train`, `val` or `validation`, `test`):
+
+    path,label,split                          {"path": "cat/001.jpg", "label": "cat", "split": "train"}
+    cat/001.jpg,cat,train
+
+The rows become the same (source, label, name) listing an ImageFolder gives, in the same order
+(per class, then by path), so the same images as a manifest and as class folders make the same
+build. Malformed rows are errors that name the file and the row; an image the row points to
+that is missing or unreadable is skipped and reported by the data stage like a corrupt image.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgetl.errors import DataError
+
+SPLITS = ("train", "val", "test")
+SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+_MAX_FIELD = 4096  # characters in one field: a path or a label; longer means the file is not a manifest
+
+
+@dataclass(frozen=True)
+class Row:
+    """One manifest row: `line` is its line number in the file (the CSV header is line 1)."""
+
+    line: int
+    path: Path
+    label: str
+    split: str | None  # train | val | test; None when the manifest has no split column
+
+
+def read(manifest: Path) -> list[Row]:
+    """Every row of `manifest` (.csv or .jsonl), checked.
+
+    Raises DataError naming the file and the row: an unreadable file, a missing `path` or
+    `label` column, an empty path or label, an unknown split name, a path listed twice, a
+    split column some rows leave empty.
+    """
+    if not manifest.is_file():
+        raise DataError(f"`data.manifest` {manifest} is not a file. Point it at a .csv or .jsonl label manifest.")
+    suffix = manifest.suffix.lower()
+    if suffix not in (".csv", ".jsonl"):
+        raise DataError(
+            f"`data.manifest` {manifest} is neither .csv nor .jsonl; save the labels as CSV (columns path,label"
+            "[,split]) or JSON Lines (one object per line with path, label and optionally split)."
+        )
+    try:
+        with open(manifest, encoding="utf-8-sig", newline="") as handle:
+            records = list((_csv_records if suffix == ".csv" else _jsonl_records)(handle, manifest))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"Cannot read `data.manifest` {manifest}: {exc}. Save it as UTF-8 text.") from None
+    rows = [_row(manifest, line, record) for line, record in records]
+    if not rows:
+        raise DataError(f"`data.manifest` {manifest} has no rows. Add one row per image: path, label[, split].")
+    _require_consistent_splits(manifest, rows)
+    _require_unique_paths(manifest, rows)
+    return rows
+
+
+def listing(manifest: Path) -> tuple[tuple[str, ...], dict[str, list[tuple[Path, int, str]]], bool]:
+    """The classes (the train rows' labels, sorted), each split's (path, label index, name) items in an
+    ImageFolder's order (by class, then path), and whether the rows name their splits (if not, every row is
+    listed under "train", for the data stage to split).
+
+    Raises DataError naming the file and row: see `read`; also fewer than two classes, or a val/test label
+    that no train row has.
+    """
+    rows = read(manifest)
+    named_splits = rows[0].split is not None
+    split_rows = {name: [row for row in rows if row.split in (None, name)] for name in SPLITS}
+    classes = tuple(sorted({row.label for row in split_rows["train"]}))
+    if len(classes) < 2:
+        raise DataError(
+            f"The train rows of `data.manifest` {manifest} have {len(classes)} label(s) {list(classes)}; edgetl "
+            "needs at least 2 classes with training images."
+        )
+    index = {name: label for label, name in enumerate(classes)}
+    listed = {}
+    for name in SPLITS if named_splits else ("train",):
+        unknown = next((row for row in split_rows[name] if row.label not in index), None)
+        if unknown is not None:
+            raise DataError(
+                f"{manifest} line {unknown.line} ({unknown.path}) has label {unknown.label!r}, which no train row has. "
+                f"Every class needs training images; the train labels are {list(classes)}."
+            )
+        items = [(row.path, index[row.label], str(row.path)) for row in split_rows[name]]
+        if items or name == "train":
+            listed[name] = sorted(items, key=lambda item: (item[1], item[0]))
+    return classes, listed, named_splits
+
+
+def _csv_records(handle, manifest: Path) -> Iterator[tuple[int, dict]]:
+    reader = csv.DictReader(handle)
+    try:
+        columns = reader.fieldnames or []
+        missing = [name for name in ("path", "label") if name not in columns]
+        if missing:
+            raise DataError(
+                f"`data.manifest` {manifest} has no {' or '.join(repr(m) for m in missing)} column (its header is "
+                f"{columns}). The first line must name the columns: path,label and optionally split."
+            )
+        for record in reader:
+            if None in record:  # more fields than the header names
+                raise DataError(
+                    f"{manifest} line {reader.line_num} has more fields than the header {columns}; quote fields "
+                    "that contain commas."
+                )
+            yield reader.line_num, record
+    except csv.Error as exc:
+        raise DataError(f"{manifest} line {reader.line_num} is not valid CSV: {exc}.") from None
+
+
+def _jsonl_records(handle, manifest: Path) -> Iterator[tuple[int, dict]]:
+    for line, text in enumerate(handle, start=1):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{manifest} line {line} is not valid JSON: {exc.msg}. Write one object per line."
+            ) from None
+        if not isinstance(record, dict):
+            raise DataError(f"{manifest} line {line} is a JSON {type(record).__name__}; write one object per line.")
+        yield line, record
+
+
+def _row(manifest: Path, line: int, record: dict) -> Row:
+    where = f"{manifest} line {line}"
+    fields = {}
+    for name in ("path", "label", "split"):
+        value = record.get(name)
+        if value is not None and not isinstance(value, (str, int)):
+            raise DataError(f"{where}: `{name}` is a JSON {type(value).__name__}; give it as a string.")
+        text = "" if value is None else str(value).strip()
+        if len(text) > _MAX_FIELD:
+            raise DataError(f"{where}: `{name}` is {len(text)} characters long; a path or label is under {_MAX_FIELD}.")
+        fields[name] = text
+    if not fields["path"]:
+        raise DataError(f"{where} has no image path. Every row names one image file.")
+    if not fields["label"]:
+        raise DataError(f"{where} ({fields['path']}) has an empty label. Give every image its class, or drop the row.")
+    split = None
+    if "split" in record:
+        split = SPLIT_NAMES.get(fields["split"].lower()) if fields["split"] else ""
+        if split is None:
+            raise DataError(
+                f"{where} ({fields['path']}) has split {fields['split']!r}; use train, val (or validation) or test."
+            )
+    return Row(line, manifest.parent / fields["path"], fields["label"], split)
+
+
+def _require_consistent_splits(manifest: Path, rows: list[Row]) -> None:
+    if any(row.split is not None for row in rows):
+        empty = next((row for row in rows if not row.split), None)
+        if empty is not None:
+            raise DataError(
+                f"{manifest} line {empty.line} ({empty.path}) has no split while other rows do. Give every row "
+                "train, val or test, or drop the split column to have edgetl split the rows."
+            )
+
+
+def _require_unique_paths(manifest: Path, rows: list[Row]) -> None:
+    first: dict[Path, Row] = {}
+    for row in rows:
+        key = Path(os.path.normpath(row.path))  # a/./b, a/../a/b and a/b are one file
+        if key in first:
+            raise DataError(
+                f"{manifest} line {row.line} lists {row.path} again (first on line {first[key].line}). An image "
+                "appears once, with one label and one split: remove the duplicate row."
+            )
+        first[key] = row
