@@ -24,10 +24,10 @@ from edgetl import __version__, bundle, data, environment, export, gates, models
 from edgetl.build_report import BuildReport, ExportSummary
 from edgetl.cache import StageCache, key
 from edgetl.context import BuildContext, seed_everything
-from edgetl.errors import GateFailure, RecipeError
+from edgetl.errors import GateFailure
 from edgetl.fileio import atomic_path, remove_temporaries, write_json
+from edgetl.plan import Plan, plan
 from edgetl.recipe import QuantVariant, Recipe
-from edgetl.runtime.engines import RUNTIMES, is_installed
 from edgetl.train import distributed
 from edgetl.transfer import Transferred, transfer
 
@@ -39,15 +39,6 @@ class BuildResult:
     run_dir: Path
     metrics: dict
     report: BuildReport
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """What this machine can build of the recipe, decided before any training."""
-
-    runtimes: list[str]  # the runtimes the FP32 files and variants are validated on
-    variants: list[QuantVariant]  # the quantized variants to make
-    skipped: list[str]  # one line per runtime or variant left out, for the report
 
 
 @dataclass(frozen=True)
@@ -137,16 +128,14 @@ def train_model(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool
     return None if transferred is None else _save_training(ctx, transferred, started)
 
 
-def _plan(recipe: Recipe, run_dir: Path, dist: distributed.Dist) -> _Plan:
-    """The runtimes and variants this machine builds, checked against the device; the last build's outputs removed
-    (by rank 0, which owns the run folder)."""
-    runtimes, skipped = _available_runtimes(recipe)
-    variants, skipped_variants = _runnable_variants(recipe, runtimes)
-    _check_device_runtimes(recipe, runtimes)
+def _plan(recipe: Recipe, run_dir: Path, dist: distributed.Dist) -> Plan:
+    """What this machine builds of `recipe` (`edgetl.plan`); the last build's outputs removed (by rank 0, which
+    owns the run folder)."""
+    made = plan(recipe)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _remove_outputs(run_dir, recipe.name)
-    return _Plan(runtimes, variants, skipped + skipped_variants)
+    return made
 
 
 def _stage_cache(run_dir: Path, force: bool, dist: distributed.Dist, stage_root: Path | None = None) -> StageCache:
@@ -319,7 +308,7 @@ def _validate_stage(
     return validate.Validation.load(folder)
 
 
-def _report(ctx: BuildContext, plan: _Plan, made: _Made, decision: gates.Decision) -> BuildReport:
+def _report(ctx: BuildContext, plan: Plan, made: _Made, decision: gates.Decision) -> BuildReport:
     """report.json's content (without build_seconds, and the bundle's digest until it is packed)."""
     recipe, exported = ctx.recipe, made.exported
     fp32_files = [a.file.name for a in _fp32_artifacts(exported)]
@@ -382,55 +371,3 @@ def _remove_outputs(run_dir: Path, name: str) -> None:
     if leftovers:
         names = ", ".join(p.name for p in leftovers)
         log.info("removed %d temporary file(s) a killed build left: %s", len(leftovers), names)
-
-
-def _available_runtimes(recipe: Recipe) -> tuple[list[str], list[str]]:
-    """Runtimes to validate on. Listed in the recipe: required. Otherwise: the installed ones."""
-    if recipe.export.runtimes is not None:
-        missing = [r for r in recipe.export.runtimes if not is_installed(r)]
-        if missing:
-            raise RecipeError(
-                f"`export.runtimes` asks for {missing}, which is not installed; install it (`pip install "
-                "'edgetl[train]'`) or remove it from the list."
-            )
-        return list(recipe.export.runtimes), []
-    skipped = [
-        f"{r} is not installed: its variants were skipped (install it with `pip install 'edgetl[train]'`)"
-        for r in RUNTIMES
-        if not is_installed(r)
-    ]
-    for line in skipped:
-        log.warning(line)
-    return [r for r in RUNTIMES if is_installed(r)], skipped
-
-
-def _check_device_runtimes(recipe: Recipe, runtimes: list[str]) -> None:
-    """Before training: the device must have a runtime this build measures variants on.
-
-    Raises RecipeError. The FP32 ONNX file is always measured on ONNX Runtime, so only an
-    OpenVINO-only device with OpenVINO missing here (or left out of `export.runtimes`) fails.
-    """
-    if "onnxruntime" not in recipe.device.runtimes and "openvino" not in runtimes:
-        raise RecipeError(
-            "`device.runtimes` is [openvino], but this build measures no variant on OpenVINO (not "
-            "installed here, or not in `export.runtimes`); install it (`pip install 'edgetl[train]'`) "
-            "or add onnxruntime to `device.runtimes`."
-        )
-
-
-def _runnable_variants(recipe: Recipe, runtimes: list[str]) -> tuple[list[QuantVariant], list[str]]:
-    """A default variant for a missing runtime is skipped with a line; one the recipe lists is an error."""
-    explicit = "quantize" in recipe.model_fields_set
-    runnable, skipped = [], []
-    for variant in recipe.quantize:
-        if variant.runtime in runtimes:
-            runnable.append(variant)
-        elif explicit:
-            raise RecipeError(
-                f"quantize variant {variant.display_name} needs {variant.runtime}, which is not installed or not "
-                "in `export.runtimes`; install it or remove the variant."
-            )
-        else:
-            skipped.append(f"quantize variant {variant.display_name} skipped: {variant.runtime} is not available")
-            log.warning(skipped[-1])
-    return runnable, skipped

@@ -67,9 +67,16 @@ def test_missing_recipe_file_is_named(tmp_path: Path) -> None:
         load_recipe(tmp_path / "nope.yaml")
 
 
-def test_shipped_recipes_are_valid() -> None:
-    for path in Path("recipes").glob("*.yaml"):
+def test_shipped_recipes_and_sweeps_are_valid() -> None:
+    from edgetl.sweep.spec import load_sweep
+
+    recipes = [path for path in Path("recipes").glob("*.yaml") if not path.name.startswith("sweep")]
+    sweeps = sorted(Path("recipes").glob("sweep*.yaml"))
+    assert len(recipes) >= 5 and len(sweeps) == 2
+    for path in recipes:
         assert load_recipe(path).name
+    for path in sweeps:
+        assert load_sweep(path).sweep.space
 
 
 def test_schema_lists_the_fields_and_cli_prints_it() -> None:
