@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh clone (offline, from PyPI packages alone):
-#   make demo   creates .venv, installs edgetl[train], runs `edgetl build recipes/quickstart.yaml`
+#   make demo   creates .venv, installs edgetl[train,dev,sweep], runs `edgetl build recipes/quickstart.yaml`
 #   make test   creates .venv, installs edgetl[train,dev,sweep], runs the test suite
 #   make lint   ruff's lint and format checks (CI runs them before the tests)
 VENV ?= .venv

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import pickle
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -162,8 +163,11 @@ def test_the_train_loader_gives_the_epoch_order_batches_alike_with_and_without_w
     ds = data.run(config(image_folder, tmp_path / "cache"), PRE, seed=0)
     inputs = Inputs(ds.train.images, ds.val.images, ds.test.images, 0, False, PRE, tmp_path)
     batches = list(torch.randperm(len(ds.train.labels), generator=torch.Generator().manual_seed(0)).split(5))
+    handler = signal.getsignal(signal.SIGCHLD)
     inline = list(train_loader(inputs, None, batches, workers=0, pin_memory=False, seed=0))
     workers = list(train_loader(inputs, None, batches, workers=2, pin_memory=False, seed=0))
+    # PyTorch's SIGCHLD handler, left behind, crashed later subprocess-heavy stages (the test_export run after this)
+    assert signal.getsignal(signal.SIGCHLD) is handler
     assert [i.tolist() for _, i in inline] == [b.tolist() for b in batches] == [i.tolist() for _, i in workers]
     for (x, index), (y, _) in zip(inline, workers):
         assert x.shape == (len(index), 3, 32, 32) and torch.equal(x, y)

@@ -13,7 +13,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,9 +82,10 @@ class TrainBatches(torch.utils.data.Dataset):
 
 def train_loader(
     inputs: Inputs, augmenter, batches: Sequence[torch.Tensor], workers: int | None, pin_memory: bool, seed: int
-) -> torch.utils.data.DataLoader:
-    """One epoch's batches (index tensors in the trainer's order) read, augmented and normalized by `workers`
-    processes (None: `default_workers()`; 0: in this process), `pin_memory` for a CUDA device.
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch's (model input, index) batches, in the trainer's order, read, augmented and normalized by a
+    `torch.utils.data.DataLoader` with `workers` processes (None: `default_workers()`; 0: in this process),
+    `pin_memory` for a CUDA device.
 
     A new loader per epoch, not persistent workers: each epoch's workers are seeded from `seed`
     (the run's seed and the epoch), so `--resume` augments as an uninterrupted run does. The
@@ -89,7 +93,7 @@ def train_loader(
     dropout draw from it exactly as the loop did before the DataLoader.
     """
     workers = default_workers() if workers is None else workers
-    return torch.utils.data.DataLoader(
+    loader = torch.utils.data.DataLoader(
         TrainBatches(inputs, augmenter),
         sampler=batches,
         batch_size=None,  # the sampler's items are whole batches: one disk read per batch
@@ -98,6 +102,27 @@ def train_loader(
         prefetch_factor=4 if workers else None,
         generator=torch.Generator().manual_seed(seed),
     )
+    with _sigchld_restored():
+        yield from loader
+
+
+@contextmanager
+def _sigchld_restored() -> Iterator[None]:
+    """Put back the SIGCHLD handler that a DataLoader with workers installs in this process and never removes.
+
+    With PyTorch's handler left in place, a subprocess that ended later in the build (the PyTorch
+    latency probe during validation) crashed the build with a corrupted heap (SIGSEGV in malloc,
+    torch 2.14.1; reproduced with a plain DataLoader). The loader still notices a dead worker
+    through its queue timeouts. Signal handlers can only be set from the main thread (a sweep
+    trial runs in another, and PyTorch then installs none).
+    """
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGCHLD) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGCHLD, previous)
 
 
 def default_workers() -> int:
