@@ -87,27 +87,15 @@ def run(
 
     started = time.monotonic()
     exportable = static_same_padding(copy.deepcopy(model).eval(), pre.input_size)
-    example = torch.zeros(1, 3, pre.input_size, pre.input_size)
     onnx_path = out_dir / "model.onnx"
     with atomic_path(onnx_path) as tmp:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the TorchScript exporter's constant-folding chatter
-                torch.onnx.export(
-                    exportable,
-                    (example,),
-                    str(tmp),
-                    dynamo=False,
-                    opset_version=opset,
-                    input_names=[INPUT_NAME],
-                    output_names=[OUTPUT_NAME],
-                    dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                )
+            torch_to_onnx(exportable, pre.input_size, tmp, opset)
         except Exception as exc:  # the exporter raises many types; all mean "this model does not export"
             raise ExportError(
                 f"torch.onnx.export failed for this model at opset {opset}: {type(exc).__name__}: {exc}"
             ) from None
-        graph = _optimize(tmp)
+        graph = optimize(tmp)
         onnx.helper.set_model_props(graph, metadata(pre, labels, recipe_hash))
         try:
             onnx.checker.check_model(graph, full_check=True)
@@ -124,7 +112,25 @@ def run(
     return ExportResult(onnx_path, xml_path, node_count, opset, time.monotonic() - started)
 
 
-def _optimize(path: Path):
+def torch_to_onnx(module: torch.nn.Module, input_size: int, file: Path, opset: int) -> None:
+    """`module` (eval mode) as ONNX at `file`: TorchScript exporter, (batch, 3, S, S) float input `INPUT_NAME`,
+    output `OUTPUT_NAME`, dynamic batch. Raises what torch.onnx.export raises."""
+    example = torch.zeros(1, 3, input_size, input_size)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's constant-folding chatter
+        torch.onnx.export(
+            module,
+            (example,),
+            str(file),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
+
+
+def optimize(path: Path):
     """Constant-fold and fuse the pads into the convs with ONNX Runtime's *basic* level, whose
     rewrites are all standard ONNX (the extended levels add com.microsoft ops)."""
     import onnx

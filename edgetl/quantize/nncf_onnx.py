@@ -11,15 +11,13 @@ and the weights are quantized per output channel).
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from torch import nn
 
-from edgetl.export import INPUT_NAME, OUTPUT_NAME, _optimize
+from edgetl.export import optimize, torch_to_onnx
 from edgetl.fileio import atomic_path
 
 if TYPE_CHECKING:
@@ -35,21 +33,9 @@ def export_qdq(quantized: nn.Module, input_size: int, file: Path, opset: int, me
     for module in quantized.modules():
         if isinstance(module, BaseQuantizer):
             module.set_export_mode(QuantizerExportMode.ONNX_QUANTIZE_DEQUANTIZE_PAIRS)
-    example = torch.zeros(1, 3, input_size, input_size)
     with atomic_path(file) as tmp:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's chatter
-            torch.onnx.export(
-                quantized,
-                (example,),
-                str(tmp),
-                dynamo=False,
-                opset_version=opset,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            )
-        graph = fold_batchnorm(_optimize(tmp))  # _optimize folds Q(weight) into int8 initialisers
+        torch_to_onnx(quantized, input_size, tmp, opset)
+        graph = fold_batchnorm(optimize(tmp))  # optimize folds Q(weight) into int8 initialisers
         onnx.helper.set_model_props(graph, metadata)
         onnx.checker.check_model(graph, full_check=True)
         onnx.save(graph, str(tmp))

@@ -11,6 +11,7 @@ import copy
 import difflib
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,6 +48,7 @@ __all__ = [
     "TeacherConfig",
     "TrainConfig",
     "Recipe",
+    "describe_errors",
     "load_recipe",
     "recipe_from_mapping",
     "recipe_json_schema",
@@ -147,11 +149,17 @@ def _apply_override(raw: dict[str, Any], override: str, path: Path) -> None:
 
 
 def _describe(exc: ValidationError, path: Path) -> str:
-    lines = [f"{path} is not a valid recipe:"]
+    return describe_errors(exc, f"{path} is not a valid recipe:", _allowed_fields)
+
+
+def describe_errors(exc: ValidationError, title: str, allowed_fields: Callable[[tuple], list[str]]) -> str:
+    """pydantic's errors as one paragraph under `title`: each field by its dotted path, with the fields
+    allowed where an unknown one was given (`allowed_fields(parent path)`) and the closest as a hint."""
+    lines = [title]
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
-            allowed = _allowed_fields(err["loc"][:-1])
+            allowed = allowed_fields(err["loc"][:-1])
             close = difflib.get_close_matches(str(err["loc"][-1]), allowed, n=1)
             hint = f" Did you mean `{close[0]}`?" if close else ""
             lines.append(f"  `{loc}` is not a known field.{hint} Allowed here: {', '.join(allowed)}.")

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from edgetl.cache import key
 from edgetl.errors import RecipeError
-from edgetl.recipe import GatesConfig, Recipe, recipe_from_mapping
+from edgetl.recipe import GatesConfig, Recipe, describe_errors, recipe_from_mapping
 
 SEARCHES = ("grid", "random", "tpe", "nsga2")
 
@@ -209,17 +209,7 @@ def _check_dimension(plan: SweepPlan, field: str, dimension: list[Any] | Grid | 
 
 
 def _describe(exc: ValidationError, path: Path) -> str:
-    lines = [f"{path} is not a valid sweep file:"]
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            lines.append(f"  `{loc}` is not a known field. Allowed: {', '.join(_allowed(err['loc'][:-1]))}.")
-        elif err["type"] == "missing":
-            lines.append(f"  `{loc}` is required.")
-        else:
-            where = f"`{loc}`: " if loc else ""
-            lines.append(f"  {where}{err['msg'].removeprefix('Value error, ')}; got {err['input']!r}.")
-    return "\n".join(lines)
+    return describe_errors(exc, f"{path} is not a valid sweep file:", _allowed)
 
 
 def _allowed(loc: tuple[Any, ...]) -> list[str]:
