@@ -105,8 +105,14 @@ def build(
 
 
 def _agreement_bounds(variants: list[QuantVariant]) -> dict[str, tuple[float, bool]]:
-    """Each quantized variant's `min_agreement` and whether the recipe lets it be selected below it."""
-    return {v.display_name: (v.min_agreement, v.allow_below_agreement) for v in variants if v.min_agreement is not None}
+    """Each quantized variant's `min_agreement` and whether the recipe lets it be selected below it. The default
+    bound holds the variants the agreement search works on; QAT, accuracy-controlled and NNCF-QDQ variants are
+    held to a bound the recipe sets on them."""
+    return {
+        v.display_name: (v.min_agreement, v.allow_below_agreement)
+        for v in variants
+        if v.min_agreement is not None and (quantize.searches_agreement(v) or "min_agreement" in v.model_fields_set)
+    }
 
 
 def train_model(recipe: Recipe, run_dir: Path, resume: bool = False, force: bool = False) -> dict | None:
@@ -142,7 +148,7 @@ def _stage_cache(run_dir: Path, force: bool, dist: distributed.Dist, stage_root:
     """RUN_DIR/stages, or a sweep's root shared between processes; under torchrun, one whose reuse rank 0 decides."""
     root = stage_root or run_dir / "stages"
     if dist.enabled:
-        return distributed.RankCache(root, force, dist)
+        return distributed.RankCache(root, force, dist, shared=stage_root is not None)
     return StageCache(root, force, shared=stage_root is not None)
 
 
@@ -160,9 +166,9 @@ def _context(
     log.info("backbone %s (%s), input %d px, weights %s", spec.name, spec.arch, pre.input_size, recipe.model.weights)
     seed_everything(recipe.seed)
     started = time.monotonic()
-    with distributed.main_first(dist):  # rank 0 decodes first (filling the disk cache), the others then read it
-        frames = train.augments_images(recipe.train, recipe.data.augment)
-        dataset = data.run(recipe.data, pre, recipe.seed, frames=frames)
+    # Under torchrun every rank loads the data: the disk cache's per-entry lock makes the ranks of one machine
+    # decode each split once and the others wait for it, without a collective's timeout on a long first decode.
+    dataset = data.run(recipe.data, pre, recipe.seed, frames=train.augments_images(recipe.train, recipe.data.augment))
     seconds = round(time.monotonic() - started, 2)
     counts = "/".join(str(len(dataset.split(s).labels)) for s in data.SPLITS)
     log.info(

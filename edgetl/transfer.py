@@ -82,8 +82,9 @@ def transfer(ctx: BuildContext) -> Transferred:
         dann_config = adapt.model_dump(mode="json", include={"method", "dann_weight", "domain_hidden"})
         transfer_key = key(transfer_key, dann_config, dann.fingerprint())
     needs_alone = (distill and distill.compare) or (adapt and adapt.target_labeled and dann is not None)
-    alone = _train_stage(ctx, train_key, student) if needs_alone or transfer_key == train_key else None
-    trained = alone if transfer_key == train_key else _train_stage(ctx, transfer_key, student, distiller, dann)
+    shipped_alone = transfer_key == train_key  # no distillation or DANN: the student alone is the model
+    alone = _train_stage(ctx, train_key, student, reports=shipped_alone) if needs_alone or shipped_alone else None
+    trained = alone if shipped_alone else _train_stage(ctx, transfer_key, student, distiller, dann, reports=True)
     if distill:
         section["distillation"] |= {
             "student": student.spec.name,
@@ -100,8 +101,15 @@ def transfer(ctx: BuildContext) -> Transferred:
 
 
 def _train_stage(
-    ctx: BuildContext, stage_key: str, job: _Job, distiller: Distiller | None = None, target: data.Split | None = None
+    ctx: BuildContext,
+    stage_key: str,
+    job: _Job,
+    distiller: Distiller | None = None,
+    target: data.Split | None = None,
+    reports: bool = False,
 ) -> train.TrainedModel:
+    """Train `job` (or reuse its stage); `reports`: this is the model the build ships, whose epochs go to
+    `ctx.on_epoch` (a sweep's early stopping must not see the teacher's or the discarded student's)."""
     recipe = ctx.recipe
     state_path = ctx.snapshot_path(job.stage, stage_key)
     if ctx.resume and ctx.dist.is_main and not state_path.is_file():
@@ -118,7 +126,7 @@ def _train_stage(
         if target is not None:  # built after the model: the head's init draws from the global RNG first
             adapt = recipe.adapt
             terms.append(DomainAdversary(model.head.in_features, adapt.domain_hidden, adapt.dann_weight, target.images))
-        on_epoch = ctx.on_epoch if job.stage == "train" else None  # the teacher's epochs are not the trial's
+        on_epoch = ctx.on_epoch if reports else None
         train_job = train.TrainJob(
             job.dataset,
             job.pre,

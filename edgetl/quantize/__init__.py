@@ -34,7 +34,7 @@ from edgetl.recipe import QuantVariant
 from edgetl.runtime.engines import OnnxRuntimeEngine
 from edgetl.runtime.preprocess import normalize
 
-__all__ = ["Inputs", "QuantizedArtifact", "float_weighted_layers", "run_variant"]
+__all__ = ["Inputs", "QuantizedArtifact", "float_weighted_layers", "run_variant", "searches_agreement"]
 log = logging.getLogger(__name__)
 
 
@@ -62,7 +62,7 @@ def run_variant(
             file = to_openvino(export.onnx, out_dir / f"{name}.xml", compress_to_fp16=True)
             return QuantizedArtifact(name, "openvino", "fp16", file, [], time.monotonic() - started, 0)
         calibration, notes = _calibration_batches(inputs, variant.calibration_images, name)
-        control = _control_set(export, inputs, calibration) if _controlled(variant) else None
+        control = _control_set(export, inputs, calibration) if searches_agreement(variant) else None
         record = None
         if variant.method == "qat":
             metadata = onnx_metadata(export.onnx)  # the labels and contract, for the IR converted from PyTorch
@@ -89,9 +89,9 @@ def run_variant(
         )
 
 
-def _controlled(variant: QuantVariant) -> bool:
+def searches_agreement(variant: QuantVariant) -> bool:
     """Whether the agreement search runs: an INT8 PTQ variant with `min_agreement`, no `max_accuracy_drop`
-    (accuracy control then decides) and not NNCF's QDQ ONNX; the bound is checked at selection in any case."""
+    (accuracy control then decides) and not NNCF's QDQ ONNX."""
     nncf_onnx = variant.quantizer == "nncf" and variant.runtime == "onnxruntime"
     return (
         variant.method == "ptq"

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from torch import nn
 
+from edgetl.errors import ExportError
 from edgetl.export import optimize, torch_to_onnx
 from edgetl.fileio import atomic_path
 
@@ -26,7 +27,8 @@ if TYPE_CHECKING:
 
 def export_qdq(quantized: nn.Module, input_size: int, file: Path, opset: int, metadata: dict[str, str]) -> Path:
     """Write NNCF's quantized `quantized` (eval mode) to `file` as a QDQ ONNX with int8 weight initialisers and
-    the BatchNorms folded; `metadata` becomes its metadata_props. Returns `file`."""
+    the BatchNorms folded; `metadata` becomes its metadata_props. Returns `file`; raises ExportError when the
+    export or the ONNX checker fails."""
     import onnx
     from nncf.torch.quantization.layers import BaseQuantizer, QuantizerExportMode
 
@@ -34,10 +36,16 @@ def export_qdq(quantized: nn.Module, input_size: int, file: Path, opset: int, me
         if isinstance(module, BaseQuantizer):
             module.set_export_mode(QuantizerExportMode.ONNX_QUANTIZE_DEQUANTIZE_PAIRS)
     with atomic_path(file) as tmp:
-        torch_to_onnx(quantized, input_size, tmp, opset)
-        graph = fold_batchnorm(optimize(tmp))  # optimize folds Q(weight) into int8 initialisers
-        onnx.helper.set_model_props(graph, metadata)
-        onnx.checker.check_model(graph, full_check=True)
+        try:
+            torch_to_onnx(quantized, input_size, tmp, opset)
+            graph = fold_batchnorm(optimize(tmp))  # optimize folds Q(weight) into int8 initialisers
+            onnx.helper.set_model_props(graph, metadata)
+            onnx.checker.check_model(graph, full_check=True)
+        except Exception as exc:  # the exporter and the checker raise many types; all mean "no QDQ file"
+            raise ExportError(
+                f"QAT's QDQ ONNX for ONNX Runtime could not be written at opset {opset}: {type(exc).__name__}: {exc}. "
+                "Use `runtime: openvino` for this QAT variant, or PTQ."
+            ) from None
         onnx.save(graph, str(tmp))
     return file
 

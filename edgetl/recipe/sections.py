@@ -260,7 +260,9 @@ class QuantVariant(Section):
         le=1,
         description="Agreement control: the share of images whose top-1 must match the FP32 model's, on the val "
         "split and the calibration images; the most sensitive layers stay in float until it holds (fewest first). "
-        "A variant whose test agreement misses it is marked and not selected. null: no control, no check.",
+        "A variant whose test agreement misses it is marked and not selected. The default holds INT8 PTQ variants "
+        "without max_accuracy_drop (the ones the search works on); set it to hold QAT and the others too. "
+        "null: no control, no check.",
     )
     allow_below_agreement: bool = Field(
         False,

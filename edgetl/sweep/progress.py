@@ -50,8 +50,13 @@ class SweepProgress(Callback):
         self._finish(trial, True)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the terminal bar (idempotent): at the experiment's end, or when Ray Tune raised before it."""
         if self.bar is not None:
             self.bar.stop()
+            self.bar = None
 
     def line(self) -> str:
         """`3/8 trials done (1 failed), 2 running, eta 2m10s`."""

@@ -118,6 +118,7 @@ def _tune(plan: SweepPlan, launch: Launch, out_dir: Path) -> list[TrialRecord]:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     logging.getLogger("ray.tune").setLevel(logging.ERROR)
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": cpus, "gpu": gpus})
+    progress = SweepProgress(total)
     tuner = tune.Tuner(
         trainable,
         param_space=space.param_space(sweep),
@@ -126,11 +127,12 @@ def _tune(plan: SweepPlan, launch: Launch, out_dir: Path) -> list[TrialRecord]:
             scheduler=space.scheduler(sweep, max_epochs),
             num_samples=space.num_samples(sweep, launch.trials),
         ),
-        run_config=tune.RunConfig(
-            name="tune", storage_path=str(out_dir / ".ray"), verbose=0, callbacks=[SweepProgress(total)]
-        ),
+        run_config=tune.RunConfig(name="tune", storage_path=str(out_dir / ".ray"), verbose=0, callbacks=[progress]),
     )
-    results = tuner.fit()
+    try:
+        results = tuner.fit()
+    finally:
+        progress.close()  # also when fit() raises: a live bar would keep the terminal
     if len(results) < total or results.num_terminated + results.num_errors < len(results):
         # Ray Tune ends fit() quietly on Ctrl-C; the trials left unfinished must not be recorded as finished.
         raise KeyboardInterrupt

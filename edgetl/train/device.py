@@ -111,5 +111,5 @@ def get_rng(device: torch.device) -> dict:
 def set_rng(state: dict) -> None:
     """Restore what `get_rng` returned."""
     torch.set_rng_state(state["cpu"])
-    if state["cuda"] is not None:
+    if state["cuda"] is not None and torch.cuda.is_available():  # a GPU snapshot resumed on a CPU-only machine
         torch.cuda.set_rng_state(state["cuda"], state["device"])

@@ -45,7 +45,7 @@ from edgetl.train.device import resolve_device
 log = logging.getLogger(__name__)
 
 TIMEOUT_ENV = "EDGETL_DIST_TIMEOUT"
-DEFAULT_TIMEOUT_S = 600  # the others wait this long for rank 0's first decode of the data (`main_first`)
+DEFAULT_TIMEOUT_S = 600  # a collective waits this long for the slowest rank (an epoch's val pass, say)
 
 
 @dataclass(frozen=True)
@@ -119,21 +119,6 @@ def shutdown(dist: Dist) -> None:
         with peer_errors(dist):
             torch_dist.barrier()
         torch_dist.destroy_process_group()
-
-
-@contextlib.contextmanager
-def main_first(dist: Dist) -> Iterator[None]:
-    """Rank 0 runs the block first, the others after it (once it filled a cache they can then read).
-
-    The others' wait is a collective, bounded by `EDGETL_DIST_TIMEOUT` like every other.
-    """
-    if dist.enabled and not dist.is_main:
-        with peer_errors(dist):
-            torch_dist.barrier()
-    yield
-    if dist.enabled and dist.is_main:
-        with peer_errors(dist):
-            torch_dist.barrier()
 
 
 def timeout_seconds() -> int:
@@ -287,10 +272,10 @@ class RankCache(StageCache):
     later stages (a student after its teacher) find the same files on every node.
     """
 
-    def __init__(self, root: Path, force: bool, dist: Dist) -> None:
+    def __init__(self, root: Path, force: bool, dist: Dist, shared: bool = False) -> None:
         self.dist = dist
         self.private = None if dist.is_main else Path(tempfile.mkdtemp(prefix=f"edgetl-rank{dist.rank}-"))
-        super().__init__(root if dist.is_main else self.private, force)
+        super().__init__(root if dist.is_main else self.private, force, shared=shared and dist.is_main)
 
     def run(self, stage: str, stage_key: str, make: Callable[[Path], None], label: str | None = None) -> Path:
         if not self.dist.enabled:  # after training, rank 0 alone: a plain stage cache

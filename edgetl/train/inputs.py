@@ -125,9 +125,10 @@ def _sigchld_restored() -> Iterator[None]:
             signal.signal(signal.SIGCHLD, previous)
 
 
-def default_workers() -> int:
-    """The cores beyond two, at most 8: on a 2-core machine a worker would take a core from the model's threads."""
-    return max(0, min(8, (os.cpu_count() or 1) - 2))
+def default_workers(processes: int = 1) -> int:
+    """Each of `processes` training processes' share of the cores beyond two, at most 8: on a 2-core machine a
+    worker would take a core from the model's threads."""
+    return max(0, min(8, (os.cpu_count() or 1) // processes - 2))
 
 
 def caches_inputs(config: TrainConfig, augment: str) -> bool:
@@ -199,7 +200,9 @@ def prepare_split(
     def prefix(batch: np.ndarray) -> torch.Tensor:
         return model.features(torch.from_numpy(normalize(batch, pre)).to(device), 0, stop).cpu()
 
-    folder = root / "features" / key(images_fingerprint(images), module_digest(model.stages[:stop]), stop)
+    # the device is in the key: a GPU's convolutions (TF32, other kernels) are not the CPU FP32 reference
+    weights = module_digest(model.stages[:stop])
+    folder = root / "features" / key(images_fingerprint(images), weights, stop, device.type)
     return cached_outputs(prefix, images, folder, f"frozen features {name}")
 
 

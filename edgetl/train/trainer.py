@@ -38,6 +38,7 @@ from edgetl.train.inputs import (
     augmenter,
     augments_images,
     caches_inputs,
+    default_workers,
     frozen_stage_count,
     prepare_inputs,
     train_loader,
@@ -228,9 +229,11 @@ class Trainer:
         size = self.batch_size
         batches = [order[i : i + size] for i in range(0, len(order), size)]
         # pin_memory: page-locked batches copy to a CUDA device asynchronously
-        seed = self.job.seed * 1_000_003 + epoch  # workers' seeds: a function of the run's seed and the epoch only
+        # workers' seeds: a function of the run's seed, the epoch and the rank only (each rank augments its own way)
+        seed = (self.job.seed * 1_000_003 + epoch) * 4099 + self.dist.rank
         pin = self.place.device.type == "cuda"
-        loader = train_loader(self.inputs, self.augmenter, batches, self.job.workers, pin, seed)
+        workers = default_workers(self.dist.local_world_size) if self.job.workers is None else self.job.workers
+        loader = train_loader(self.inputs, self.augmenter, batches, workers, pin, seed)
         total = 0.0
         description = f"epoch {epoch}/{self.config.epochs}"
         for step, (x, index) in enumerate(track(loader, total=len(batches), description=description)):
