@@ -50,6 +50,7 @@ __all__ = [
     "Recipe",
     "describe_errors",
     "load_recipe",
+    "read_yaml",
     "recipe_from_mapping",
     "recipe_json_schema",
 ]
@@ -107,11 +108,16 @@ def load_recipe(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Reci
             f"Recipe file {path} does not exist. Pass the path of a YAML recipe, "
             "e.g. `edgetl build recipes/quickstart.yaml`."
         )
+    return recipe_from_mapping(read_yaml(path), path, overrides)
+
+
+def read_yaml(path: Path, label: str | None = None) -> object:
+    """The YAML document at `path` ({} when empty). Raises RecipeError naming `label` (default: the path) when it
+    is not valid YAML."""
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{path} is not valid YAML: {exc}") from None
-    return recipe_from_mapping(raw, path, overrides)
+        raise RecipeError(f"{label or path} is not valid YAML: {exc}") from None
 
 
 def recipe_from_mapping(raw: object, path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

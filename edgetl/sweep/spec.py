@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from edgetl.cache import key
 from edgetl.errors import RecipeError
-from edgetl.recipe import GatesConfig, Recipe, describe_errors, recipe_from_mapping
+from edgetl.recipe import GatesConfig, Recipe, describe_errors, read_yaml, recipe_from_mapping
 
 SEARCHES = ("grid", "random", "tpe", "nsga2")
 
@@ -154,10 +154,7 @@ def load_sweep(path: Path) -> SweepPlan:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"Sweep file {path} does not exist. Pass the path of a YAML sweep, e.g. recipes/sweep.yaml.")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path} is not valid YAML: {exc}") from None
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise RecipeError(f"{path} must be a YAML mapping (name, base, space, budget); got a {type(raw).__name__}.")
     try:
@@ -181,10 +178,7 @@ def _read_base(base: str | dict[str, Any], sweep_file: Path) -> tuple[dict[str, 
     base_path = (sweep_file.parent / base).resolve()
     if not base_path.is_file():
         raise RecipeError(f"{sweep_file}: `base` names the recipe {base_path}, which does not exist.")
-    try:
-        raw = yaml.safe_load(base_path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{base_path} (the base of {sweep_file}) is not valid YAML: {exc}") from None
+    raw = read_yaml(base_path, f"{base_path} (the base of {sweep_file})")
     if not isinstance(raw, dict):
         raise RecipeError(f"{base_path} (the base of {sweep_file}) must be a YAML mapping; got {type(raw).__name__}.")
     return raw, base_path
