@@ -96,3 +96,17 @@ def bce(logits: np.ndarray, truth: np.ndarray) -> float:
     """Mean binary cross-entropy with logits over every image and label (torch's BCEWithLogitsLoss)."""
     x = logits.astype(np.float64)
     return float(np.mean(np.logaddexp(0.0, x) - truth * x))
+
+
+def variant_scores(logits: np.ndarray, reference: np.ndarray, truth: np.ndarray, readout: Readout) -> dict:
+    """A validation row's fields for a multi-label variant: `accuracy` is its test mAP, `agreement` the share of
+    test images whose thresholded label set is the baseline's (`reference` logits), `accuracy_drop` the baseline's
+    mAP minus this one's, and `multilabel` the rest (`scores`, and the largest |Δ probability| from the baseline)."""
+    measured = scores(logits, truth, readout.thresholds)
+    largest = np.abs(readout.probabilities(logits) - readout.probabilities(reference)).max() if len(logits) else 0.0
+    return {
+        "accuracy": measured["map"],
+        "agreement": float(readout.agree(logits, reference).mean()) if len(logits) else 1.0,
+        "accuracy_drop": mean_average_precision(reference, truth) - measured["map"],
+        "multilabel": measured | {"max_abs_prob_delta": float(largest)},
+    }

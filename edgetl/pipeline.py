@@ -168,7 +168,8 @@ def _context(
     started = time.monotonic()
     # Under torchrun every rank loads the data: the disk cache's per-entry lock makes the ranks of one machine
     # decode each split once and the others wait for it, without a collective's timeout on a long first decode.
-    dataset = data.run(recipe.data, pre, recipe.seed, frames=train.augments_images(recipe.train, recipe.data.augment))
+    frames, multilabel = train.augments_images(recipe.train, recipe.data.augment), recipe.task == "multilabel"
+    dataset = data.run(recipe.data, pre, recipe.seed, frames, multilabel)
     seconds = round(time.monotonic() - started, 2)
     counts = "/".join(str(len(dataset.split(s).labels)) for s in data.SPLITS)
     log.info(
@@ -246,13 +247,13 @@ def _export_stage(
             want_openvino="openvino" in runtimes,
         )
         parity = validate.parity(
-            trained.model,
+            trained,
             _fp32_artifacts(result),
             ctx.dataset.val,
             ctx.pre,
             recipe.export.parity_tolerance,
             recipe.measure.threads,
-            trained.val_logits,
+            ctx.readout(trained.val_logits),
         )
         replace(result, parity=parity).save(out)
 
@@ -268,7 +269,8 @@ def _quantize_stage(
     variant: QuantVariant,
     export_key: str,
 ) -> quantize.QuantizedArtifact:
-    inputs = quantize.Inputs(ctx.dataset, ctx.pre, ctx.recipe.seed, ctx.recipe.measure.threads)
+    readout = ctx.readout(trained.val_logits)
+    inputs = quantize.Inputs(ctx.dataset, ctx.pre, ctx.recipe.seed, ctx.recipe.measure.threads, readout)
 
     def make(out: Path) -> None:
         model = trained.model if variant.method == "qat" else None
@@ -298,13 +300,7 @@ def _validate_stage(
 ) -> validate.Validation:
     def make(out: Path) -> None:
         validate.run(
-            trained.model,
-            artifacts,
-            ctx.dataset.test,
-            ctx.pre,
-            ctx.recipe.measure,
-            trained.checkpoint,
-            trained.test_logits,
+            trained, artifacts, ctx.dataset.test, ctx.pre, ctx.recipe.measure, ctx.readout(trained.val_logits)
         ).save(out)
 
     files = [a.file.parent.name + "/" + a.file.name for a in artifacts]

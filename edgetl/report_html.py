@@ -29,6 +29,7 @@ from edgetl.report_content import (
     gate_rule,
     gate_threshold,
     gate_value,
+    multilabel_tables,
     pareto_front,
     pct,
     run_summary,
@@ -90,7 +91,7 @@ def build_page(report: BuildReport) -> str:
                     [None] * len(t.rows),
                 ),
             )
-            for t in filter(None, [agreement_table(report), *transfer_tables(report)])
+            for t in filter(None, [agreement_table(report), *transfer_tables(report), *multilabel_tables(report)])
         ),
         _dataset_section(report.dataset),
         _build_section(report),

@@ -108,7 +108,8 @@ def predict(args: argparse.Namespace) -> int:
             continue
         results.append({"path": str(path), **outcome.to_dict()})
         if not args.json:
-            print("\t".join([str(path), *(f"{t['label']} {t['score']:.4f}" for t in results[-1]["top_k"])]))
+            shown = results[-1].get("top_k", results[-1].get("labels"))  # a multi-label bundle: its label set
+            print("\t".join([str(path), *(f"{t['label']} {t['score']:.4f}" for t in shown)]))
     if args.json:
         print(
             json.dumps(
