@@ -32,6 +32,7 @@ from edgetl.errors import DataError
 
 SPLITS = ("train", "val", "test")
 SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+_COLUMNS = "\0label columns"  # a record's key for its manifest's 0/1 label columns (no CSV header names it)
 DELIMITER = "|"  # between the labels of a multi-label row's `labels` field
 _MAX_FIELD = 4096  # characters in one field: a path or a label; longer means the file is not a manifest
 
@@ -45,6 +46,7 @@ class Row:
     label: str  # "" in a multi-label manifest
     split: str | None  # train | val | test; None when the manifest has no split column
     labels: tuple[str, ...] = ()  # a multi-label manifest's label set (possibly empty)
+    columns: tuple[str, ...] = ()  # the label columns of a manifest with one 0/1 column per label
 
 
 def read(manifest: Path, multilabel: bool = False, allow_empty: bool = False) -> list[Row]:
@@ -116,7 +118,8 @@ def listing(
 
 def _multilabel_listing(manifest: Path, split_rows: dict[str, list[Row]], named_splits: bool):
     """`listing` of multi-label rows: the labels of the train rows, sorted; items by path with 0/1 per label."""
-    classes = tuple(sorted({label for row in split_rows["train"] for label in row.labels}))
+    named = {label for row in split_rows["train"] for label in (*row.labels, *row.columns)}  # a 0/1 column: a label
+    classes = tuple(sorted(named))
     if len(classes) < 2:
         raise DataError(
             f"The train rows of `data.manifest` {manifest} have {len(classes)} label(s) {list(classes)}; a "
@@ -160,6 +163,7 @@ def _csv_records(handle, manifest: Path, required: tuple[str, str]) -> Iterator[
                 )
             if required == ("path",):
                 record["labels"] = _from_columns(manifest, reader.line_num, record, label_columns)
+                record[_COLUMNS] = tuple(label_columns)
             yield reader.line_num, record
     except csv.Error as exc:
         raise DataError(f"{manifest} line {reader.line_num} is not valid CSV: {exc}.") from None
@@ -215,7 +219,8 @@ def _row(manifest: Path, line: int, record: dict, multilabel: bool = False, allo
             raise DataError(
                 f"{where} ({fields['path']}) has split {fields['split']!r}; use train, val (or validation) or test."
             )
-    return Row(line, manifest.parent / fields["path"], fields.get("label", ""), split, labels)
+    columns = record.get(_COLUMNS, ())
+    return Row(line, manifest.parent / fields["path"], fields.get("label", ""), split, labels, columns)
 
 
 def _label_set(where: str, path: str, value, allow_empty: bool) -> tuple[str, ...]:
