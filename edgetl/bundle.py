@@ -99,10 +99,17 @@ def _task(variant: VariantMetrics) -> dict:
 
 def _readme(manifest: dict, metrics: VariantMetrics) -> str:
     model = f"`{manifest['model']}` ({manifest['variant']}: {manifest['precision']} for {manifest['runtime']})"
+    if metrics.multilabel is None:
+        kind, measured = "classes", f"accuracy {metrics.accuracy:.4f}, top-1 agreement"
+    else:  # the logits' sigmoid against `task.thresholds`, as the runtime applies them
+        kind, measured = (
+            "labels (multi-label: a sigmoid per label, thresholds in `task`)",
+            (f"mAP {metrics.accuracy:.4f}, label-set agreement"),
+        )
     return f"""# {manifest["name"]}: edgetl deploy bundle
 
-{model}, {len(manifest["labels"])} classes.
-Measured at build time on the test split: accuracy {metrics.accuracy:.4f}, top-1 agreement with PyTorch FP32
+{model}, {len(manifest["labels"])} {kind}.
+Measured at build time on the test split: {measured} with PyTorch FP32
 {metrics.agreement:.4f}, p50 latency {metrics.latency_ms.p50:.2f} ms at batch 1, {metrics.size_mb:.2f} MB.
 
 On the device: `{install_command(manifest["runtime"])}` (Python 3.10+), then
