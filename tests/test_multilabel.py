@@ -193,6 +193,8 @@ def test_a_multilabel_bundle_predicts_label_sets_torch_free(tmp_path: Path) -> N
     prediction = json.loads(done.stdout)["predictions"][0]
     assert [item["label"] for item in prediction["labels"]] == ["red", "green"]
     assert set(prediction["scores"]) == {"red", "green", "blue"} and prediction["scores"]["blue"] < 0.01
+    info = subprocess.run([sys.executable, "-c", code, "info", str(bundle)], capture_output=True, text=True)
+    assert info.returncode == 0 and "multi-label, thresholds on each label's sigmoid: red 0.5, green 0.5" in info.stdout
     assert Predictor.load(bundle).predict(tmp_path / "yellow.png").to_dict() == {
         k: v for k, v in prediction.items() if k != "path"
     }

@@ -209,6 +209,9 @@ def info(args: argparse.Namespace) -> int:
         f"{manifest['runtime']}), built {manifest.get('created')}"
     )
     print(f"labels ({len(opened.labels)}): {', '.join(opened.labels)}")
+    if "task" in manifest:  # multi-label: `accuracy` below is the test mAP, `agreement` that of label sets
+        cuts = ", ".join(f"{label} {t:g}" for label, t in zip(opened.labels, manifest["task"]["thresholds"]))
+        print(f"multi-label, thresholds on each label's sigmoid: {cuts}")
     print(
         f"preprocessing: decode {pre.decode}, resize {pre.resize_size} {pre.interpolation}, center crop "
         f"{pre.input_size}, mean "
