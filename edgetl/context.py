@@ -23,7 +23,7 @@ from edgetl.models import BackboneSpec
 from edgetl.recipe import Recipe
 from edgetl.runtime.preprocess import Preprocessing
 from edgetl.runtime.readout import Readout
-from edgetl.tasks import task_of
+from edgetl.tasks import readout_for
 from edgetl.train.distributed import Dist
 
 
@@ -52,8 +52,7 @@ class BuildContext:
     def readout(self, val_logits: np.ndarray | None) -> Readout:
         """How the trained model's answers are read (its task's), multi-label thresholds tuned on the val split
         from the model's `val_logits`: cheap enough to recompute in each stage that needs it."""
-        task = task_of(self.dataset.train.labels, self.dataset.classes)
-        return task.readout(val_logits, self.dataset.val.labels)
+        return readout_for(val_logits, self.dataset.val.labels)
 
     @contextmanager
     def timed(self, name: str) -> Iterator[None]:

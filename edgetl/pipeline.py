@@ -247,13 +247,13 @@ def _export_stage(
             want_openvino="openvino" in runtimes,
         )
         parity = validate.parity(
-            trained,
+            trained.model,
             _fp32_artifacts(result),
             ctx.dataset.val,
             ctx.pre,
             recipe.export.parity_tolerance,
             recipe.measure.threads,
-            ctx.readout(trained.val_logits),
+            trained.val_logits,
         )
         replace(result, parity=parity).save(out)
 
@@ -299,9 +299,10 @@ def _validate_stage(
     ctx: BuildContext, trained: train.TrainedModel, artifacts: list[validate.Artifact], export_key: str
 ) -> validate.Validation:
     def make(out: Path) -> None:
-        validate.run(
-            trained, artifacts, ctx.dataset.test, ctx.pre, ctx.recipe.measure, ctx.readout(trained.val_logits)
-        ).save(out)
+        baseline = validate.Baseline(
+            trained.model, trained.checkpoint, trained.test_logits, ctx.readout(trained.val_logits)
+        )
+        validate.measure(baseline, artifacts, ctx.dataset.test, ctx.pre, ctx.recipe.measure).save(out)
 
     files = [a.file.parent.name + "/" + a.file.name for a in artifacts]
     stage_key = key(export_key, files, ctx.recipe.measure.model_dump(mode="json"), ctx.dataset.content_hash)

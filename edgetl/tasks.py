@@ -39,6 +39,12 @@ class LabelTask:
         return Readout("multilabel", label_metrics.tune_thresholds(probabilities, val_labels))
 
 
+def readout_for(val_logits: np.ndarray | None, val_labels: np.ndarray) -> Readout:
+    """The readout of a model trained on labels like `val_labels` ((N,) or (N, C)), tuned on its `val_logits`."""
+    classes = tuple(map(str, range(val_labels.shape[1]))) if val_labels.ndim == 2 else ()
+    return task_of(val_labels, classes).readout(val_logits, val_labels)
+
+
 def task_of(labels: np.ndarray, classes: tuple[str, ...]) -> LabelTask:
     """The one task of a dataset whose train labels are `labels`: (N,) single-label, (N, C) multi-label."""
     return LabelTask("labels", "multilabel" if labels.ndim == 2 else "single", classes)

@@ -42,7 +42,7 @@ from edgetl.runtime.engines import Engine, open_engine
 from edgetl.runtime.metrics import Latency, VariantMetrics
 from edgetl.runtime.preprocess import Preprocessing, normalize
 from edgetl.runtime.readout import SINGLE, Readout
-from edgetl.train import TrainedModel
+from edgetl.tasks import readout_for
 
 log = logging.getLogger(__name__)
 
@@ -79,24 +79,26 @@ class Validation:
 
 
 def parity(
-    trained: TrainedModel,
+    model: TransferModel,
     artifacts: list[Artifact],
     val: Split,
     pre: Preprocessing,
     tolerance: float,
     threads: int | None,
-    readout: Readout = SINGLE,
+    val_logits: np.ndarray | None = None,
 ) -> list[ParityOutcome]:
     """Every FP32 artifact must match PyTorch on every validation image, or the build stops: the same answer
-    (top-1, or the label set `readout` thresholds) and every logit within `tolerance`.
+    (top-1; for (N, C) label sets, the set at the thresholds tuned on these PyTorch logits, as the build's
+    `edgetl.tasks.readout_for`) and every logit within `tolerance`.
 
-    The PyTorch logits are those training computed at its best epoch (`trained.val_logits`, checked on a few
-    images). Raises ExportError naming the worst images, or InferenceError when any logit (the
+    `val_logits`: the PyTorch logits training computed at its best epoch (checked on a few images).
+    Raises ExportError naming the worst images, or InferenceError when any logit (the
     artifact's or PyTorch's) is NaN or infinite: a non-finite delta is never within tolerance.
 
-    >>> parity(trained, [Artifact("onnx-fp32", "onnxruntime", "fp32", Path("m.onnx"))], dataset.val, pre, 1e-3, None)
+    >>> parity(model, [Artifact("onnx-fp32", "onnxruntime", "fp32", Path("model.onnx"))], dataset.val, pre, 1e-3, None)
     """
-    reference = pytorch_logits(trained.model, val, pre, trained.val_logits)
+    reference = pytorch_logits(model, val, pre, val_logits)
+    readout = readout_for(reference, val.labels)
     outcomes = []
     for artifact in artifacts:
         logits, _ = _run_batches(open_checked(artifact, threads), val.images, pre, artifact, EVAL_BATCH)
@@ -148,22 +150,41 @@ def _check_finite(artifact: Artifact, logits: np.ndarray, reference: np.ndarray,
         )
 
 
+@dataclass(frozen=True)
+class Baseline:
+    """The PyTorch model artifacts are measured against, its checkpoint (for the fresh-process probe), its test
+    logits as training computed them (None: computed here) and how its answers are read."""
+
+    model: TransferModel
+    checkpoint: Path
+    test_logits: np.ndarray | None = None
+    readout: Readout = SINGLE
+
+
 def run(
-    trained: TrainedModel,
+    model: TransferModel,
     artifacts: list[Artifact],
     test: Split,
     pre: Preprocessing,
     config: MeasureConfig,
-    readout: Readout = SINGLE,
+    checkpoint: Path,
+    test_logits: np.ndarray | None = None,
 ) -> Validation:
-    """Measure the PyTorch baseline (`trained`) and every artifact on the test split; one row per variant, its
-    answers read by `readout` (label sets: `label_metrics.variant_scores`).
+    """`measure` for a single-label model (its answers are its top-1 classes)."""
+    return measure(Baseline(model, checkpoint, test_logits), artifacts, test, pre, config)
 
-    The baseline's logits are those training computed (`trained.test_logits`: one PyTorch pass over
-    the test split saved, 36 s for lite0 at 224 px on 1,000 images); checked on a few images.
+
+def measure(
+    against: Baseline, artifacts: list[Artifact], test: Split, pre: Preprocessing, config: MeasureConfig
+) -> Validation:
+    """Measure the PyTorch baseline and every artifact on the test split; one row per variant, its answers
+    read by `against.readout` (label sets: `label_metrics.variant_scores`).
+
+    `against.test_logits`: the baseline's logits as training computed them (one PyTorch pass over
+    the test split saved: 36 s for lite0 at 224 px on 1,000 images); checked on a few images.
     Raises ExportError when a runtime cannot load or run an artifact, or the fresh-process probe fails.
     """
-    model, checkpoint, test_logits = trained.model, trained.checkpoint, trained.test_logits
+    model, checkpoint, test_logits, readout = against.model, against.checkpoint, against.test_logits, against.readout
     threads = config.threads
     torch.set_num_threads(threads or torch.get_num_threads())
     baseline = Artifact("pytorch-fp32", "pytorch", "fp32", None)
