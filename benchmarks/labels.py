@@ -100,8 +100,11 @@ def main() -> None:
     rows = {v["name"]: v for v in report["variants"]}
     controls = {q["name"]: q.get("agreement_control") or {} for q in report["quantize"]}
     results = {
-        "machine": {"python": platform.python_version(), "cpu_model": environment.describe().get("cpu_model"),
-                    "threads": report["environment"]["torch_threads"]},  # fmt: skip
+        "machine": {
+            "python": platform.python_version(),
+            "cpu_model": environment.describe().get("cpu_model"),
+            "threads": report["environment"]["torch_threads"],
+        },  # fmt: skip
         "data": "cifar10-dev 2x2 mosaics (train/val from cifar10-dev/train, test from cifar10-dev/val)",
         "counts": {s: c["total"] for s, c in report["dataset"]["counts"].items()},
         "strategy": args.strategy,

@@ -68,8 +68,10 @@ def read(manifest: Path, multilabel: bool = False, allow_empty: bool = False) ->
         )
     try:
         with open(manifest, encoding="utf-8-sig", newline="") as handle:
-            reader = _csv_records if suffix == ".csv" else _jsonl_records
-            records = list(reader(handle, manifest, ("path", "labels" if multilabel else "label")))
+            if suffix == ".csv":
+                records = list(_csv_records(handle, manifest, ("path", "labels" if multilabel else "label")))
+            else:
+                records = list(_jsonl_records(handle, manifest))
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"Cannot read `data.manifest` {manifest}: {exc}. Save it as UTF-8 text.") from None
     rows = [_row(manifest, line, record, multilabel, allow_empty) for line, record in records]
@@ -181,7 +183,7 @@ def _from_columns(manifest: Path, line: int, record: dict, columns: list[str]) -
     return [column for column in columns if record[column].strip() == "1"]
 
 
-def _jsonl_records(handle, manifest: Path, _required=None) -> Iterator[tuple[int, dict]]:
+def _jsonl_records(handle, manifest: Path) -> Iterator[tuple[int, dict]]:
     for line, text in enumerate(handle, start=1):
         if not text.strip():
             continue
