@@ -216,6 +216,8 @@ def _focus_section(report: BuildReport) -> str:
     """Confusion matrix and per-class scores of the selected variant, else the fastest."""
     variant = focus_variant(report)
     classes = report.dataset.get("classes") or []
+    if variant is not None and variant.multilabel:  # label sets: the per-label AP table stands for it
+        return ""
     if variant is None or not variant.confusion_matrix:
         return _section("Errors per class", "<p>No variant has a confusion matrix.</p>")
     why = "selected variant" if report.selected else "fastest variant; none was selected"
