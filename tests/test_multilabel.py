@@ -83,6 +83,20 @@ def test_each_bad_multilabel_row_is_a_data_error_naming_it(tmp_path: Path, heade
     assert all(name in str(error.value) for name in names), str(error.value)
 
 
+def test_the_cli_gives_one_paragraph_and_exit_code_2_for_a_bad_row_and_for_class_folders(tmp_path: Path) -> None:
+    write(tmp_path / "labels.csv", ["path,cat,dog", "a.jpg,1,0", "b.jpg,yes,0"])
+    cases = {
+        "manifest: labels.csv": ["labels.csv line 3 (b.jpg) has 'yes' in label column `cat`"],
+        "path: images": ["`data.path` cannot be used with `task: multilabel`", "set `data.manifest`"],
+    }
+    for data_section, named in cases.items():
+        recipe = write_recipe(tmp_path / "r.yaml", f"name: x\ntask: multilabel\ndata: {{{data_section}}}\n")
+        done = subprocess.run([sys.executable, "-m", "edgetl", "build", str(recipe), "-o", str(tmp_path / "run")],
+                              capture_output=True, text=True)  # fmt: skip
+        assert done.returncode == 2 and done.stderr.startswith("edgetl: error:"), done.stderr
+        assert all(name in done.stderr for name in named) and "Traceback" not in done.stderr, done.stderr
+
+
 def test_jsonl_labels_must_be_a_list_and_an_empty_set_is_allowed_only_when_the_recipe_says(tmp_path: Path) -> None:
     bad = write(tmp_path / "bad.jsonl", ['{"path": "a.jpg", "labels": ["x", "y"]}', '{"path": "b.jpg", "labels": 3}'])
     with pytest.raises(DataError, match=r"line 2 \(.*b.jpg\): `labels` must be a list"):
