@@ -93,7 +93,7 @@ def test_the_cli_gives_one_paragraph_and_exit_code_2_for_a_bad_row_and_for_class
         recipe = write_recipe(tmp_path / "r.yaml", f"name: x\ntask: multilabel\ndata: {{{data_section}}}\n")
         done = subprocess.run([sys.executable, "-m", "edgetl", "build", str(recipe), "-o", str(tmp_path / "run")],
                               capture_output=True, text=True)  # fmt: skip
-        assert done.returncode == 2 and done.stderr.startswith("edgetl: error:"), done.stderr
+        assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("edgetl: error:"), done.stderr
         assert all(name in done.stderr for name in named) and "Traceback" not in done.stderr, done.stderr
 
 
