@@ -11,7 +11,7 @@ label-set agreement of each INT8 variant with FP32 and its max |Δ probability|,
 
 Usage:
     flock /work/bench.lock nice python benchmarks/labels.py [--strategy linear_probe] [--epochs 8]
-Results: benchmarks/results/labels.json.
+Results: benchmarks/results/labels.json (`--results NAME` for another file).
 """
 
 from __future__ import annotations
@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--strategy", choices=["linear_probe", "partial"], default="partial")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--workdir", type=Path, default=ROOT / "data" / "labels-run")
+    parser.add_argument("--results", default="labels.json", help="file name under benchmarks/results/")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("edgetl").setLevel(logging.INFO)
@@ -129,7 +130,7 @@ def main() -> None:
         "selected": (report.get("selected") or {}).get("name"),
     }
     print(json.dumps(results, indent=2))
-    out = ROOT / "results" / "labels.json"
+    out = ROOT / "results" / args.results
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")
 
