@@ -220,6 +220,8 @@ def test_the_server_answers_a_multilabel_bundle_with_the_label_set_shape(tmp_pat
     Image.new("RGB", (40, 40), (230, 220, 10)).save(tmp_path / "yellow.png")
     with serving(Predictor.load(multilabel_tiny_bundle(tmp_path / "bundle"), threads=1)) as port:
         status, answer = call(port, "POST", "/predict", (tmp_path / "yellow.png").read_bytes())
+        _, metadata = call(port, "GET", "/metadata")
+    assert metadata["task"] == {"kind": "multilabel", "thresholds": [0.5, 0.5, 0.5]}
     assert status == 200 and [item["label"] for item in answer["labels"]] == ["red", "green"]
     assert set(answer["scores"]) == {"red", "green", "blue"} and "top_k" not in answer
 
