@@ -25,7 +25,8 @@ from edgetl import __version__
 from edgetl.export import INPUT_NAME, model_files
 from edgetl.fileio import atomic_dir, atomic_path
 from edgetl.gates import install_command
-from edgetl.runtime.bundle import MANIFEST, SUPPORTED_SCHEMA, sha256
+from edgetl.runtime.bundle import MANIFEST, sha256
+from edgetl.runtime.manifest import MULTILABEL_SCHEMA
 from edgetl.runtime.metrics import VariantMetrics
 from edgetl.runtime.preprocess import Preprocessing
 
@@ -61,13 +62,14 @@ def run(
             shutil.copyfile(source, staging / f"model{source.suffix}")
         model = staging / f"model{file.suffix}"
         manifest = {
-            "schema_version": SUPPORTED_SCHEMA,
+            "schema_version": 1 if variant.multilabel is None else MULTILABEL_SCHEMA,
             "name": name,
             "model": model.name,
             "runtime": variant.runtime,
             "precision": variant.precision,
             "variant": variant.name,
             "labels": list(labels),
+            **_task(variant),
             "preprocessing": pre.to_dict(),
             "input": {"name": INPUT_NAME, "shape": ["batch", 3, pre.input_size, pre.input_size], "dtype": "float32"},
             "metrics": replace(variant, confusion_matrix=None, file=None).to_dict(),  # None fields are left out
@@ -87,12 +89,27 @@ def run(
     return BundleResult(folder, archive, manifest, hashlib.sha256(raw).hexdigest())
 
 
+def _task(variant: VariantMetrics) -> dict:
+    """A multi-label bundle's `task`: its per-label thresholds, which the runtime applies to the sigmoid of each
+    logit (a single-label bundle has none: its manifest is as before multi-label existed)."""
+    if variant.multilabel is None:
+        return {}
+    return {"task": {"kind": "multilabel", "thresholds": variant.multilabel["thresholds"]}}
+
+
 def _readme(manifest: dict, metrics: VariantMetrics) -> str:
     model = f"`{manifest['model']}` ({manifest['variant']}: {manifest['precision']} for {manifest['runtime']})"
+    if metrics.multilabel is None:
+        kind, measured = "classes", f"accuracy {metrics.accuracy:.4f}, top-1 agreement"
+    else:  # the logits' sigmoid against `task.thresholds`, as the runtime applies them
+        kind, measured = (
+            "labels (multi-label: a sigmoid per label, thresholds in `task`)",
+            (f"mAP {metrics.accuracy:.4f}, label-set agreement"),
+        )
     return f"""# {manifest["name"]}: edgetl deploy bundle
 
-{model}, {len(manifest["labels"])} classes.
-Measured at build time on the test split: accuracy {metrics.accuracy:.4f}, top-1 agreement with PyTorch FP32
+{model}, {len(manifest["labels"])} {kind}.
+Measured at build time on the test split: {measured} with PyTorch FP32
 {metrics.agreement:.4f}, p50 latency {metrics.latency_ms.p50:.2f} ms at batch 1, {metrics.size_mb:.2f} MB.
 
 On the device: `{install_command(manifest["runtime"])}` (Python 3.10+), then

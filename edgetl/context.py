@@ -22,6 +22,8 @@ from edgetl.data import Dataset
 from edgetl.models import BackboneSpec
 from edgetl.recipe import Recipe
 from edgetl.runtime.preprocess import Preprocessing
+from edgetl.runtime.readout import Readout
+from edgetl.tasks import readout_for
 from edgetl.train.distributed import Dist
 
 
@@ -46,6 +48,11 @@ class BuildContext:
     def snapshot_path(self, stage: str, stage_key: str) -> Path:
         """Where an unfinished training of this stage keeps its resumable snapshot."""
         return self.run_dir / "state" / f"{stage}-{stage_key}.pt"
+
+    def readout(self, val_logits: np.ndarray | None) -> Readout:
+        """How the trained model's answers are read (its task's), multi-label thresholds tuned on the val split
+        from the model's `val_logits`: cheap enough to recompute in each stage that needs it."""
+        return readout_for(val_logits, self.dataset.val.labels)
 
     @contextmanager
     def timed(self, name: str) -> Iterator[None]:

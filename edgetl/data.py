@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetl import datacache, manifests
+from edgetl import datacache, label_sets, manifests
 from edgetl.datacache import DiskArray, ShardWriter
 from edgetl.errors import DataError
 from edgetl.progress import track
@@ -49,12 +49,14 @@ class SkippedImage:
 @dataclass(frozen=True)
 class Split:
     images: np.ndarray | DiskArray  # (N, S, S, 3) uint8, the eval crop
-    labels: np.ndarray  # (N,) int64
+    labels: np.ndarray  # (N,) int64 class indices, or (N, C) uint8 0/1 label sets
     sources: tuple[str, ...]  # file path, or "digits[i]"
     key: str = ""  # the disk cache entry's key (files' bytes, labels, contract); "" for arrays made in memory
     frames: DiskArray | None = None  # (N, F, F, 3) uint8 train frames, F the resize size; when augmenting
 
     def class_counts(self, num_classes: int) -> list[int]:
+        if self.labels.ndim == 2:  # label sets: images per label
+            return self.labels.sum(axis=0, dtype=np.int64).tolist()
         return np.bincount(self.labels, minlength=num_classes).tolist()
 
     def fingerprint(self) -> str:
@@ -107,9 +109,10 @@ class Dataset:
 _Listing = dict[str, list[tuple[object, int, str]]]
 
 
-def run(config: DataConfig, pre: Preprocessing, seed: int, frames: bool = False) -> Dataset:
+def run(config: DataConfig, pre: Preprocessing, seed: int, frames: bool = False, multilabel: bool = False) -> Dataset:
     """Load the recipe's data into decoded, split arrays on disk (`data.cache_dir`); with `frames`,
-    the train split also gets its train frames (for augmentation).
+    the train split also gets its train frames (for augmentation); `multilabel`: a manifest's rows
+    have label sets (`edgetl.label_sets`), and each split's labels are (N, C) uint8.
 
     Raises DataError (a missing or badly laid out folder, a class without images, an unreadable
     image with `data.on_bad_image: error`), OutputError (the cache folder cannot be written).
@@ -120,8 +123,10 @@ def run(config: DataConfig, pre: Preprocessing, seed: int, frames: bool = False)
     """
     if config.builtin == "digits":
         classes, listing, origin = _digits_listing(config, seed)
+    elif config.builtin == "digits-mosaic":
+        classes, listing, origin = label_sets.digit_mosaics(config.val_split, config.test_split, seed)
     elif config.manifest is not None:
-        classes, listing, origin = _manifest_listing(Path(config.manifest), config, seed)
+        classes, listing, origin = _manifest_listing(Path(config.manifest), config, seed, multilabel)
     else:
         classes, listing, origin = _folder_listing(Path(str(config.path)), config, seed)
     skipped: list[SkippedImage] = []
@@ -175,16 +180,9 @@ def load_labeled(folder: Path, classes: tuple[str, ...], pre: Preprocessing, con
 
 def _digits_listing(config: DataConfig, seed: int) -> tuple[tuple[str, ...], _Listing, str]:
     """sklearn's real 8×8 handwritten digits as 8-bit grayscale images (the crop upscales them)."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 ink → 0..255
-    items = [
-        (Image.fromarray(img, "L"), int(label), f"digits[{i}]")
-        for i, (img, label) in enumerate(zip(pixels, digits.target))
-    ]
-    classes = tuple(str(name) for name in digits.target_names)
+    images, targets = label_sets.digit_images()
+    items = [(image, int(label), f"digits[{i}]") for i, (image, label) in enumerate(zip(images, targets))]
+    classes = tuple(str(name) for name in range(10))
     return classes, _stratified(items, classes, config, seed, "builtin digits"), "builtin:digits"
 
 
@@ -216,9 +214,11 @@ def _folder_listing(root: Path, config: DataConfig, seed: int) -> tuple[tuple[st
     return classes, _carve_missing(listing, classes, config, seed, str(split_dirs["train"])), str(root)
 
 
-def _manifest_listing(manifest: Path, config: DataConfig, seed: int) -> tuple[tuple[str, ...], _Listing, str]:
+def _manifest_listing(
+    manifest: Path, config: DataConfig, seed: int, multilabel: bool
+) -> tuple[tuple[str, ...], _Listing, str]:
     """The rows of a label manifest, listed as an ImageFolder with the same images would be."""
-    classes, listing, named_splits = manifests.listing(manifest)
+    classes, listing, named_splits = manifests.listing(manifest, multilabel, config.allow_empty_labels)
     if not named_splits:
         return classes, _stratified(listing["train"], classes, config, seed, str(manifest)), str(manifest)
     return classes, _carve_missing(listing, classes, config, seed, str(manifest)), str(manifest)
@@ -257,8 +257,11 @@ def _list_files(folder: Path, classes: tuple[str, ...], allow_empty: bool = Fals
 def _stratified(
     items, classes, config: DataConfig, seed: int, origin: str, only=SPLITS[1:], fractions=None
 ) -> _Listing:
-    """Seeded per-class split; every class gets at least one image in every split."""
+    """Seeded per-class split; every class gets at least one image in every split. Label sets: a seeded random
+    split (`label_sets.random_split`)."""
     fractions = fractions or {"val": config.val_split, "test": config.test_split}
+    if items and isinstance(items[0][1], tuple):
+        return label_sets.random_split(items, only, fractions, seed)
     rng = np.random.default_rng(seed)
     out: _Listing = {"train": [], "val": [], "test": []}
     for label, name in enumerate(classes):
@@ -299,7 +302,8 @@ def _load(
     count = entry.arrays["images"].count
     if entry.reused:
         log.info("data %s: reused %d decoded images from %s (decoded none)", split, count, folder)
-    labels = np.asarray(meta["labels"], dtype=np.int64)
+    sets = bool(meta["labels"]) and isinstance(meta["labels"][0], list)  # label sets: (N, C) 0/1
+    labels = np.asarray(meta["labels"], dtype=np.uint8 if sets else np.int64)
     return Split(entry.arrays["images"], labels, tuple(meta["sources"]), folder.name, entry.arrays.get("frames")), (
         0 if entry.reused else len(items)
     )
@@ -373,6 +377,8 @@ def _source_digest(source) -> str:
 
 
 def _require_every_class(split: Split, classes: tuple[str, ...], name: str, origin: str) -> None:
+    if split.labels.ndim == 2:  # label sets: train needs every label; val/test measure those they have
+        return label_sets.require_train_positives(split.labels, classes, origin) if name == "train" else None
     counts = split.class_counts(len(classes))
     missing = [classes[i] for i, c in enumerate(counts) if c == 0]
     if missing:

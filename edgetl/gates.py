@@ -51,6 +51,7 @@ GATES: dict[str, Gate] = {
     gate.name: gate
     for gate in (
         Gate("min_accuracy", True, "fraction", lambda v: v.accuracy),
+        Gate("min_map", True, "fraction", lambda v: v.accuracy),  # a multi-label row's `accuracy` is its test mAP
         Gate("max_accuracy_drop", False, "points", lambda v: v.accuracy_drop),
         Gate("min_agreement", True, "fraction", lambda v: v.agreement),
         Gate("max_latency_ms", False, "ms", lambda v: v.latency_ms.p50),

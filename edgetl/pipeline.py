@@ -168,7 +168,8 @@ def _context(
     started = time.monotonic()
     # Under torchrun every rank loads the data: the disk cache's per-entry lock makes the ranks of one machine
     # decode each split once and the others wait for it, without a collective's timeout on a long first decode.
-    dataset = data.run(recipe.data, pre, recipe.seed, frames=train.augments_images(recipe.train, recipe.data.augment))
+    frames, multilabel = train.augments_images(recipe.train, recipe.data.augment), recipe.task == "multilabel"
+    dataset = data.run(recipe.data, pre, recipe.seed, frames, multilabel)
     seconds = round(time.monotonic() - started, 2)
     counts = "/".join(str(len(dataset.split(s).labels)) for s in data.SPLITS)
     log.info(
@@ -268,7 +269,8 @@ def _quantize_stage(
     variant: QuantVariant,
     export_key: str,
 ) -> quantize.QuantizedArtifact:
-    inputs = quantize.Inputs(ctx.dataset, ctx.pre, ctx.recipe.seed, ctx.recipe.measure.threads)
+    readout = ctx.readout(trained.val_logits)
+    inputs = quantize.Inputs(ctx.dataset, ctx.pre, ctx.recipe.seed, ctx.recipe.measure.threads, readout)
 
     def make(out: Path) -> None:
         model = trained.model if variant.method == "qat" else None
@@ -297,15 +299,10 @@ def _validate_stage(
     ctx: BuildContext, trained: train.TrainedModel, artifacts: list[validate.Artifact], export_key: str
 ) -> validate.Validation:
     def make(out: Path) -> None:
-        validate.run(
-            trained.model,
-            artifacts,
-            ctx.dataset.test,
-            ctx.pre,
-            ctx.recipe.measure,
-            trained.checkpoint,
-            trained.test_logits,
-        ).save(out)
+        baseline = validate.Baseline(
+            trained.model, trained.checkpoint, trained.test_logits, ctx.readout(trained.val_logits)
+        )
+        validate.measure(baseline, artifacts, ctx.dataset.test, ctx.pre, ctx.recipe.measure).save(out)
 
     files = [a.file.parent.name + "/" + a.file.name for a in artifacts]
     stage_key = key(export_key, files, ctx.recipe.measure.model_dump(mode="json"), ctx.dataset.content_hash)

@@ -23,6 +23,7 @@ from edgetl.report_content import (
     agreement_table,
     failed_gates,
     gate_value,
+    multilabel_tables,
     pareto_front,
     pct,
     run_summary,
@@ -92,7 +93,7 @@ def build_markdown(report: BuildReport) -> str:
     else:
         lines += ["", "**Selected:** none; no variant passes every gate."]
     lines += ["", f"**Pareto front** (fastest first): {_front_names([('', v) for v in variants])}"]
-    for table in filter(None, [agreement_table(report), *transfer_tables(report)]):
+    for table in filter(None, [agreement_table(report), *transfer_tables(report), *multilabel_tables(report)]):
         lines += ["", f"**{table.title}**", ""] + _markdown_table(
             table.headers, table.rows, [False] + [True] * (len(table.headers) - 1)
         )

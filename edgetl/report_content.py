@@ -274,3 +274,28 @@ def agreement_table(report: BuildReport) -> TransferTable | None:
     headers = ("variant", "min agreement", "layers kept in float", "fully quantized", "val", "calibration", "test",
                "latency ms (int8 → with float layers)")  # fmt: skip
     return TransferTable("Agreement with FP32 (agreement control)", headers, tuple(rows))
+
+
+def multilabel_tables(report: BuildReport) -> list[TransferTable]:
+    """A multi-label build's test metrics per variant (its `accuracy` column is the mAP), and the per-label AP and
+    F1-tuned threshold of the selected (else fastest) variant. [] for a single-label build."""
+    rows = [v for v in report.variants if v.multilabel]
+    focus = focus_variant(report)
+    if not rows or focus is None or not focus.multilabel:
+        return []
+    metrics = tuple(
+        (v.name, pct(m["map"]), pct(m["micro_f1"]), pct(m["macro_f1"]), pct(m["exact_match"]), pct(v.agreement),
+         number(m.get("max_abs_prob_delta"), ".4f"))
+        for v in rows
+        if (m := v.multilabel)
+    )  # fmt: skip
+    headers = ("variant", "mAP", "micro F1", "macro F1", "exact match", "label-set agreement", "max |Δp|")
+    labels = report.dataset.get("classes") or []
+    per_label = tuple(
+        (label, DASH if ap is None else pct(ap), number(threshold, ".3f"))
+        for label, ap, threshold in zip(labels, focus.multilabel["per_label_ap"], focus.multilabel["thresholds"])
+    )
+    return [
+        TransferTable("Multi-label metrics (test split, thresholds tuned on val)", headers, metrics),
+        TransferTable(f"Per-label AP and threshold: {focus.name}", ("label", "AP", "threshold"), per_label),
+    ]

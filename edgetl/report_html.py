@@ -29,6 +29,7 @@ from edgetl.report_content import (
     gate_rule,
     gate_threshold,
     gate_value,
+    multilabel_tables,
     pareto_front,
     pct,
     run_summary,
@@ -90,7 +91,7 @@ def build_page(report: BuildReport) -> str:
                     [None] * len(t.rows),
                 ),
             )
-            for t in filter(None, [agreement_table(report), *transfer_tables(report)])
+            for t in filter(None, [agreement_table(report), *transfer_tables(report), *multilabel_tables(report)])
         ),
         _dataset_section(report.dataset),
         _build_section(report),
@@ -215,6 +216,8 @@ def _focus_section(report: BuildReport) -> str:
     """Confusion matrix and per-class scores of the selected variant, else the fastest."""
     variant = focus_variant(report)
     classes = report.dataset.get("classes") or []
+    if variant is not None and variant.multilabel:  # label sets: the per-label AP table stands for it
+        return ""
     if variant is None or not variant.confusion_matrix:
         return _section("Errors per class", "<p>No variant has a confusion matrix.</p>")
     why = "selected variant" if report.selected else "fastest variant; none was selected"

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 import edgetl
+from edgetl import label_metrics
 from edgetl.build_report import ParityOutcome
 from edgetl.data import Split
 from edgetl.errors import ExportError, InferenceError
@@ -40,6 +41,8 @@ from edgetl.runtime.bench import interleaved_latency
 from edgetl.runtime.engines import Engine, open_engine
 from edgetl.runtime.metrics import Latency, VariantMetrics
 from edgetl.runtime.preprocess import Preprocessing, normalize
+from edgetl.runtime.readout import SINGLE, Readout
+from edgetl.tasks import readout_for
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +87,9 @@ def parity(
     threads: int | None,
     val_logits: np.ndarray | None = None,
 ) -> list[ParityOutcome]:
-    """Every FP32 artifact must match PyTorch on every validation image, or the build stops.
+    """Every FP32 artifact must match PyTorch on every validation image, or the build stops: the same answer
+    (top-1; for (N, C) label sets, the set at the thresholds tuned on these PyTorch logits, as the build's
+    `edgetl.tasks.readout_for`) and every logit within `tolerance`.
 
     `val_logits`: the PyTorch logits training computed at its best epoch (checked on a few images).
     Raises ExportError naming the worst images, or InferenceError when any logit (the
@@ -93,11 +98,12 @@ def parity(
     >>> parity(model, [Artifact("onnx-fp32", "onnxruntime", "fp32", Path("model.onnx"))], dataset.val, pre, 1e-3, None)
     """
     reference = pytorch_logits(model, val, pre, val_logits)
+    readout = readout_for(reference, val.labels)
     outcomes = []
     for artifact in artifacts:
         logits, _ = _run_batches(open_checked(artifact, threads), val.images, pre, artifact, EVAL_BATCH)
         delta = np.abs(logits - reference).max(axis=1)  # (N,); NaN where either side is NaN
-        disagree = logits.argmax(1) != reference.argmax(1)
+        disagree = ~readout.agree(logits, reference)
         bad = np.flatnonzero(disagree | ~(delta <= tolerance))  # ~(<=): a NaN delta fails
         outcome = ParityOutcome(
             artifact.name,
@@ -120,7 +126,7 @@ def parity(
         if len(bad):
             worst = bad[np.argsort(-delta[bad])][:5]
             listing = "; ".join(
-                f"{val.sources[i]} (|Δlogit| {delta[i]:.2e}{', top-1 differs' if disagree[i] else ''})" for i in worst
+                f"{val.sources[i]} (|Δlogit| {delta[i]:.2e}{', answer differs' if disagree[i] else ''})" for i in worst
             )
             raise ExportError(
                 f"{artifact.name} on {artifact.runtime} disagrees with PyTorch on {len(bad)} of {len(val.labels)} "
@@ -144,6 +150,17 @@ def _check_finite(artifact: Artifact, logits: np.ndarray, reference: np.ndarray,
         )
 
 
+@dataclass(frozen=True)
+class Baseline:
+    """The PyTorch model artifacts are measured against, its checkpoint (for the fresh-process probe), its test
+    logits as training computed them (None: computed here) and how its answers are read."""
+
+    model: TransferModel
+    checkpoint: Path
+    test_logits: np.ndarray | None = None
+    readout: Readout = SINGLE
+
+
 def run(
     model: TransferModel,
     artifacts: list[Artifact],
@@ -153,12 +170,21 @@ def run(
     checkpoint: Path,
     test_logits: np.ndarray | None = None,
 ) -> Validation:
-    """Measure the PyTorch baseline and every artifact on the test split; one row per variant.
+    """`measure` for a single-label model (its answers are its top-1 classes)."""
+    return measure(Baseline(model, checkpoint, test_logits), artifacts, test, pre, config)
 
-    `test_logits`: the baseline's logits as training computed them (one PyTorch pass over
+
+def measure(
+    against: Baseline, artifacts: list[Artifact], test: Split, pre: Preprocessing, config: MeasureConfig
+) -> Validation:
+    """Measure the PyTorch baseline and every artifact on the test split; one row per variant, its answers
+    read by `against.readout` (label sets: `label_metrics.variant_scores`).
+
+    `against.test_logits`: the baseline's logits as training computed them (one PyTorch pass over
     the test split saved: 36 s for lite0 at 224 px on 1,000 images); checked on a few images.
     Raises ExportError when a runtime cannot load or run an artifact, or the fresh-process probe fails.
     """
+    model, checkpoint, test_logits, readout = against.model, against.checkpoint, against.test_logits, against.readout
     threads = config.threads
     torch.set_num_threads(threads or torch.get_num_threads())
     baseline = Artifact("pytorch-fp32", "pytorch", "fp32", None)
@@ -177,7 +203,7 @@ def run(
             "latency_ms": Latency(**{k: round(latency[artifact.name][k], 3) for k in ("p50", "p90", "p99")}),
             "throughput_ips": round(throughput[artifact.name], 1),
             **process,  # load_seconds, peak_rss_mb
-            **_scores(logits[artifact.name], logits[baseline.name], test.labels),
+            **_scores(logits[artifact.name], logits[baseline.name], test.labels, readout),
         }
         row = VariantMetrics(
             name=artifact.name, runtime=artifact.runtime, precision=artifact.precision, file=file.name,
@@ -215,9 +241,11 @@ def _speed(
     return latency, {name: config.throughput_batch / s for name, s in seconds.items()}
 
 
-def _scores(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+def _scores(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray, readout: Readout) -> dict[str, Any]:
     """Accuracy, agreement with the baseline's `reference` logits and the paired drop from its accuracy,
-    with their intervals, and the confusion matrix."""
+    with their intervals, and the confusion matrix (label sets: mAP, label-set agreement, F1s)."""
+    if readout.multilabel:
+        return label_metrics.variant_scores(logits, reference, labels, readout)
     predicted, top_reference = logits.argmax(1), reference.argmax(1)
     correct, correct_reference = predicted == labels, top_reference == labels
     return {

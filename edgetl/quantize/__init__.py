@@ -109,7 +109,7 @@ def _control_set(export: ExportResult, inputs: Inputs, calibration: list[np.ndar
     chosen = np.sort(np.random.default_rng(inputs.seed).permutation(len(val.labels))[:_CONTROL_VAL_IMAGES])
     images = np.concatenate([normalize(val.images[chosen], inputs.pre), *calibration])  # (N, 3, S, S)
     engine = OnnxRuntimeEngine(export.onnx, inputs.threads)
-    return ControlSet(images, np.concatenate(in_batches(engine.run, images)), len(chosen))
+    return ControlSet(images, np.concatenate(in_batches(engine.run, images)), len(chosen), inputs.readout)
 
 
 _CONTROL_VAL_IMAGES = 1000  # bounds the control set's memory (4 GB of float32 at 224 px for 7,000 images)

@@ -12,6 +12,7 @@ from edgetl.data import Dataset
 from edgetl.fileio import write_json
 from edgetl.notes import Note, render
 from edgetl.runtime.preprocess import Preprocessing
+from edgetl.runtime.readout import SINGLE, Readout
 
 FACTS_FILE = "quantize.json"
 
@@ -25,6 +26,7 @@ class Inputs:
     pre: Preprocessing
     seed: int
     threads: int | None
+    readout: Readout = SINGLE  # what an answer is, for the agreement control: top-1, or a thresholded label set
 
 
 @dataclass(frozen=True)

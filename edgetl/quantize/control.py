@@ -1,8 +1,10 @@
 """Agreement with the FP32 model as the quantization's control signal, on any runtime.
 
-A quantized model is judged by how often it gives the FP32 model's answer (top-1 agreement)
-and by how far its probabilities move (mean |Δ softmax|), both measured on the control
-images: the val split and the calibration images. On a few hundred images agreement is far
+A quantized model is judged by how often it gives the FP32 model's answer (top-1 agreement, or for a
+multi-label model the same thresholded label set) and by how far its probabilities move (mean
+|Δ softmax|, or |Δ sigmoid|), both measured on the control images: the val split and the
+calibration images. The task's `Readout` (edgetl.runtime.readout) decides what an answer is, so
+every runtime's control uses the same agreement function. On a few hundred images agreement is far
 less noisy than accuracy: accuracy hides a disagreement that turns one wrong answer into
 another, or that one image gains and another loses.
 
@@ -28,6 +30,7 @@ import numpy as np
 from edgetl.progress import track
 from edgetl.runtime.bench import interleaved_latency
 from edgetl.runtime.engines import Engine
+from edgetl.runtime.readout import SINGLE, Readout
 
 log = logging.getLogger(__name__)
 
@@ -43,37 +46,34 @@ RANKING_IMAGES = 32  # control images the ranking measures on: those the fully q
 class Fidelity:
     """How close a quantized model's outputs are to the FP32 model's on the same `images`.
 
-    `agreement`: share of images whose top-1 class is FP32's; `mean_abs_softmax_delta`: mean over
-    images and classes of |softmax(q) − softmax(fp32)| (0 when identical).
+    `agreement`: share of images whose answer (top-1 class, or label set) is FP32's; `mean_abs_softmax_delta`:
+    mean over images and classes of |p(q) − p(fp32)|, p the softmax (or each label's sigmoid) (0 when identical);
+    `max_abs_prob_delta`: the largest such difference (label sets only).
     """
 
     agreement: float
     mean_abs_softmax_delta: float
     images: int
+    max_abs_prob_delta: float | None = None
 
     def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def fidelity(logits: np.ndarray, reference: np.ndarray) -> Fidelity:
-    """`logits` (N, C) against the FP32 `reference` (N, C).
+def fidelity(logits: np.ndarray, reference: np.ndarray, readout: Readout = SINGLE) -> Fidelity:
+    """`logits` (N, C) against the FP32 `reference` (N, C), answers read by `readout`.
 
     >>> fidelity(np.array([[2.0, 0.0]]), np.array([[1.0, 0.0]])).agreement
     1.0
     """
-    delta = _softmax_delta(logits, reference)  # (N,)
-    agreement = float((logits.argmax(1) == reference.argmax(1)).mean()) if len(logits) else 1.0
-    return Fidelity(agreement, float(delta.mean() / max(logits.shape[1], 1)) if len(logits) else 0.0, len(logits))
-
-
-def _softmax_delta(logits: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Per image: Σ over classes of |softmax(logits) − softmax(reference)|, (N,)."""
-
-    def softmax(x: np.ndarray) -> np.ndarray:
-        e = np.exp(x - x.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
-
-    return np.abs(softmax(logits.astype(np.float64)) - softmax(reference.astype(np.float64))).sum(axis=1)
+    if not len(logits):
+        return Fidelity(1.0, 0.0, 0)
+    delta = readout.delta(logits, reference)  # (N,)
+    largest = None
+    if readout.multilabel:
+        largest = float(np.abs(readout.probabilities(logits) - readout.probabilities(reference)).max())
+    agreement = float(readout.agree(logits, reference).mean())
+    return Fidelity(agreement, float(delta.mean() / max(logits.shape[1], 1)), len(logits), largest)
 
 
 @dataclass(frozen=True)
@@ -81,19 +81,20 @@ class ControlSet:
     """The images agreement is controlled on, preprocessed, with the FP32 model's logits of them.
 
     `inputs`: float32 (N, 3, S, S), the val split's images first (`val_images` of them), then the
-    calibration images; `reference`: (N, classes) FP32 logits.
+    calibration images; `reference`: (N, classes) FP32 logits; `readout`: what an answer is.
     """
 
     inputs: np.ndarray
     reference: np.ndarray
     val_images: int
+    readout: Readout = SINGLE
 
     def by_split(self, logits: np.ndarray) -> dict[str, dict[str, float]]:
         """Fidelity of `logits` (N, classes) on the val part and on the calibration part, as JSON."""
         v = self.val_images
         return {
-            "val": fidelity(logits[:v], self.reference[:v]).to_dict(),
-            "calibration": fidelity(logits[v:], self.reference[v:]).to_dict(),
+            "val": fidelity(logits[:v], self.reference[:v], self.readout).to_dict(),
+            "calibration": fidelity(logits[v:], self.reference[v:], self.readout).to_dict(),
         }
 
 
@@ -138,9 +139,10 @@ def search(
     reference: np.ndarray,
     bound: float,
     limit: int,
+    readout: Readout = SINGLE,
 ) -> Search:
     """The fewest of `candidates`, most sensitive first, to keep in float for agreement ≥ `bound`
-    with `reference` (the FP32 logits of `inputs`), at most `limit` of them.
+    with `reference` (the FP32 logits of `inputs`), at most `limit` of them; `readout` says what agreeing is.
 
     `inputs`: float32 (N, 3, S, S), the control images, preprocessed. The fully quantized model
     runs on all of them; each later trial only on the images it can change: those it disagrees
@@ -154,24 +156,23 @@ def search(
     >>> verify(search(trial, ["conv1", "conv2"], control, fp32_logits, 0.99, limit=8), measure, fp32_logits)
     """
     start_logits = trial([], inputs)
-    start = fidelity(start_logits, reference)
+    start = fidelity(start_logits, reference, readout)
     trials = [(0, start.agreement)]
     if start.agreement >= bound or not candidates or limit < 1:
         return Search([], start, start, bound, 0, trials, start_logits)
-    worst = np.sort(np.argsort(-_softmax_delta(start_logits, reference), kind="stable")[:RANKING_IMAGES])
+    worst = np.sort(np.argsort(-readout.delta(start_logits, reference), kind="stable")[:RANKING_IMAGES])
     started = time.monotonic()
-    ranking = rank(trial, candidates, inputs[worst], reference[worst])[:limit]
+    ranking = rank(trial, candidates, inputs[worst], reference[worst], readout)[:limit]
     log.info("agreement search: ranked %d layers in %.1fs", len(candidates), time.monotonic() - started)
-    agrees = start_logits.argmax(1) == reference.argmax(1)  # (N,)
-    top2 = np.sort(reference, axis=1)[:, -2:]
-    margin = top2[:, 1] - top2[:, 0]
+    agrees = readout.agree(start_logits, reference)  # (N,)
+    margin = readout.margin(reference)
     focus = np.flatnonzero(~agrees | (margin <= np.quantile(margin, 0.25)))
     outside = int(agrees.sum() - agrees[focus].sum())
     measured = {0: start.agreement}
 
     def meets(count: int) -> bool:
         if count not in measured:
-            hits = trial(ranking[:count], inputs[focus]).argmax(1) == reference[focus].argmax(1)
+            hits = readout.agree(trial(ranking[:count], inputs[focus]), reference[focus])
             measured[count] = (outside + int(hits.sum())) / len(reference)
             trials.append((count, measured[count]))
             log.info("agreement search: %d layer(s) in float → agreement ~%.4f", count, measured[count])
@@ -193,7 +194,11 @@ def search(
 
 
 def verify(
-    found: Search, measure: Callable[[list[str]], np.ndarray], reference: np.ndarray, extra: int = 4
+    found: Search,
+    measure: Callable[[list[str]], np.ndarray],
+    reference: np.ndarray,
+    extra: int = 4,
+    readout: Readout = SINGLE,
 ) -> tuple[Search, list[list]]:
     """`found` measured on every control image (`measure`: float layers → (N, classes) logits of the model
     that will be the file); while it misses the bound, the next ranked layer joins, at most `extra` more
@@ -204,19 +209,21 @@ def verify(
     while True:
         logits = measure(found.ranking[:count])
         result = replace(found, float_layers=found.ranking[:count], logits=logits,
-                         reached=fidelity(logits, reference))  # fmt: skip
+                         reached=fidelity(logits, reference, readout))  # fmt: skip
         checks.append([count, result.reached.agreement])
         if result.met or count >= min(len(found.ranking), len(found.float_layers) + extra):
             return result, checks
         count += 1
 
 
-def rank(trial: Trial, candidates: Sequence[str], inputs: np.ndarray, reference: np.ndarray) -> list[str]:
-    """`candidates`, most sensitive first: ordered by the error to `reference` (mean Σ|Δ softmax|
+def rank(
+    trial: Trial, candidates: Sequence[str], inputs: np.ndarray, reference: np.ndarray, readout: Readout = SINGLE
+) -> list[str]:
+    """`candidates`, most sensitive first: ordered by the error to `reference` (mean Σ|Δ probability|
     per image) that is left when that candidate alone stays in float."""
     error = {}
     for candidate in track(candidates, total=len(candidates), description="ranking layers by agreement sensitivity"):
-        error[candidate] = float(_softmax_delta(trial([candidate], inputs), reference).mean())
+        error[candidate] = float(readout.delta(trial([candidate], inputs), reference).mean())
     return sorted(candidates, key=error.__getitem__)
 
 

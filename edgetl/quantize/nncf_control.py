@@ -39,10 +39,11 @@ def control(file: Path, fp32: Path, control_set: ControlSet, bound: float, threa
         compiled = core.compile_model(with_float_ops(quantized, original, float_ops), "CPU", config)
         return np.concatenate(in_batches(lambda batch: compiled(batch)[0], x))
 
-    found = search(trial, quantized_ops(quantized), control_set.inputs, control_set.reference, bound, MAX_FLOAT_LAYERS)
+    inputs, reference, readout = control_set.inputs, control_set.reference, control_set.readout
+    found = search(trial, quantized_ops(quantized), inputs, reference, bound, MAX_FLOAT_LAYERS, readout)
     if not found.float_layers:
         return found.record(control_set, {})
-    found, checks = verify(found, lambda float_ops: trial(float_ops, control_set.inputs), control_set.reference)
+    found, checks = verify(found, lambda float_ops: trial(float_ops, inputs), reference, readout=readout)
     trial_file = file.with_name(f".{file.stem}.trial.xml")
     try:
         save_openvino(with_float_ops(quantized, original, found.float_layers), trial_file, compress_to_fp16=False)

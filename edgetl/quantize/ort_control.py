@@ -37,7 +37,7 @@ def agreement_control(
         return np.concatenate(in_batches(lambda batch: session.run(None, {quantizer.input_name: batch})[0], x))
 
     candidates = [node for node in quantized_nodes(quantized.graph) if node not in kept]
-    found = search(trial, candidates, control.inputs, control.reference, bound, MAX_FLOAT_LAYERS)
+    found = search(trial, candidates, control.inputs, control.reference, bound, MAX_FLOAT_LAYERS, control.readout)
     if not found.float_layers:
         return found.record(control, {})
     trial_file = file.with_name(f".{file.stem}.trial.onnx")
@@ -47,7 +47,7 @@ def agreement_control(
         return np.concatenate(in_batches(OnnxRuntimeEngine(trial_file, quantizer.threads).run, control.inputs))
 
     try:
-        final, checks = verify(found, measure, control.reference)
+        final, checks = verify(found, measure, control.reference, readout=control.readout)
         engines = [OnnxRuntimeEngine(path, quantizer.threads) for path in (file, trial_file)]
         latency = latency_cost(*engines, control.inputs[:1])
         trial_file.replace(file)

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from edgetl.errors import RecipeError
+from edgetl.recipe import tasks
 from edgetl.recipe.sections import (
     AdaptConfig,
     DataConfig,
@@ -62,6 +63,9 @@ class Recipe(Section):
     version: Literal[1] = 1
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100, description="Run and bundle name.")
     seed: int = Field(0, ge=0)
+    task: Literal["single", "multilabel"] = Field(
+        "single", description="single: one class per image; multilabel: a set of labels per image (sigmoid head)."
+    )
     data: DataConfig
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -135,9 +139,11 @@ def recipe_from_mapping(raw: object, path: Path, overrides: list[str] | tuple[st
     for override in overrides:
         _apply_override(raw, override, path)
     try:
-        return Recipe.model_validate(raw, context={"base_dir": path.parent.resolve()})
+        recipe = Recipe.model_validate(raw, context={"base_dir": path.parent.resolve()})
     except ValidationError as exc:
         raise RecipeError(_describe(exc, path)) from None
+    tasks.check(recipe, path)
+    return recipe
 
 
 def _apply_override(raw: dict[str, Any], override: str, path: Path) -> None:

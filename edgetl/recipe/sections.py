@@ -32,11 +32,16 @@ class DataConfig(Section):
     path: Path | None = Field(
         None, description="ImageFolder root: <root>/<class>/* or <root>/{train,val|validation,test}/<class>/*"
     )
-    builtin: Literal["digits"] | None = Field(None, description="A bundled offline dataset, instead of `path`.")
+    builtin: Literal["digits", "digits-mosaic"] | None = Field(
+        None, description="A bundled offline dataset instead of `path`: digits, or digits-mosaic (multi-label)."
+    )
     manifest: Path | None = Field(
         None,
         description="A label manifest instead of `path`: a .csv with columns path,label[,split] or a .jsonl with one "
         "such object per line; paths relative to the manifest's folder; split train|val|validation|test.",
+    )
+    allow_empty_labels: bool = Field(
+        False, description="task multilabel: a manifest row may have an empty label set (an image of no label)."
     )
     val_split: float = Field(
         0.15, gt=0, lt=1, description="Stratified fraction held out for validation when the root has no val folder."
@@ -89,7 +94,7 @@ class DataConfig(Section):
         if [self.path, self.builtin, self.manifest].count(None) != 2:
             raise ValueError(
                 "set exactly one of `data.path` (an image folder), `data.manifest` (a .csv/.jsonl label manifest) or "
-                "`data.builtin` (one of: digits)"
+                "`data.builtin` (one of: digits, digits-mosaic)"
             )
         if self.val_split + self.test_split >= 0.9:
             raise ValueError(
@@ -128,6 +133,9 @@ class TrainConfig(Section):
     )
     class_balance: Literal["none", "weighted_loss", "balanced_sampler"] = Field(
         "none", description="For imbalanced classes."
+    )
+    pos_weight: Literal["none", "balanced"] = Field(
+        "none", description="task multilabel: balanced weighs each label's positives by its negatives/positives."
     )
     threads: int | None = Field(
         None,
@@ -358,6 +366,7 @@ class GatesConfig(Section):
     """Each set gate must hold for a variant to be deployable; unset gates are not checked."""
 
     min_accuracy: float | None = Field(None, ge=0, le=1, description="Test accuracy of the variant.")
+    min_map: float | None = Field(None, ge=0, le=1, description="task multilabel: test mAP of the variant.")
     max_accuracy_drop: float | None = Field(
         None, ge=0, le=1, description="Test accuracy drop against PyTorch FP32 (0.01 = 1 point)."
     )

@@ -108,7 +108,8 @@ def predict(args: argparse.Namespace) -> int:
             continue
         results.append({"path": str(path), **outcome.to_dict()})
         if not args.json:
-            print("\t".join([str(path), *(f"{t['label']} {t['score']:.4f}" for t in results[-1]["top_k"])]))
+            shown = results[-1].get("top_k", results[-1].get("labels"))  # a multi-label bundle: its label set
+            print("\t".join([str(path), *(f"{t['label']} {t['score']:.4f}" for t in shown)]))
     if args.json:
         print(
             json.dumps(
@@ -208,6 +209,9 @@ def info(args: argparse.Namespace) -> int:
         f"{manifest['runtime']}), built {manifest.get('created')}"
     )
     print(f"labels ({len(opened.labels)}): {', '.join(opened.labels)}")
+    if "task" in manifest:  # multi-label: `accuracy` below is the test mAP, `agreement` that of label sets
+        cuts = ", ".join(f"{label} {t:g}" for label, t in zip(opened.labels, manifest["task"]["thresholds"]))
+        print(f"multi-label, thresholds on each label's sigmoid: {cuts}")
     print(
         f"preprocessing: decode {pre.decode}, resize {pre.resize_size} {pre.interpolation}, center crop "
         f"{pre.input_size}, mean "

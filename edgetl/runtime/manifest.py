@@ -20,7 +20,8 @@ from edgetl.runtime.engines import RUNTIMES
 from edgetl.runtime.preprocess import Decode, Interpolation
 
 MANIFEST = "edgetl.json"
-SUPPORTED_SCHEMA = 1
+SUPPORTED_SCHEMA = 2  # 2: adds `task` (a multi-label bundle); single-label bundles are still written as 1
+MULTILABEL_SCHEMA = 2
 MAX_MANIFEST_BYTES = 1 << 20  # a real one is ~5 KB; the bound keeps a hostile one from filling memory
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _ABSENT = object()
@@ -126,6 +127,14 @@ def _metrics(value: Any) -> bool:
     return isinstance(latency, dict) and _number(latency.get("p50")) and all(_number(value.get(k)) for k in numbers)
 
 
+def _task(value: Any, manifest: dict) -> bool:
+    """A multi-label bundle's readout: kind multilabel and one threshold in [0, 1] per label."""
+    if not isinstance(value, dict) or value.get("kind") != "multilabel":
+        return False
+    thresholds = value.get("thresholds")
+    return _numbers(thresholds, len(manifest["labels"])) and all(0 <= t <= 1 for t in thresholds)
+
+
 _Check = Callable[[Any, dict], bool]
 # (field, rule, required, check): in order, each parent before its fields. `edgetl info`,
 # `Predictor` and the server read these fields; the rest of the manifest is informative.
@@ -151,6 +160,12 @@ _SCHEMA: tuple[tuple[str, str, bool, _Check], ...] = (
         "a list of distinct non-empty strings",
         True,
         lambda v, m: isinstance(v, list) and v and all(isinstance(s, str) and s for s in v) and len(set(v)) == len(v),
+    ),
+    (
+        "task",
+        'a mapping with kind "multilabel" and `thresholds`, one number in [0, 1] per label (absent: single-label)',
+        False,
+        _task,
     ),
     ("preprocessing", "a mapping", True, lambda v, m: isinstance(v, dict)),
     ("preprocessing.input_size", "an integer ≥ 1", True, lambda v, m: _integer(v, 1)),

@@ -79,6 +79,9 @@ class VariantMetrics:
     notes: list[str] | None = None  # sentences for the reports
     note_records: list[dict[str, Any]] | None = None  # the notes given as records, as `Note.to_dict` writes them
     confusion_matrix: list[list[int]] | None = None  # rows true class, columns predicted
+    # label sets: map, micro_f1, macro_f1, exact_match, per_label_ap, thresholds, max_abs_prob_delta
+    # (`accuracy` is then the test mAP, `agreement` the share of images with the baseline's label set)
+    multilabel: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The row as report.json holds it; fields that are None are left out."""

@@ -31,6 +31,7 @@ from edgetl.runtime.preprocess import (
     normalize,
     preprocess_uint8,
 )
+from edgetl.runtime.readout import Readout
 
 Crop = np.ndarray  # uint8 (S, S, 3)
 # A lone prediction resizes on two threads when there are two cores: 0.8 against 1.2 ms at
@@ -58,6 +59,22 @@ class Prediction:
         return {
             "label": self.label,
             "top_k": [{"label": label, "score": round(s, 6)} for label, s in zip(self.labels, self.scores)],
+        }
+
+
+@dataclass(frozen=True)
+class LabelSetPrediction:
+    """A multi-label bundle's answer: the labels whose sigmoid probability reaches their threshold, highest first,
+    and every label's probability (in the bundle's label order)."""
+
+    labels: list[str]
+    scores: dict[str, float]
+
+    def to_dict(self) -> dict:
+        """`{"labels": [{"label", "score"}, …], "scores": {label: probability, …}}`."""
+        return {
+            "labels": [{"label": label, "score": round(self.scores[label], 6)} for label in self.labels],
+            "scores": {label: round(p, 6) for label, p in self.scores.items()},
         }
 
 
@@ -126,6 +143,11 @@ class Predictor:
     def labels(self) -> tuple[str, ...]:
         return self.bundle.labels
 
+    @property
+    def readout(self) -> Readout:
+        """How the model's logits become answers: top-k softmax, or a multi-label bundle's thresholded sigmoids."""
+        return Readout.from_manifest(self.bundle.manifest)
+
     def predict(self, image: ImageSource, top_k: int = 5) -> Prediction:
         """One image (path, bytes, PIL image or uint8 array) → its top-k labels."""
         return self.classify(self.crop(image, threads=LONE_THREADS)[None], top_k)[0]
@@ -187,8 +209,9 @@ class Predictor:
         """uint8 (N, S, S, 3) crops → N predictions with softmax scores."""
         return self.predictions(self.engine.run(normalize(crops, self.bundle.preprocessing)), top_k)
 
-    def predictions(self, logits: np.ndarray, top_k: int = 5) -> list[Prediction]:
-        """(N, classes) logits → N top-k predictions with softmax scores.
+    def predictions(self, logits: np.ndarray, top_k: int = 5) -> list[Prediction] | list[LabelSetPrediction]:
+        """(N, classes) logits → N top-k predictions with softmax scores; for a multi-label bundle, N label sets
+        (`top_k` does not apply: every label above its threshold).
 
         Raises InferenceError when the logits are not (N, labels) or hold NaN or inf: such a
         model cannot predict, and a score must never be NaN.
@@ -205,6 +228,10 @@ class Predictor:
                 f"of {self._model_name()}: the model cannot predict. Rebuild it (check the training for a diverging "
                 "loss)."
             )
+        readout = self.readout
+        if readout.multilabel:
+            return [_label_set(self.labels, p, chosen) for p, chosen in
+                    zip(readout.probabilities(logits), readout.decide(logits))]  # fmt: skip
         shifted = logits - logits.max(axis=1, keepdims=True)
         probabilities = np.exp(shifted)
         probabilities /= probabilities.sum(axis=1, keepdims=True)
@@ -218,6 +245,12 @@ class Predictor:
     def _model_name(self) -> str:
         """The model file as messages name it (looked up only for one: it stats the bundle's path)."""
         return self.bundle.where(self.bundle.manifest["model"])
+
+
+def _label_set(labels: tuple[str, ...], probabilities: np.ndarray, chosen: np.ndarray) -> LabelSetPrediction:
+    """One image's label set: the `chosen` labels by descending probability."""
+    order = [i for i in np.argsort(-probabilities, kind="stable") if chosen[i]]
+    return LabelSetPrediction([labels[i] for i in order], {name: float(p) for name, p in zip(labels, probabilities)})
 
 
 def _warn_if_pillow_differs(manifest: dict, bundle: str | Path) -> None:

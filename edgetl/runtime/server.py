@@ -121,11 +121,13 @@ def _check_limits(max_body_bytes: int, concurrency: int, read_timeout: float) ->
 
 
 def _metadata(predictor: Predictor) -> dict:
-    """`GET /metadata`: the bundle's name, labels, contract, variant and measured metrics."""
+    """`GET /metadata`: the bundle's name, labels (and a multi-label bundle's `task`), contract, variant and
+    measured metrics."""
     manifest = predictor.bundle.manifest
     return {
         "name": manifest.get("name"),
         "labels": list(predictor.labels),
+        **({"task": manifest["task"]} if "task" in manifest else {}),  # multi-label: kind and thresholds
         "preprocessing": predictor.bundle.preprocessing.to_dict(),
         "runtime": predictor.engine.runtime,  # what serves, which `--runtime` may have changed
         "precision": manifest.get("precision"),

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
+from edgetl import label_metrics
 from edgetl.notes import Note
 
 # Below this many val images one image moves val accuracy by over 2 points, more than late
@@ -42,6 +44,14 @@ class BestEpoch:
     def from_dict(cls, data: dict) -> BestEpoch:
         # Snapshots written before val loss and val logits were kept have neither.
         return cls(data["epoch"], data["accuracy"], data.get("loss", math.inf), data["state"], data.get("val_logits"))
+
+
+def val_loss(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The loss that breaks ties of val accuracy (or mAP): plain cross-entropy (no smoothing, no class weights),
+    or binary cross-entropy for (N, C) label sets (no positive weights)."""
+    if labels.ndim == 2:
+        return label_metrics.bce(logits, labels)
+    return float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels).long()))
 
 
 def ranking_notes(history: list[dict], best_epoch: int, val_images: int) -> list[Note]:

@@ -39,10 +39,29 @@ def warmup_cosine(warmup_steps: float, total_steps: int):
     return factor
 
 
-def criterion(config: TrainConfig, labels: torch.Tensor, num_classes: int) -> nn.CrossEntropyLoss:
-    """The label loss: cross-entropy with `train.label_smoothing`, class-weighted for `weighted_loss`."""
+def criterion(config: TrainConfig, labels: torch.Tensor, num_classes: int) -> nn.Module:
+    """The label loss: cross-entropy with `train.label_smoothing`, class-weighted for `weighted_loss`; for (N, C)
+    label sets, binary cross-entropy per label (`LabelSetLoss`)."""
+    if labels.dim() == 2:
+        return LabelSetLoss(pos_weight=positive_weights(labels) if config.pos_weight == "balanced" else None)
     weight = class_weights(labels, num_classes) if config.class_balance == "weighted_loss" else None
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
+
+
+class LabelSetLoss(nn.BCEWithLogitsLoss):
+    """`torch.nn.BCEWithLogitsLoss` (the mean over images and labels) of (B, C) logits against (B, C) 0/1 label
+    sets of any integer dtype."""
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return super().forward(logits, labels.to(logits.dtype))
+
+
+def positive_weights(labels: torch.Tensor) -> torch.Tensor:
+    """`train.pos_weight: balanced`: each label's negatives / positives in the (N, C) train label sets, as the
+    `pos_weight` of `torch.nn.BCEWithLogitsLoss` ("if a dataset contains 100 positive and 300 negative examples
+    of a single class, then pos_weight for the class should be equal to 300/100=3", its documentation)."""
+    positives = labels.sum(dim=0).float()
+    return (len(labels) - positives) / positives.clamp(min=1)
 
 
 def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

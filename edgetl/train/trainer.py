@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from edgetl.data import Dataset
 from edgetl.datacache import default_root
@@ -30,7 +29,7 @@ from edgetl.progress import track
 from edgetl.recipe import TrainConfig
 from edgetl.runtime.preprocess import Preprocessing
 from edgetl.train import distributed
-from edgetl.train.best import BestEpoch, ranking_notes
+from edgetl.train.best import BestEpoch, ranking_notes, val_loss
 from edgetl.train.device import Placement, cpu_state, get_rng, resolve_device, resolve_precision, set_rng
 from edgetl.train.distributed import Dist, TrainStep, gather_rows, shard
 from edgetl.train.inputs import (
@@ -257,12 +256,10 @@ class Trainer:
         return total / count
 
     def evaluate(self) -> tuple[np.ndarray, float, float]:
-        """The val split's logits (all of them on every rank), accuracy and loss."""
+        """The val split's logits (all of them on every rank), accuracy (mAP for label sets) and loss."""
         logits = self._logits(self.inputs.val)
         labels = self.job.dataset.val.labels
-        # Plain cross-entropy (no smoothing, no class weights): it ranks epochs the val accuracy ties.
-        loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels).long()))
-        return logits, accuracy(logits, labels), loss
+        return logits, accuracy(logits, labels), val_loss(logits, labels)
 
     def finish(self) -> TrainResult:
         """The best epoch's model (eval mode, contiguous weights, on the CPU in fp32: export, quantization and

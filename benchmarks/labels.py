@@ -1,0 +1,139 @@
+"""Multi-label on real photos: cifar10-dev 2×2 mosaics, EfficientNet-Lite0 at 224 px, one build.
+
+Each mosaic tiles 4 real cifar10-dev photos (32×32 each, drawn at random from one split's pool)
+into a 64×64 image labeled with the classes it shows. cifar10-dev/train's photos are split 85/15
+into the train and val pools before tiling, so no photo is in both; cifar10-dev/val's photos make
+the test mosaics. The mosaics and a CSV manifest (`path,labels,split`, labels `|`-delimited) are
+written once into benchmarks/data/ (git-ignored). The build trains `--strategy` (default
+partial, 2 stages, cached prefix), exports, quantizes with ONNX Runtime and OpenVINO INT8 (agreement
+control on label sets) and validates; the figures: test mAP, micro/macro F1, exact match,
+label-set agreement of each INT8 variant with FP32 and its max |Δ probability|, and p50 latency.
+
+Usage:
+    flock /work/bench.lock nice python benchmarks/labels.py [--strategy linear_probe] [--epochs 8]
+Results: benchmarks/results/labels.json (`--results NAME` for another file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import platform
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from edgetl import environment
+from edgetl.pipeline import build
+from edgetl.recipe import recipe_from_mapping
+
+ROOT = Path(__file__).resolve().parent
+CIFAR = ROOT.parent.parent / "shared" / "datasets" / "cifar10-dev"
+DATA = ROOT / "data" / "cifar10-dev-mosaics"
+
+
+def photos(folder: Path) -> list[tuple[Path, str]]:
+    return sorted((path, path.parent.name) for path in folder.glob("*/*.jpg"))
+
+
+def write_mosaics(out: Path, seed: int = 0) -> Path:
+    """The mosaics and their manifest (once); returns the manifest."""
+    manifest = out / "labels.csv"
+    if manifest.is_file():
+        return manifest
+    rng = np.random.default_rng(seed)
+    train = photos(CIFAR / "train")
+    order = rng.permutation(len(train))
+    held = round(0.15 * len(train))
+    pools = {"val": [train[i] for i in order[:held]], "train": [train[i] for i in order[held:]],
+             "test": photos(CIFAR / "val")}  # fmt: skip
+    rows = []
+    for split, pool in pools.items():
+        (out / split).mkdir(parents=True, exist_ok=True)
+        for i in range(len(pool)):
+            chosen = [pool[j] for j in rng.choice(len(pool), 4, replace=False)]
+            mosaic = Image.new("RGB", (64, 64))
+            for k, (path, _) in enumerate(chosen):
+                mosaic.paste(Image.open(path).convert("RGB").resize((32, 32)), (32 * (k % 2), 32 * (k // 2)))
+            name = f"{split}/{i:05d}.png"
+            mosaic.save(out / name)
+            rows.append({"path": name, "labels": "|".join(sorted({c for _, c in chosen})), "split": split})
+    tmp = manifest.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["path", "labels", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(manifest)
+    return manifest
+
+
+def recipe(manifest: Path, strategy: str, epochs: int):
+    train = {"strategy": strategy, "epochs": epochs, "lr": 0.003 if strategy == "partial" else 0.01}
+    if strategy == "partial":
+        train |= {"unfreeze": 2, "backbone_lr_mult": 0.3}
+    raw = {
+        "name": "bench-labels",
+        "seed": 0,
+        "task": "multilabel",
+        "data": {"manifest": str(manifest), "image_size": 224, "augment": "none"},
+        "model": {"backbone": "efficientnet_lite0", "weights": "pretrained"},
+        "train": train,
+        "quantize": [{"runtime": "onnxruntime", "min_agreement": 0.98}, {"runtime": "openvino", "min_agreement": 0.98}],
+        "device": {"runtimes": ["onnxruntime", "openvino"]},
+    }
+    return recipe_from_mapping(raw, manifest.parent / "bench-labels.yaml")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--strategy", choices=["linear_probe", "partial"], default="partial")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--workdir", type=Path, default=ROOT / "data" / "labels-run")
+    parser.add_argument("--results", default="labels.json", help="file name under benchmarks/results/")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("edgetl").setLevel(logging.INFO)
+    manifest = write_mosaics(DATA)
+    report = build(recipe(manifest, args.strategy, args.epochs), args.workdir).report.to_dict()
+    rows = {v["name"]: v for v in report["variants"]}
+    controls = {q["name"]: q.get("agreement_control") or {} for q in report["quantize"]}
+    results = {
+        "machine": {
+            "python": platform.python_version(),
+            "cpu_model": environment.describe().get("cpu_model"),
+            "threads": report["environment"]["torch_threads"],
+        },  # fmt: skip
+        "data": "cifar10-dev 2x2 mosaics (train/val from cifar10-dev/train, test from cifar10-dev/val)",
+        "counts": {s: c["total"] for s, c in report["dataset"]["counts"].items()},
+        "strategy": args.strategy,
+        "epochs": args.epochs,
+        "image_size": 224,
+        "test": {k: rows["pytorch-fp32"]["multilabel"][k] for k in ("map", "micro_f1", "macro_f1", "exact_match")},
+        "per_label_ap": dict(zip(report["dataset"]["classes"], rows["pytorch-fp32"]["multilabel"]["per_label_ap"])),
+        "int8": {
+            name: {
+                "label_set_agreement": row["agreement"],
+                "max_abs_prob_delta": row["multilabel"]["max_abs_prob_delta"],
+                "map": row["accuracy"],
+                "micro_f1": row["multilabel"]["micro_f1"],
+                "float_layers_added": len(controls.get(name, {}).get("float_layers_added") or []),
+                "control_met": controls.get(name, {}).get("met"),
+            }
+            for name, row in rows.items()
+            if row["precision"] == "int8"
+        },
+        "latency_ms_p50": {name: row["latency_ms"]["p50"] for name, row in rows.items()},
+        "timings": report["timings"],
+        "selected": (report.get("selected") or {}).get("name"),
+    }
+    print(json.dumps(results, indent=2))
+    out = ROOT / "results" / args.results
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
