@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -76,6 +77,8 @@ def _start_ray(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
+    if address:
+        _require_listening(address)
     try:
         ray.init(
             address=address,
@@ -85,10 +88,27 @@ def _start_ray(address: str | None) -> bool:
         )
     except ConnectionError as exc:
         raise RecipeError(
-            f"--address {address}: no Ray cluster answers there ({exc}); start one (`ray start --head`) or leave "
-            "--address out to run on this machine."
+            f"--address {address}: the Ray cluster there did not let this machine join ({exc}). A cluster with "
+            "token authentication (`ray start --head` turns it on when its machine has ~/.ray/auth_token) takes a "
+            "driver that sends its token, which Ray does for an explicit address only with RAY_AUTH_MODE=token: "
+            "run `RAY_AUTH_MODE=token edgetl sweep ...` with the head's token in ~/.ray/auth_token or RAY_AUTH_TOKEN "
+            "(`ray get-auth-token` on the head prints it)."
         ) from None
     return True
+
+
+def _require_listening(address: str) -> None:
+    """Fail in seconds, not after Ray's minutes of retries, when nothing listens at a HOST:PORT address."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not port.isdigit():  # ray://, "auto": Ray resolves those itself
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as exc:
+        raise RecipeError(
+            f"--address {address}: no Ray cluster answers there ({exc}). Start one (`ray start --head` on that "
+            "machine), check the host and port, or leave --address out to run on this machine."
+        ) from None
 
 
 def _tune(plan: SweepPlan, launch: Launch, out_dir: Path) -> list[TrialRecord]:
