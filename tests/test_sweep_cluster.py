@@ -86,3 +86,21 @@ def test_sweep_joins_a_token_authenticated_cluster(head, tmp_path):
 def test_no_cluster_at_address_is_a_clear_error():
     with pytest.raises(RecipeError, match=r"--address 127\.0\.0\.1:\d+: no Ray cluster answers there"):
         _start_ray(f"127.0.0.1:{_free_port()}")
+
+
+@pytest.mark.slow
+def test_without_address_a_stale_cluster_record_is_ignored(monkeypatch):
+    """`ray start` records its head in /tmp/ray/ray_current_cluster, and the record outlives a killed head."""
+    import ray
+
+    record = Path("/tmp/ray/ray_current_cluster")
+    record.parent.mkdir(exist_ok=True)
+    before = record.read_text() if record.is_file() else None
+    record.write_text(f"127.0.0.1:{_free_port()}")  # nothing listens there
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    try:
+        assert _start_ray(None) is True
+        assert ray.cluster_resources()["CPU"] >= 1
+    finally:
+        ray.shutdown()
+        record.write_text(before) if before is not None else record.unlink(missing_ok=True)

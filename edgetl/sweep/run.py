@@ -81,7 +81,9 @@ def _start_ray(address: str | None) -> bool:
         _require_listening(address)
     try:
         ray.init(
-            address=address,
+            # "local": a new Ray of this machine's own. Left None, Ray would join whatever cluster
+            # /tmp/ray/ray_current_cluster names, even a stale one whose head was killed, and wait on it.
+            address=address or "local",
             include_dashboard=False,
             log_to_driver=False,  # trials log into their build.log; the driver prints the sweep's progress
             logging_level=logging.WARNING,
