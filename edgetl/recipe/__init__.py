@@ -19,7 +19,8 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from edgetl.errors import RecipeError
-from edgetl.recipe import tasks
+from edgetl.recipe import multitask, tasks
+from edgetl.recipe.multitask import TaskSpec
 from edgetl.recipe.sections import (
     AdaptConfig,
     DataConfig,
@@ -65,6 +66,9 @@ class Recipe(Section):
     seed: int = Field(0, ge=0)
     task: Literal["single", "multilabel"] = Field(
         "single", description="single: one class per image; multilabel: a set of labels per image (sigmoid head)."
+    )
+    tasks: list[TaskSpec] | None = Field(
+        None, min_length=2, description="Several tasks on one backbone, one head each (instead of `task`)."
     )
     data: DataConfig
     model: ModelConfig = ModelConfig()
@@ -142,7 +146,9 @@ def recipe_from_mapping(raw: object, path: Path, overrides: list[str] | tuple[st
         recipe = Recipe.model_validate(raw, context={"base_dir": path.parent.resolve()})
     except ValidationError as exc:
         raise RecipeError(_describe(exc, path)) from None
-    tasks.check(recipe, path)
+    multitask.check(recipe, path)
+    if not recipe.tasks:
+        tasks.check(recipe, path)
     return recipe
 
 
