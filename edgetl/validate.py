@@ -60,10 +60,8 @@ class Artifact:
 
 @dataclass(frozen=True)
 class Validation:
-    """The validate stage's result: one row per variant, the PyTorch baseline first.
-
-    Its stage folder holds `variants.json`, the rows as report.json lists them.
-    """
+    """The validate stage's result: one row per variant, the PyTorch baseline first. Its stage folder holds
+    `variants.json`, the rows as report.json lists them."""
 
     variants: list[VariantMetrics]
 
