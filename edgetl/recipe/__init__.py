@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_serializer, model_validator
 
 from edgetl.errors import RecipeError
 from edgetl.recipe import multitask, tasks
@@ -93,6 +93,14 @@ class Recipe(Section):
         if duplicates:
             raise ValueError(f"quantize variant names must be unique; {duplicates} appear twice (set `name:` on one)")
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_tasks(self, handler) -> dict[str, Any]:
+        """A recipe without `tasks` dumps as before they existed: report.json, metrics.json and bundles unchanged."""
+        dumped = handler(self)
+        if self.tasks is None:
+            dumped.pop("tasks", None)
+        return dumped
 
     def section_hash(self, *sections: str) -> str:
         """A short, stable hash of some sections: stage caches and reports key on it.
