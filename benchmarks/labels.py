@@ -80,17 +80,21 @@ def write_mosaics(out: Path, seed: int = 0) -> Path:
     return manifest
 
 
-def recipe(manifest: Path, strategy: str, epochs: int):
+def train_section(strategy: str, epochs: int) -> dict:
     train = {"strategy": strategy, "epochs": epochs, "lr": 0.003 if strategy == "partial" else 0.01}
     if strategy == "partial":
         train |= {"unfreeze": 2, "backbone_lr_mult": 0.3}
+    return train
+
+
+def recipe(manifest: Path, strategy: str, epochs: int):
     raw = {
         "name": "bench-labels",
         "seed": 0,
         "task": "multilabel",
         "data": {"manifest": str(manifest), "image_size": 224, "augment": "none"},
         "model": {"backbone": "efficientnet_lite0", "weights": "pretrained"},
-        "train": train,
+        "train": train_section(strategy, epochs),
         "quantize": [{"runtime": "onnxruntime", "min_agreement": 0.98}, {"runtime": "openvino", "min_agreement": 0.98}],
         "device": {"runtimes": ["onnxruntime", "openvino"]},
     }
@@ -120,16 +124,13 @@ def write_multitask_manifest(out: Path, seed: int = 0) -> Path:
 
 
 def multitask_recipe(manifest: Path, strategy: str, epochs: int, size: int):
-    train = {"strategy": strategy, "epochs": epochs, "lr": 0.003 if strategy == "partial" else 0.01}
-    if strategy == "partial":
-        train |= {"unfreeze": 2, "backbone_lr_mult": 0.3}
     raw = {
         "name": "bench-multitask",
         "seed": 0,
         "tasks": [{"name": "class"}, {"name": "coarse"}],
         "data": {"manifest": str(manifest), "image_size": size, "augment": "none"},
         "model": {"backbone": "efficientnet_lite0", "weights": "pretrained"},
-        "train": train,
+        "train": train_section(strategy, epochs),
         "quantize": [{"runtime": "onnxruntime", "min_agreement": 0.98}, {"runtime": "openvino", "min_agreement": 0.98}],
         "device": {"runtimes": ["onnxruntime", "openvino"]},
     }
@@ -159,22 +160,30 @@ def multitask_latency(workdir: Path, recipe) -> dict:
     return out
 
 
+def described(report: dict, args: argparse.Namespace, data: str, size: int) -> dict:
+    """What every result file starts with: the machine, the data and the training."""
+    machine = {"python": platform.python_version(), "cpu_model": environment.describe().get("cpu_model"),
+               "threads": report["environment"]["torch_threads"]}  # fmt: skip
+    counts = {s: c["total"] for s, c in report["dataset"]["counts"].items()}
+    return {"machine": machine, "data": data, "counts": counts, "strategy": args.strategy, "epochs": args.epochs,
+            "image_size": size}  # fmt: skip
+
+
+def write_results(results: dict, name: str) -> None:
+    print(json.dumps(results, indent=2))
+    out = ROOT / "results" / name
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def multitask_main(args: argparse.Namespace) -> None:
     manifest = write_multitask_manifest(ROOT / "data" / "cifar10-dev-multitask")
     recipe_ = multitask_recipe(manifest, args.strategy, args.epochs, args.size)
     report = build(recipe_, args.workdir).report.to_dict()
     rows = {v["name"]: v for v in report["variants"]}
+    data = "cifar10-dev: class (10) and coarse (animal/vehicle); train/val from cifar10-dev/train, test its val"
     results = {
-        "machine": {
-            "python": platform.python_version(),
-            "cpu_model": environment.describe().get("cpu_model"),
-            "threads": report["environment"]["torch_threads"],
-        },  # fmt: skip
-        "data": "cifar10-dev: class (10) and coarse (animal/vehicle); train/val from cifar10-dev/train, test its val",
-        "counts": {s: c["total"] for s, c in report["dataset"]["counts"].items()},
-        "strategy": args.strategy,
-        "epochs": args.epochs,
-        "image_size": args.size,
+        **described(report, args, data, args.size),
         "parity": report["export"]["parity"],
         "test_accuracy": {name: t["accuracy"] for name, t in rows["pytorch-fp32"]["tasks"].items()},
         "int8_agreement": {
@@ -186,10 +195,7 @@ def multitask_main(args: argparse.Namespace) -> None:
         "timings": report["timings"],
         "selected": (report.get("selected") or {}).get("name"),
     }
-    print(json.dumps(results, indent=2))
-    out = ROOT / "results" / (args.results or "labels-multitask.json")
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(results, args.results or "labels-multitask.json")
 
 
 def main() -> None:
@@ -212,17 +218,9 @@ def main() -> None:
     report = build(recipe(manifest, args.strategy, args.epochs), args.workdir).report.to_dict()
     rows = {v["name"]: v for v in report["variants"]}
     controls = {q["name"]: q.get("agreement_control") or {} for q in report["quantize"]}
+    data = "cifar10-dev 2x2 mosaics (train/val from cifar10-dev/train, test from cifar10-dev/val)"
     results = {
-        "machine": {
-            "python": platform.python_version(),
-            "cpu_model": environment.describe().get("cpu_model"),
-            "threads": report["environment"]["torch_threads"],
-        },  # fmt: skip
-        "data": "cifar10-dev 2x2 mosaics (train/val from cifar10-dev/train, test from cifar10-dev/val)",
-        "counts": {s: c["total"] for s, c in report["dataset"]["counts"].items()},
-        "strategy": args.strategy,
-        "epochs": args.epochs,
-        "image_size": 224,
+        **described(report, args, data, 224),
         "test": {k: rows["pytorch-fp32"]["multilabel"][k] for k in ("map", "micro_f1", "macro_f1", "exact_match")},
         "per_label_ap": dict(zip(report["dataset"]["classes"], rows["pytorch-fp32"]["multilabel"]["per_label_ap"])),
         "int8": {
@@ -241,10 +239,7 @@ def main() -> None:
         "timings": report["timings"],
         "selected": (report.get("selected") or {}).get("name"),
     }
-    print(json.dumps(results, indent=2))
-    out = ROOT / "results" / args.results
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(results, args.results)
 
 
 if __name__ == "__main__":
