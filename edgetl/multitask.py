@@ -112,3 +112,16 @@ def variant_scores(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray
         "accuracy_drop": float(np.mean([p["accuracy_drop"] for p in per.values()])),
         "tasks": per,
     }
+
+
+def parity_per_task(readout, logits: np.ndarray, reference: np.ndarray, tolerance: float) -> dict | None:
+    """A multi-task model's parity per output: the share of images whose answer is PyTorch's (`reference`), the
+    largest |Δlogit| and whether both hold on every image; None for a one-task `readout`."""
+    if readout.kind != "tasks":
+        return None
+    out = {}
+    for task, (part_readout, part, ref) in zip(readout.tasks, readout.per_task(logits, reference)):
+        agree, delta = part_readout.agree(part, ref), np.abs(part - ref).max(axis=1)
+        passed = bool(agree.all() and (delta <= tolerance).all())
+        out[task.name] = {"agreement": float(agree.mean()), "max_abs_logit_delta": float(delta.max()), "passed": passed}
+    return out

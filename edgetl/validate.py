@@ -110,6 +110,7 @@ def parity(
             float(delta.max()),
             tolerance,
             not len(bad),
+            multitask.parity_per_task(readout, logits, reference, tolerance),
         )
         outcomes.append(outcome)
         log.info(

@@ -162,7 +162,9 @@ def test_a_two_task_build_on_digits_exports_one_named_output_per_task_and_answer
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((run / "report.json").read_text())
-    assert [p["passed"] for p in report["export"]["parity"]] == [True, True]
+    assert [p["passed"] for p in report["export"]["parity"]] == [True, True]  # ONNX Runtime and OpenVINO
+    for parity in report["export"]["parity"]:  # each output against PyTorch's
+        assert list(parity["tasks"]) == ["digit", "parity"] and all(t["passed"] for t in parity["tasks"].values())
     rows = {v["name"]: v for v in report["variants"]}
     for name in ("pytorch-fp32", "onnx-fp32", "ov-fp32", "ort-int8", "ov-int8"):
         per_task = rows[name]["tasks"]
