@@ -202,3 +202,39 @@ def test_a_two_task_build_on_digits_exports_one_named_output_per_task_and_answer
         _, metadata = call(port, "GET", "/metadata")
     assert status == 200 and served["tasks"]["parity"] == answer["parity"]
     assert [t["name"] for t in metadata["tasks"]] == ["digit", "parity"]
+
+
+def test_a_multilabel_task_is_scored_with_its_thresholds_and_they_travel_in_the_bundle_manifest() -> None:
+    from edgetl.bundle import _task
+    from edgetl.errors import BundleError
+    from edgetl.runtime.manifest import check_schema
+    from edgetl.runtime.metrics import Latency, VariantMetrics
+    from edgetl.validate import _scores
+
+    rng = np.random.default_rng(0)
+    labels = np.concatenate([np.eye(2, dtype=np.uint8)[rng.integers(0, 2, 40)], rng.integers(0, 2, (40, 3))], axis=1)
+    reference = labels * 4.0 - 2.0 + rng.normal(0, 1, labels.shape)
+    readout = multitask.readout_for(reference, labels, TASKS)
+    assert readout.tasks[0].readout == Readout() and len(readout.tasks[1].readout.thresholds) == 3
+    row = multitask.variant_scores(reference + 0.01, reference, labels, readout, _scores)
+    assert row["agreement"] == 1.0 and list(row["tasks"]) == ["colour", "tags"]
+    assert row["accuracy"] == pytest.approx((row["tasks"]["colour"]["accuracy"] + row["tasks"]["tags"]["accuracy"]) / 2)
+    assert row["tasks"]["tags"]["multilabel"]["thresholds"] == pytest.approx(
+        readout.tasks[1].readout.thresholds, abs=1e-6
+    )
+    variant = VariantMetrics(name="onnx-fp32", runtime="onnxruntime", precision="fp32", size_mb=1.0,
+                             latency_ms=Latency(1.0), **row)  # fmt: skip
+    names = ("colour:blue", "colour:red", "tags:a", "tags:b", "tags:c")
+    tasks = _task(variant, names)["tasks"]
+    assert tasks[0] == {"name": "colour", "kind": "single", "labels": ["blue", "red"], "thresholds": []}
+    assert tasks[1]["labels"] == ["a", "b", "c"] and tasks[1]["thresholds"] == row["tasks"]["tags"]["multilabel"][
+        "thresholds"]  # fmt: skip
+    manifest = {"labels": list(names), "tasks": tasks}
+    from edgetl.runtime import manifest as schema
+
+    assert schema._tasks(tasks, manifest)
+    assert not schema._tasks([tasks[1], tasks[0]], manifest)  # not in the labels' order
+    assert not schema._tasks([tasks[0], {**tasks[1], "thresholds": [0.5]}], manifest)
+    with pytest.raises(BundleError, match="`tasks`"):
+        check_schema({"schema_version": 3, "name": "x", "files": {"m.onnx": "a" * 64}, "model": "m.onnx", "runtime": "onnxruntime",
+                      "labels": list(names), "tasks": [tasks[0]]}, "edgetl.json")  # fmt: skip
