@@ -88,7 +88,8 @@ class OpenVinoEngine:
         keys = model.get_rt_info()["framework"] if model.has_rt_info(["framework"]) else {}
         self.metadata = {key: model.get_rt_info(["framework", key]).astype(str) for key in keys}
         self.input_shape = _static(model.inputs[0].get_partial_shape())
-        self.output_names = [o.get_any_name() for o in model.outputs]
+        # a QAT IR's output tensor can have no name: "" then (only the count matters for one output)
+        self.output_names = [o.get_any_name() if o.get_names() else "" for o in model.outputs]
         self.output_shape = _joined([_static(o.get_partial_shape()) for o in model.outputs])
         self.compiled = core.compile_model(model, "CPU", config)
         self._local = threading.local()  # an infer request serves one call at a time: one per thread
