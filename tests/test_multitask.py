@@ -172,6 +172,10 @@ def test_a_two_task_build_on_digits_exports_one_named_output_per_task_and_answer
         assert rows[name]["accuracy"] == pytest.approx(np.mean([t["accuracy"] for t in per_task.values()]))
         assert rows[name]["agreement"] <= min(t["agreement"] for t in per_task.values())
     assert len(rows["pytorch-fp32"]["tasks"]["digit"]["confusion_matrix"]) == 10
+    checked = [o for o in report["gates"] if o["gate"] == "min_accuracy"]
+    assert len(checked) >= 2  # the FP32 and INT8 variants the device can run
+    for outcome in checked:  # every task must reach it: the value is the worst task's
+        assert outcome["value"] == min(t["accuracy"] for t in rows[outcome["variant"]]["tasks"].values())
     assert "| digit |" in (run / "report.md").read_text()
     exported = next((run / "stages").glob("export-*/model.onnx"))
     assert [o.name for o in onnx.load(str(exported)).graph.output] == ["digit", "parity"]
