@@ -61,6 +61,8 @@ def test_the_task_list_is_validated_and_a_recipe_without_it_is_unchanged() -> No
     ]
     plain = recipe_from_mapping({"name": "x", "data": {"builtin": "digits"}}, Path("r.yaml"))
     assert plain.tasks is None and plain.task == "single"
+    assert "tasks" not in plain.model_dump(mode="json")  # report.json, metrics.json and bundles as before
+    assert made.model_dump(mode="json")["tasks"][1]["loss_weight"] == 0.5
 
 
 def write(path: Path, lines: list[str]) -> Path:
