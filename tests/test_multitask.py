@@ -242,5 +242,5 @@ def test_a_multilabel_task_is_scored_with_its_thresholds_and_they_travel_in_the_
     assert not schema._tasks([tasks[1], tasks[0]], manifest)  # not in the labels' order
     assert not schema._tasks([tasks[0], {**tasks[1], "thresholds": [0.5]}], manifest)
     with pytest.raises(BundleError, match="`tasks`"):
-        check_schema({"schema_version": 3, "name": "x", "files": {"m.onnx": "a" * 64}, "model": "m.onnx", "runtime": "onnxruntime",
-                      "labels": list(names), "tasks": [tasks[0]]}, "edgetl.json")  # fmt: skip
+        check_schema({"schema_version": 3, "name": "x", "files": {"m.onnx": "a" * 64}, "model": "m.onnx",
+                      "runtime": "onnxruntime", "labels": list(names), "tasks": [tasks[0]]}, "edgetl.json")  # fmt: skip
