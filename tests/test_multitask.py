@@ -244,3 +244,37 @@ def test_a_multilabel_task_is_scored_with_its_thresholds_and_they_travel_in_the_
     with pytest.raises(BundleError, match="`tasks`"):
         check_schema({"schema_version": 3, "name": "x", "files": {"m.onnx": "a" * 64}, "model": "m.onnx",
                       "runtime": "onnxruntime", "labels": list(names), "tasks": [tasks[0]]}, "edgetl.json")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_manifest_build_with_a_multilabel_task_serves_its_label_set_beside_the_class(image_folder: Path) -> None:
+    files = sorted(p.relative_to(image_folder) for p in image_folder.glob("*/*"))
+    write(image_folder / "labels.csv", ["path,kind,tags"] + [f"{p},{p.parent},{('a|b', 'b', 'c|a')[i % 3]}"
+                                                            for i, p in enumerate(files)])  # fmt: skip
+    recipe_file = write_recipe(
+        image_folder / "r.yaml",
+        """\
+        name: mlmt
+        tasks: [{name: kind}, {name: tags, kind: multilabel, loss_weight: 0.5}]
+        data: {manifest: labels.csv, image_size: 32, augment: none, val_split: 0.25, test_split: 0.25}
+        train: {strategy: linear_probe, epochs: 2, lr: 0.01}
+        quantize: []
+        measure: {latency_rounds: 2, latency_runs: 2, warmup: 1}
+        """,
+    )
+    run = image_folder / "run"
+    done = subprocess.run([sys.executable, "-m", "edgetl", "build", str(recipe_file), "-o", str(run)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    tags = json.loads((run / "report.json").read_text())["variants"][0]["tasks"]["tags"]
+    assert tags["kind"] == "multilabel" and tags["accuracy"] == tags["multilabel"]["map"]
+    manifest = json.loads((run / "bundle" / "edgetl.json").read_text())
+    assert manifest["tasks"][1]["labels"] == ["a", "b", "c"] and len(manifest["tasks"][1]["thresholds"]) == 3
+    from edgetl.runtime.predictor import Predictor
+
+    answer = Predictor.load(run / "bundle").predict(image_folder / files[0]).to_dict()["tasks"]
+    assert answer["kind"]["label"] in ("china", "flower") and set(answer["tags"]["scores"]) == {"a", "b", "c"}
+    chosen = [item["label"] for item in answer["tags"]["labels"]]
+    thresholds = dict(zip("abc", manifest["tasks"][1]["thresholds"]))
+    assert chosen == [t for t in sorted("abc", key=lambda t: -answer["tags"]["scores"][t])
+                      if answer["tags"]["scores"][t] >= thresholds[t]]  # fmt: skip
