@@ -31,9 +31,10 @@ class ParityOutcome:
     max_abs_logit_delta: float  # NaN when a logit is not finite
     tolerance: float
     passed: bool
+    tasks: dict[str, dict[str, Any]] | None = None  # a multi-task model's: each output's agreement, delta, passed
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None or k != "tasks"}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ParityOutcome:

@@ -26,7 +26,7 @@ from edgetl.export import INPUT_NAME, model_files
 from edgetl.fileio import atomic_dir, atomic_path
 from edgetl.gates import install_command
 from edgetl.runtime.bundle import MANIFEST, sha256
-from edgetl.runtime.manifest import MULTILABEL_SCHEMA
+from edgetl.runtime.manifest import MULTILABEL_SCHEMA, MULTITASK_SCHEMA
 from edgetl.runtime.metrics import VariantMetrics
 from edgetl.runtime.preprocess import Preprocessing
 
@@ -62,14 +62,18 @@ def run(
             shutil.copyfile(source, staging / f"model{source.suffix}")
         model = staging / f"model{file.suffix}"
         manifest = {
-            "schema_version": 1 if variant.multilabel is None else MULTILABEL_SCHEMA,
+            "schema_version": MULTITASK_SCHEMA
+            if variant.tasks
+            else 1
+            if variant.multilabel is None
+            else MULTILABEL_SCHEMA,
             "name": name,
             "model": model.name,
             "runtime": variant.runtime,
             "precision": variant.precision,
             "variant": variant.name,
             "labels": list(labels),
-            **_task(variant),
+            **_task(variant, labels),
             "preprocessing": pre.to_dict(),
             "input": {"name": INPUT_NAME, "shape": ["batch", 3, pre.input_size, pre.input_size], "dtype": "float32"},
             "metrics": replace(variant, confusion_matrix=None, file=None).to_dict(),  # None fields are left out
@@ -89,12 +93,21 @@ def run(
     return BundleResult(folder, archive, manifest, hashlib.sha256(raw).hexdigest())
 
 
-def _task(variant: VariantMetrics) -> dict:
+def _task(variant: VariantMetrics, labels: tuple[str, ...]) -> dict:
     """A multi-label bundle's `task`: its per-label thresholds, which the runtime applies to the sigmoid of each
-    logit (a single-label bundle has none: its manifest is as before multi-label existed)."""
+    logit (a single-label bundle has none: its manifest is as before multi-label existed); a multi-task bundle's
+    `tasks`: each task's name (its model output), kind, labels (`labels` are `task:label`) and thresholds."""
+    if variant.tasks:
+        return {"tasks": [_one_task(name, row, labels) for name, row in variant.tasks.items()]}
     if variant.multilabel is None:
         return {}
     return {"task": {"kind": "multilabel", "thresholds": variant.multilabel["thresholds"]}}
+
+
+def _one_task(name: str, row: dict, labels: tuple[str, ...]) -> dict:
+    own = [label.removeprefix(f"{name}:") for label in labels if label.startswith(f"{name}:")]
+    thresholds = row["multilabel"]["thresholds"] if row["kind"] == "multilabel" else []
+    return {"name": name, "kind": row["kind"], "labels": own, "thresholds": thresholds}
 
 
 def _readme(manifest: dict, metrics: VariantMetrics) -> str:

@@ -20,10 +20,10 @@ import torch
 from edgetl.cache import StageCache
 from edgetl.data import Dataset
 from edgetl.models import BackboneSpec
+from edgetl.multitask import readout_for
 from edgetl.recipe import Recipe
 from edgetl.runtime.preprocess import Preprocessing
 from edgetl.runtime.readout import Readout
-from edgetl.tasks import readout_for
 from edgetl.train.distributed import Dist
 
 
@@ -52,7 +52,7 @@ class BuildContext:
     def readout(self, val_logits: np.ndarray | None) -> Readout:
         """How the trained model's answers are read (its task's), multi-label thresholds tuned on the val split
         from the model's `val_logits`: cheap enough to recompute in each stage that needs it."""
-        return readout_for(val_logits, self.dataset.val.labels)
+        return readout_for(val_logits, self.dataset.val.labels, self.dataset.val.tasks)
 
     @contextmanager
     def timed(self, name: str) -> Iterator[None]:

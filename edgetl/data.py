@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetl import datacache, label_sets, manifests
+from edgetl import datacache, label_sets, manifests, multitask_data
 from edgetl.datacache import DiskArray, ShardWriter
 from edgetl.errors import DataError
 from edgetl.progress import track
@@ -53,6 +53,7 @@ class Split:
     sources: tuple[str, ...]  # file path, or "digits[i]"
     key: str = ""  # the disk cache entry's key (files' bytes, labels, contract); "" for arrays made in memory
     frames: DiskArray | None = None  # (N, F, F, 3) uint8 train frames, F the resize size; when augmenting
+    tasks: tuple = ()  # a multi-task build's LabelTasks, whose 0/1 blocks lie side by side in (N, Σ classes) labels
 
     def class_counts(self, num_classes: int) -> list[int]:
         if self.labels.ndim == 2:  # label sets: images per label
@@ -109,10 +110,12 @@ class Dataset:
 _Listing = dict[str, list[tuple[object, int, str]]]
 
 
-def run(config: DataConfig, pre: Preprocessing, seed: int, frames: bool = False, multilabel: bool = False) -> Dataset:
-    """Load the recipe's data into decoded, split arrays on disk (`data.cache_dir`); with `frames`,
-    the train split also gets its train frames (for augmentation); `multilabel`: a manifest's rows
-    have label sets (`edgetl.label_sets`), and each split's labels are (N, C) uint8.
+def run(
+    config: DataConfig, pre: Preprocessing, seed: int, frames: bool = False, multilabel: bool = False, tasks=None
+) -> Dataset:
+    """Load the recipe's data into decoded, split arrays on disk (`data.cache_dir`); with `frames`, the train
+    split also gets its train frames (for augmentation); `multilabel`: a manifest's rows have label sets
+    (`edgetl.label_sets`), each split's labels (N, C) uint8; `tasks` (the recipe's): `edgetl.multitask_data`.
 
     Raises DataError (a missing or badly laid out folder, a class without images, an unreadable
     image with `data.on_bad_image: error`), OutputError (the cache folder cannot be written).
@@ -121,7 +124,10 @@ def run(config: DataConfig, pre: Preprocessing, seed: int, frames: bool = False,
     >>> ds.train.images.shape[1:] == (pre.input_size, pre.input_size, 3)
     True
     """
-    if config.builtin == "digits":
+    label_tasks = ()
+    if tasks:
+        label_tasks, classes, listing, origin = multitask_data.listing(config, tasks, seed)
+    elif config.builtin == "digits":
         classes, listing, origin = _digits_listing(config, seed)
     elif config.builtin == "digits-mosaic":
         classes, listing, origin = label_sets.digit_mosaics(config.val_split, config.test_split, seed)
@@ -131,21 +137,13 @@ def run(config: DataConfig, pre: Preprocessing, seed: int, frames: bool = False,
         classes, listing, origin = _folder_listing(Path(str(config.path)), config, seed)
     skipped: list[SkippedImage] = []
     loaded = {name: _load(listing[name], pre, name, skipped, config, frames and name == "train") for name in SPLITS}
-    splits = {name: split for name, (split, _) in loaded.items()}
+    splits = {name: replace(split, tasks=label_tasks) for name, (split, _) in loaded.items()}
     for name, split in splits.items():
         _require_every_class(split, classes, name, origin)
     if skipped:
         log.warning("skipped %d unreadable file(s); they are listed in metrics.json", len(skipped))
-    return Dataset(
-        classes,
-        splits["train"],
-        splits["val"],
-        splits["test"],
-        tuple(skipped),
-        _content_hash(classes, splits),
-        origin,
-        sum(count for _, count in loaded.values()),
-    )
+    parts = (splits["train"], splits["val"], splits["test"], tuple(skipped), _content_hash(classes, splits), origin)
+    return Dataset(classes, *parts, sum(count for _, count in loaded.values()))
 
 
 def load_unlabeled(folder: Path, pre: Preprocessing, config: DataConfig, field: str) -> Split:

@@ -114,7 +114,9 @@ def run(
 
 def torch_to_onnx(module: torch.nn.Module, input_size: int, file: Path, opset: int) -> None:
     """`module` (eval mode) as ONNX at `file`: TorchScript exporter, (batch, 3, S, S) float input `INPUT_NAME`,
-    output `OUTPUT_NAME`, dynamic batch. Raises what torch.onnx.export raises."""
+    output `OUTPUT_NAME` (a multi-task model's: one per task, `module.output_names`), dynamic batch. Raises what
+    torch.onnx.export raises."""
+    outputs = getattr(module, "output_names", [OUTPUT_NAME])
     example = torch.zeros(1, 3, input_size, input_size)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's constant-folding chatter
@@ -125,8 +127,8 @@ def torch_to_onnx(module: torch.nn.Module, input_size: int, file: Path, opset: i
             dynamo=False,
             opset_version=opset,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *outputs)},
         )
 
 

@@ -45,14 +45,19 @@ class Gate:
         return value >= threshold if self.larger_is_better else value <= threshold
 
 
+def _every_task(v: VariantMetrics, field: str, worst: Callable) -> float:
+    """A multi-task row's worst task's `field` (every task must pass the gate), else the row's own."""
+    return worst(t[field] for t in v.tasks.values()) if v.tasks else getattr(v, field)
+
+
 # The one gate table: `run` checks it; GateOutcome.describe (the build's GateFailure message) and the
 # reports (report_content.gate_rule, gate_value) read it.
 GATES: dict[str, Gate] = {
     gate.name: gate
     for gate in (
-        Gate("min_accuracy", True, "fraction", lambda v: v.accuracy),
+        Gate("min_accuracy", True, "fraction", lambda v: _every_task(v, "accuracy", min)),
         Gate("min_map", True, "fraction", lambda v: v.accuracy),  # a multi-label row's `accuracy` is its test mAP
-        Gate("max_accuracy_drop", False, "points", lambda v: v.accuracy_drop),
+        Gate("max_accuracy_drop", False, "points", lambda v: _every_task(v, "accuracy_drop", max)),
         Gate("min_agreement", True, "fraction", lambda v: v.agreement),
         Gate("max_latency_ms", False, "ms", lambda v: v.latency_ms.p50),
         Gate("max_size_mb", False, "MB", lambda v: v.size_mb),

@@ -14,7 +14,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from edgetl import label_metrics
+from edgetl import label_metrics, multitask
 from edgetl.models import TransferModel
 from edgetl.progress import track
 from edgetl.runtime.engines import Engine
@@ -65,9 +65,12 @@ def engine_logits(engine: Engine, images: np.ndarray, pre: Preprocessing) -> np.
     return np.concatenate(in_batches(lambda batch: engine.run(normalize(batch, pre)), images))
 
 
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+def accuracy(logits: np.ndarray, labels: np.ndarray, tasks: tuple = ()) -> float:
     """The build's one number for a split: top-1 accuracy of (N, classes) logits against (N,) labels (0.0 for no
-    images), or mAP against (N, classes) 0/1 label sets (`edgetl.label_metrics`)."""
+    images), or mAP against (N, classes) 0/1 label sets (`edgetl.label_metrics`); with a multi-task split's
+    `tasks`, the mean of the tasks' (`edgetl.multitask.mean_primary`)."""
+    if tasks:
+        return multitask.mean_primary(logits, labels, tasks)
     if labels.ndim == 2:
         return label_metrics.mean_average_precision(logits, labels)
     return float((logits.argmax(1) == labels).mean()) if len(logits) else 0.0

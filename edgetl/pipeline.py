@@ -20,7 +20,20 @@ from pathlib import Path
 
 import torch
 
-from edgetl import __version__, bundle, data, environment, export, gates, models, quantize, report, train, validate
+from edgetl import (
+    __version__,
+    bundle,
+    data,
+    environment,
+    export,
+    gates,
+    models,
+    multitask,
+    quantize,
+    report,
+    train,
+    validate,
+)
 from edgetl.build_report import BuildReport, ExportSummary
 from edgetl.cache import StageCache, key
 from edgetl.context import BuildContext, seed_everything
@@ -169,7 +182,7 @@ def _context(
     # Under torchrun every rank loads the data: the disk cache's per-entry lock makes the ranks of one machine
     # decode each split once and the others wait for it, without a collective's timeout on a long first decode.
     frames, multilabel = train.augments_images(recipe.train, recipe.data.augment), recipe.task == "multilabel"
-    dataset = data.run(recipe.data, pre, recipe.seed, frames, multilabel)
+    dataset = data.run(recipe.data, pre, recipe.seed, frames, multilabel, recipe.tasks)
     seconds = round(time.monotonic() - started, 2)
     counts = "/".join(str(len(dataset.split(s).labels)) for s in data.SPLITS)
     log.info(
@@ -226,7 +239,7 @@ def _save_training(ctx: BuildContext, transferred: Transferred, started: float) 
 
 def _recipe_hash(recipe: Recipe) -> str:
     """The hash the exported files carry: the sections that shape the model (unset distill/adapt leave it as it was)."""
-    transfer_sections = [name for name in ("distill", "adapt") if getattr(recipe, name) is not None]
+    transfer_sections = [name for name in ("distill", "adapt", "tasks") if getattr(recipe, name) is not None]
     return recipe.section_hash("seed", "data", "model", "train", "export", *transfer_sections)
 
 
@@ -234,11 +247,11 @@ def _export_stage(
     ctx: BuildContext, trained: train.TrainedModel, stage_key: str, runtimes: list[str], recipe_hash: str
 ) -> export.ExportResult:
     """The FP32 ONNX file and IR, each proven against PyTorch on every validation image (parity)."""
-    recipe = ctx.recipe
+    recipe, tasks = ctx.recipe, ctx.dataset.train.tasks
 
     def make(out: Path) -> None:
         result = export.run(
-            trained.model,
+            multitask.TaskOutputs(trained.model, tasks) if tasks else trained.model,  # one named output per task
             ctx.pre,
             ctx.dataset.classes,
             out,

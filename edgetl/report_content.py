@@ -278,7 +278,10 @@ def agreement_table(report: BuildReport) -> TransferTable | None:
 
 def multilabel_tables(report: BuildReport) -> list[TransferTable]:
     """A multi-label build's test metrics per variant (its `accuracy` column is the mAP), and the per-label AP and
-    F1-tuned threshold of the selected (else fastest) variant. [] for a single-label build."""
+    F1-tuned threshold of the selected (else fastest) variant; a multi-task build's `task_table`. [] for a
+    single-label build."""
+    if any(v.tasks for v in report.variants):
+        return [task_table(report)]
     rows = [v for v in report.variants if v.multilabel]
     focus = focus_variant(report)
     if not rows or focus is None or not focus.multilabel:
@@ -299,3 +302,14 @@ def multilabel_tables(report: BuildReport) -> list[TransferTable]:
         TransferTable("Multi-label metrics (test split, thresholds tuned on val)", headers, metrics),
         TransferTable(f"Per-label AP and threshold: {focus.name}", ("label", "AP", "threshold"), per_label),
     ]
+
+
+def task_table(report: BuildReport) -> TransferTable:
+    """A multi-task build's test metrics: a row per variant and task (the variant's `accuracy` is their mean)."""
+    rows = tuple(
+        (v.name, name, t["kind"], pct(t["accuracy"]), pct(t["agreement"]), pct_points(t["accuracy_drop"]))
+        for v in report.variants
+        for name, t in (v.tasks or {}).items()
+    )
+    headers = ("variant", "task", "kind", "accuracy (mAP)", "agreement", "drop")
+    return TransferTable("Per-task metrics (test split; a variant's accuracy is their mean)", headers, rows)

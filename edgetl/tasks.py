@@ -1,7 +1,7 @@
 """What a build learns to predict: its label tasks, each one kind of answer over its own classes.
 
-A recipe has one task today (`task: single | multilabel`); the pipeline reads the list, so several
-tasks on one backbone (one head each, loss = Σ weight × task loss) extend it without rewriting it.
+A recipe has one task (`task: single | multilabel`) or several on one backbone (`tasks:`, one
+head each, loss = Σ weight × task loss: `edgetl.multitask`), each a `LabelTask`.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import edgetl
-from edgetl import label_metrics
+from edgetl import label_metrics, multitask
 from edgetl.build_report import ParityOutcome
 from edgetl.data import Split
 from edgetl.errors import ExportError, InferenceError
@@ -42,7 +42,6 @@ from edgetl.runtime.engines import Engine, open_engine
 from edgetl.runtime.metrics import Latency, VariantMetrics
 from edgetl.runtime.preprocess import Preprocessing, normalize
 from edgetl.runtime.readout import SINGLE, Readout
-from edgetl.tasks import readout_for
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +60,8 @@ class Artifact:
 
 @dataclass(frozen=True)
 class Validation:
-    """The validate stage's result: one row per variant, the PyTorch baseline first.
-
-    Its stage folder holds `variants.json`, the rows as report.json lists them.
-    """
+    """The validate stage's result: one row per variant, the PyTorch baseline first. Its stage folder holds
+    `variants.json`, the rows as report.json lists them."""
 
     variants: list[VariantMetrics]
 
@@ -88,17 +85,17 @@ def parity(
     val_logits: np.ndarray | None = None,
 ) -> list[ParityOutcome]:
     """Every FP32 artifact must match PyTorch on every validation image, or the build stops: the same answer
-    (top-1; for (N, C) label sets, the set at the thresholds tuned on these PyTorch logits, as the build's
-    `edgetl.tasks.readout_for`) and every logit within `tolerance`.
+    (top-1; label sets: the set at the thresholds tuned on these PyTorch logits; several tasks: every task's; as
+    `edgetl.multitask.readout_for`) and every logit (every task's output's) within `tolerance`.
 
-    `val_logits`: the PyTorch logits training computed at its best epoch (checked on a few images).
-    Raises ExportError naming the worst images, or InferenceError when any logit (the
-    artifact's or PyTorch's) is NaN or infinite: a non-finite delta is never within tolerance.
+    `val_logits`: the PyTorch logits training computed at its best epoch (checked on a few images). Raises
+    ExportError naming the worst images, or InferenceError when any logit (the artifact's or PyTorch's) is NaN or
+    infinite: a non-finite delta is never within tolerance.
 
     >>> parity(model, [Artifact("onnx-fp32", "onnxruntime", "fp32", Path("model.onnx"))], dataset.val, pre, 1e-3, None)
     """
     reference = pytorch_logits(model, val, pre, val_logits)
-    readout = readout_for(reference, val.labels)
+    readout = multitask.readout_for(reference, val.labels, val.tasks)
     outcomes = []
     for artifact in artifacts:
         logits, _ = _run_batches(open_checked(artifact, threads), val.images, pre, artifact, EVAL_BATCH)
@@ -113,6 +110,7 @@ def parity(
             float(delta.max()),
             tolerance,
             not len(bad),
+            multitask.parity_per_task(readout, logits, reference, tolerance),
         )
         outcomes.append(outcome)
         log.info(
@@ -242,8 +240,10 @@ def _speed(
 
 
 def _scores(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray, readout: Readout) -> dict[str, Any]:
-    """Accuracy, agreement with the baseline's `reference` logits and the paired drop from its accuracy,
-    with their intervals, and the confusion matrix (label sets: mAP, label-set agreement, F1s)."""
+    """Accuracy, agreement with the baseline's `reference` logits, the paired drop from its accuracy with their
+    intervals, the confusion matrix (label sets: mAP, label-set agreement, F1s; several tasks: each task's)."""
+    if readout.kind == "tasks":  # a multi-task model's TaskSetReadout: each task scored as this function scores it
+        return multitask.variant_scores(logits, reference, labels, readout, _scores)
     if readout.multilabel:
         return label_metrics.variant_scores(logits, reference, labels, readout)
     predicted, top_reference = logits.argmax(1), reference.argmax(1)

@@ -20,7 +20,7 @@ import numpy as np
 from edgetl.export import save_openvino
 from edgetl.infer import in_batches
 from edgetl.quantize.control import MAX_FLOAT_LAYERS, ControlSet, latency_cost, search, verify
-from edgetl.runtime.engines import open_engine
+from edgetl.runtime.engines import join_outputs, open_engine
 
 _WEIGHTS = "/fq_weights_"  # NNCF names the decompression chain of an operation's int8 weights <op>/fq_weights_<port>
 
@@ -37,7 +37,13 @@ def control(file: Path, fp32: Path, control_set: ControlSet, bound: float, threa
 
     def trial(float_ops: list[str], x: np.ndarray) -> np.ndarray:
         compiled = core.compile_model(with_float_ops(quantized, original, float_ops), "CPU", config)
-        return np.concatenate(in_batches(lambda batch: compiled(batch)[0], x))
+        outputs = range(len(compiled.outputs))  # a multi-task model's: one per task, side by side
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            result = compiled(batch)
+            return join_outputs([result[i] for i in outputs])
+
+        return np.concatenate(in_batches(run, x))
 
     inputs, reference, readout = control_set.inputs, control_set.reference, control_set.readout
     found = search(trial, quantized_ops(quantized), inputs, reference, bound, MAX_FLOAT_LAYERS, readout)

@@ -11,7 +11,7 @@ import numpy as np
 from edgetl.infer import in_batches
 from edgetl.quantize.control import MAX_FLOAT_LAYERS, ControlSet, latency_cost, search, verify
 from edgetl.quantize.graph import quantized_nodes, with_float_nodes
-from edgetl.runtime.engines import OnnxRuntimeEngine
+from edgetl.runtime.engines import OnnxRuntimeEngine, join_outputs
 
 
 def agreement_control(
@@ -34,7 +34,9 @@ def agreement_control(
         options = ort.SessionOptions()
         options.intra_op_num_threads = quantizer.threads or 0  # 0: ONNX Runtime's default, the cores
         session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-        return np.concatenate(in_batches(lambda batch: session.run(None, {quantizer.input_name: batch})[0], x))
+        return np.concatenate(
+            in_batches(lambda batch: join_outputs(session.run(None, {quantizer.input_name: batch})), x)
+        )
 
     candidates = [node for node in quantized_nodes(quantized.graph) if node not in kept]
     found = search(trial, candidates, control.inputs, control.reference, bound, MAX_FLOAT_LAYERS, control.readout)

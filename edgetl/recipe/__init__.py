@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_serializer, model_validator
 
 from edgetl.errors import RecipeError
-from edgetl.recipe import tasks
+from edgetl.recipe import multitask, tasks
+from edgetl.recipe.multitask import TaskSpec
 from edgetl.recipe.sections import (
     AdaptConfig,
     DataConfig,
@@ -66,6 +67,9 @@ class Recipe(Section):
     task: Literal["single", "multilabel"] = Field(
         "single", description="single: one class per image; multilabel: a set of labels per image (sigmoid head)."
     )
+    tasks: list[TaskSpec] | None = Field(
+        None, min_length=2, description="Several tasks on one backbone, one head each (instead of `task`)."
+    )
     data: DataConfig
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -89,6 +93,14 @@ class Recipe(Section):
         if duplicates:
             raise ValueError(f"quantize variant names must be unique; {duplicates} appear twice (set `name:` on one)")
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_tasks(self, handler) -> dict[str, Any]:
+        """A recipe without `tasks` dumps as before they existed: report.json, metrics.json and bundles unchanged."""
+        dumped = handler(self)
+        if self.tasks is None:
+            dumped.pop("tasks", None)
+        return dumped
 
     def section_hash(self, *sections: str) -> str:
         """A short, stable hash of some sections: stage caches and reports key on it.
@@ -142,7 +154,9 @@ def recipe_from_mapping(raw: object, path: Path, overrides: list[str] | tuple[st
         recipe = Recipe.model_validate(raw, context={"base_dir": path.parent.resolve()})
     except ValidationError as exc:
         raise RecipeError(_describe(exc, path)) from None
-    tasks.check(recipe, path)
+    multitask.check(recipe, path)
+    if not recipe.tasks:
+        tasks.check(recipe, path)
     return recipe
 
 

@@ -95,6 +95,14 @@ def _load(args: argparse.Namespace, threads: int | None = None) -> Predictor:
     )
 
 
+def _shown(result: dict) -> list[str]:
+    """One image's answer as `predict` prints it: top-k (a multi-label bundle: its label set) with scores; a
+    multi-task bundle's: each task's, prefixed by the task's name."""
+    if "tasks" in result:
+        return [f"{name}: {shown}" for name, answer in result["tasks"].items() for shown in _shown(answer)]
+    return [f"{t['label']} {t['score']:.4f}" for t in result.get("top_k", result.get("labels"))]
+
+
 def predict(args: argparse.Namespace) -> int:
     files = _image_files(args.paths)  # before loading the model: a wrong path fails at once
     # Many files: a thread decodes beside the model, which then runs fastest on one core fewer
@@ -108,8 +116,7 @@ def predict(args: argparse.Namespace) -> int:
             continue
         results.append({"path": str(path), **outcome.to_dict()})
         if not args.json:
-            shown = results[-1].get("top_k", results[-1].get("labels"))  # a multi-label bundle: its label set
-            print("\t".join([str(path), *(f"{t['label']} {t['score']:.4f}" for t in shown)]))
+            print("\t".join([str(path), *_shown(results[-1])]))
     if args.json:
         print(
             json.dumps(
@@ -212,6 +219,8 @@ def info(args: argparse.Namespace) -> int:
     if "task" in manifest:  # multi-label: `accuracy` below is the test mAP, `agreement` that of label sets
         cuts = ", ".join(f"{label} {t:g}" for label, t in zip(opened.labels, manifest["task"]["thresholds"]))
         print(f"multi-label, thresholds on each label's sigmoid: {cuts}")
+    for task in manifest.get("tasks", []):  # multi-task: one model output per task
+        print(f"task {task['name']} ({task['kind']}): output `{task['name']}`, labels {', '.join(task['labels'])}")
     print(
         f"preprocessing: decode {pre.decode}, resize {pre.resize_size} {pre.interpolation}, center crop "
         f"{pre.input_size}, mean "

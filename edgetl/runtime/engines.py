@@ -61,10 +61,12 @@ class OnnxRuntimeEngine:
         self.input_name = self.session.get_inputs()[0].name
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self.input_shape = _static(self.session.get_inputs()[0].shape)
-        self.output_shape = _static(self.session.get_outputs()[0].shape)
+        outputs = self.session.get_outputs()
+        self.output_names = [o.name for o in outputs]
+        self.output_shape = _joined([_static(o.shape) for o in outputs])
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: batch})[0]
+        return join_outputs(self.session.run(None, {self.input_name: batch}))
 
 
 class OpenVinoEngine:
@@ -86,7 +88,9 @@ class OpenVinoEngine:
         keys = model.get_rt_info()["framework"] if model.has_rt_info(["framework"]) else {}
         self.metadata = {key: model.get_rt_info(["framework", key]).astype(str) for key in keys}
         self.input_shape = _static(model.inputs[0].get_partial_shape())
-        self.output_shape = _static(model.outputs[0].get_partial_shape())
+        # a QAT IR's output tensor can have no name: "" then (only the count matters for one output)
+        self.output_names = [o.get_any_name() if o.get_names() else "" for o in model.outputs]
+        self.output_shape = _joined([_static(o.get_partial_shape()) for o in model.outputs])
         self.compiled = core.compile_model(model, "CPU", config)
         self._local = threading.local()  # an infer request serves one call at a time: one per thread
 
@@ -94,7 +98,21 @@ class OpenVinoEngine:
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self.compiled.create_infer_request()
-        return request.infer({0: batch})[0].copy()
+        results = request.infer({0: batch})
+        return join_outputs([results[i].copy() for i in range(len(self.output_names))])
+
+
+def join_outputs(outputs: list[np.ndarray]) -> np.ndarray:
+    """A multi-task model's outputs (one (N, classes) per task) side by side; one output as it is."""
+    return outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=1)
+
+
+def _joined(shapes: list[tuple[int | None, ...]]) -> tuple[int | None, ...]:
+    """The shape `join_outputs` gives: the outputs' class counts summed."""
+    if len(shapes) == 1:
+        return shapes[0]
+    classes = [s[-1] for s in shapes]
+    return (*shapes[0][:-1], None if None in classes else sum(classes))
 
 
 def _static(shape) -> tuple[int | None, ...]:

@@ -20,8 +20,9 @@ from edgetl.runtime.engines import RUNTIMES
 from edgetl.runtime.preprocess import Decode, Interpolation
 
 MANIFEST = "edgetl.json"
-SUPPORTED_SCHEMA = 2  # 2: adds `task` (a multi-label bundle); single-label bundles are still written as 1
+SUPPORTED_SCHEMA = 3  # 2: adds `task` (a multi-label bundle), 3: `tasks` (several); single-label ones are still 1
 MULTILABEL_SCHEMA = 2
+MULTITASK_SCHEMA = 3
 MAX_MANIFEST_BYTES = 1 << 20  # a real one is ~5 KB; the bound keeps a hostile one from filling memory
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _ABSENT = object()
@@ -135,6 +136,28 @@ def _task(value: Any, manifest: dict) -> bool:
     return _numbers(thresholds, len(manifest["labels"])) and all(0 <= t <= 1 for t in thresholds)
 
 
+def _tasks(value: Any, manifest: dict) -> bool:
+    """A multi-task bundle's tasks: distinct names, each a kind, its labels (the manifest's `labels` are every task's
+    `name:label` in order) and its thresholds (one in [0, 1] per label of a multilabel task, none otherwise)."""
+    if not isinstance(value, list) or len(value) < 2:
+        return False
+    if not all(isinstance(t, dict) and isinstance(t.get("labels"), list) for t in value):
+        return False
+    names = [t.get("name") for t in value]
+    if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        return False
+    joined = [f"{t['name']}:{label}" for t in value for label in t["labels"]]
+    if joined != manifest["labels"]:
+        return False
+    for task in value:
+        thresholds, count = task.get("thresholds"), len(task["labels"]) if task.get("kind") == "multilabel" else 0
+        if task.get("kind") not in ("single", "multilabel") or not _numbers(thresholds, count):
+            return False
+        if not all(0 <= t <= 1 for t in thresholds):
+            return False
+    return True
+
+
 _Check = Callable[[Any, dict], bool]
 # (field, rule, required, check): in order, each parent before its fields. `edgetl info`,
 # `Predictor` and the server read these fields; the rest of the manifest is informative.
@@ -166,6 +189,14 @@ _SCHEMA: tuple[tuple[str, str, bool, _Check], ...] = (
         'a mapping with kind "multilabel" and `thresholds`, one number in [0, 1] per label (absent: single-label)',
         False,
         _task,
+    ),
+    (
+        "tasks",
+        "a list of 2 or more mappings with distinct `name`s, each with kind single|multilabel, its `labels` (the "
+        "manifest's `labels` are every task's name:label in order) and `thresholds` (multilabel: one in [0, 1] per "
+        "label; single: [])",
+        False,
+        _tasks,
     ),
     ("preprocessing", "a mapping", True, lambda v, m: isinstance(v, dict)),
     ("preprocessing.input_size", "an integer ≥ 1", True, lambda v, m: _integer(v, 1)),

@@ -82,6 +82,7 @@ class VariantMetrics:
     # label sets: map, micro_f1, macro_f1, exact_match, per_label_ap, thresholds, max_abs_prob_delta
     # (`accuracy` is then the test mAP, `agreement` the share of images with the baseline's label set)
     multilabel: dict[str, Any] | None = None
+    tasks: dict[str, Any] | None = None  # a multi-task build's: each task's own row fields, by task name
 
     def to_dict(self) -> dict[str, Any]:
         """The row as report.json holds it; fields that are None are left out."""

@@ -32,6 +32,7 @@ from edgetl.runtime.preprocess import (
     preprocess_uint8,
 )
 from edgetl.runtime.readout import Readout
+from edgetl.runtime.taskset import TaskSetReadout
 
 Crop = np.ndarray  # uint8 (S, S, 3)
 # A lone prediction resizes on two threads when there are two cores: 0.8 against 1.2 ms at
@@ -76,6 +77,17 @@ class LabelSetPrediction:
             "labels": [{"label": label, "score": round(self.scores[label], 6)} for label in self.labels],
             "scores": {label: round(p, 6) for label, p in self.scores.items()},
         }
+
+
+@dataclass(frozen=True)
+class TasksPrediction:
+    """A multi-task bundle's answer: each task's own (`Prediction` or `LabelSetPrediction`), by task name."""
+
+    tasks: dict[str, Prediction | LabelSetPrediction]
+
+    def to_dict(self) -> dict:
+        """`{"tasks": {name: that task's usual result, …}}`."""
+        return {"tasks": {name: p.to_dict() for name, p in self.tasks.items()}}
 
 
 class Predictor:
@@ -144,9 +156,11 @@ class Predictor:
         return self.bundle.labels
 
     @property
-    def readout(self) -> Readout:
-        """How the model's logits become answers: top-k softmax, or a multi-label bundle's thresholded sigmoids."""
-        return Readout.from_manifest(self.bundle.manifest)
+    def readout(self) -> Readout | TaskSetReadout:
+        """How the model's logits become answers: top-k softmax, a multi-label bundle's thresholded sigmoids, or each
+        task's of a multi-task bundle."""
+        tasks = self.bundle.manifest.get("tasks")
+        return TaskSetReadout.from_manifest(tasks) if tasks else Readout.from_manifest(self.bundle.manifest)
 
     def predict(self, image: ImageSource, top_k: int = 5) -> Prediction:
         """One image (path, bytes, PIL image or uint8 array) → its top-k labels."""
@@ -211,7 +225,7 @@ class Predictor:
 
     def predictions(self, logits: np.ndarray, top_k: int = 5) -> list[Prediction] | list[LabelSetPrediction]:
         """(N, classes) logits → N top-k predictions with softmax scores; for a multi-label bundle, N label sets
-        (`top_k` does not apply: every label above its threshold).
+        (`top_k` does not apply: every label above its threshold); for a multi-task bundle, N `TasksPrediction`s.
 
         Raises InferenceError when the logits are not (N, labels) or hold NaN or inf: such a
         model cannot predict, and a score must never be NaN.
@@ -228,23 +242,28 @@ class Predictor:
                 f"of {self._model_name()}: the model cannot predict. Rebuild it (check the training for a diverging "
                 "loss)."
             )
-        readout = self.readout
-        if readout.multilabel:
-            return [_label_set(self.labels, p, chosen) for p, chosen in
-                    zip(readout.probabilities(logits), readout.decide(logits))]  # fmt: skip
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        probabilities = np.exp(shifted)
-        probabilities /= probabilities.sum(axis=1, keepdims=True)
-        k = max(1, min(top_k, probabilities.shape[1]))
-        order = np.argsort(-probabilities, axis=1)[:, :k]
-        return [
-            Prediction([self.labels[i] for i in row], [float(p[i]) for i in row])
-            for p, row in zip(probabilities, order)
-        ]
+        return _answers(self.readout, self.labels, logits, top_k)
 
     def _model_name(self) -> str:
         """The model file as messages name it (looked up only for one: it stats the bundle's path)."""
         return self.bundle.where(self.bundle.manifest["model"])
+
+
+def _answers(readout: Readout | TaskSetReadout, labels: tuple[str, ...], logits: np.ndarray, top_k: int) -> list:
+    """(N, classes) finite logits → N answers: top-k softmax, label sets, or (several tasks) each task's."""
+    if readout.kind == "tasks":
+        per_task = {t.name: _answers(t.readout, t.classes, part, top_k) for t, part in
+                    zip(readout.tasks, readout.split(logits).values())}  # fmt: skip
+        return [TasksPrediction({name: answers[i] for name, answers in per_task.items()}) for i in range(len(logits))]
+    if readout.multilabel:
+        return [_label_set(labels, p, chosen) for p, chosen in
+                zip(readout.probabilities(logits), readout.decide(logits))]  # fmt: skip
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    probabilities = np.exp(shifted)
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    k = max(1, min(top_k, probabilities.shape[1]))
+    order = np.argsort(-probabilities, axis=1)[:, :k]
+    return [Prediction([labels[i] for i in row], [float(p[i]) for i in row]) for p, row in zip(probabilities, order)]
 
 
 def _label_set(labels: tuple[str, ...], probabilities: np.ndarray, chosen: np.ndarray) -> LabelSetPrediction:

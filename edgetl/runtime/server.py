@@ -128,6 +128,7 @@ def _metadata(predictor: Predictor) -> dict:
         "name": manifest.get("name"),
         "labels": list(predictor.labels),
         **({"task": manifest["task"]} if "task" in manifest else {}),  # multi-label: kind and thresholds
+        **({"tasks": manifest["tasks"]} if "tasks" in manifest else {}),  # multi-task: each task's labels, kind
         "preprocessing": predictor.bundle.preprocessing.to_dict(),
         "runtime": predictor.engine.runtime,  # what serves, which `--runtime` may have changed
         "precision": manifest.get("precision"),

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgetl import label_metrics
+from edgetl import label_metrics, multitask
 from edgetl.notes import Note
 
 # Below this many val images one image moves val accuracy by over 2 points, more than late
@@ -46,9 +46,12 @@ class BestEpoch:
         return cls(data["epoch"], data["accuracy"], data.get("loss", math.inf), data["state"], data.get("val_logits"))
 
 
-def val_loss(logits: np.ndarray, labels: np.ndarray) -> float:
+def val_loss(logits: np.ndarray, labels: np.ndarray, tasks: tuple = ()) -> float:
     """The loss that breaks ties of val accuracy (or mAP): plain cross-entropy (no smoothing, no class weights),
-    or binary cross-entropy for (N, C) label sets (no positive weights)."""
+    or binary cross-entropy for (N, C) label sets (no positive weights); a multi-task split's `tasks`: their
+    weighted sum (`edgetl.multitask.val_loss`)."""
+    if tasks:
+        return multitask.val_loss(logits, labels, tasks)
     if labels.ndim == 2:
         return label_metrics.bce(logits, labels)
     return float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels).long()))

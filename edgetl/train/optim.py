@@ -10,6 +10,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from edgetl.models import TransferModel
+from edgetl.multitask import TaskSetLoss
 from edgetl.recipe import TrainConfig
 
 
@@ -39,9 +40,12 @@ def warmup_cosine(warmup_steps: float, total_steps: int):
     return factor
 
 
-def criterion(config: TrainConfig, labels: torch.Tensor, num_classes: int) -> nn.Module:
+def criterion(config: TrainConfig, labels: torch.Tensor, num_classes: int, tasks: tuple = ()) -> nn.Module:
     """The label loss: cross-entropy with `train.label_smoothing`, class-weighted for `weighted_loss`; for (N, C)
-    label sets, binary cross-entropy per label (`LabelSetLoss`)."""
+    label sets, binary cross-entropy per label (`LabelSetLoss`); for a multi-task split's `tasks`, Σ weight × each
+    task's loss (`edgetl.multitask.TaskSetLoss`)."""
+    if tasks:
+        return TaskSetLoss(tasks)
     if labels.dim() == 2:
         return LabelSetLoss(pos_weight=positive_weights(labels) if config.pos_weight == "balanced" else None)
     weight = class_weights(labels, num_classes) if config.class_balance == "weighted_loss" else None

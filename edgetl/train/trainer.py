@@ -146,7 +146,8 @@ class Trainer:
         self.batch_size = math.ceil(self.config.batch_size / dist.world_size)
         steps_per_epoch = math.ceil(len(shard(torch.arange(len(self.train_labels)), dist)) / self.batch_size)
         self.schedule = schedule(self.optimizer, self.config, steps_per_epoch)
-        self.criterion = criterion(self.config, self.train_labels, self.num_classes).to(device)
+        self.tasks = job.dataset.train.tasks  # a multi-task build's: their summed loss and mean primary metric
+        self.criterion = criterion(self.config, self.train_labels, self.num_classes, self.tasks).to(device)
         self.label_weight = math.prod(term.label_weight for term in self.terms)
         self.augmenter = augmenter(job.augment, job.pre.input_size) if not self.inputs.cached else None
         self.history: list[dict] = []
@@ -259,7 +260,7 @@ class Trainer:
         """The val split's logits (all of them on every rank), accuracy (mAP for label sets) and loss."""
         logits = self._logits(self.inputs.val)
         labels = self.job.dataset.val.labels
-        return logits, accuracy(logits, labels), val_loss(logits, labels)
+        return logits, accuracy(logits, labels, self.tasks), val_loss(logits, labels, self.tasks)
 
     def finish(self) -> TrainResult:
         """The best epoch's model (eval mode, contiguous weights, on the CPU in fp32: export, quantization and
@@ -276,7 +277,7 @@ class Trainer:
             self.model.to("cpu", memory_format=torch.contiguous_format)
             dataset, pre = self.job.dataset, self.job.pre
             val_logits, test_logits = (self._cpu_logits(split.images, pre) for split in (dataset.val, dataset.test))
-        test_accuracy = accuracy(test_logits, self.job.dataset.test.labels)
+        test_accuracy = accuracy(test_logits, self.job.dataset.test.labels, self.tasks)
         return TrainResult(
             self.model,
             self.history,
