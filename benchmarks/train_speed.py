@@ -5,8 +5,9 @@ Usage: python benchmarks/train_speed.py [--data DIR] [--size 224] [--epochs 10] 
 
 With `--compare DIR` (another checkout, e.g. `git worktree add ../wt-base 45ca79b`), each
 strategy runs in a fresh process with this checkout's code and with DIR's, interleaved (the
-order alternates between strategies), each into an empty disk cache, and the results hold
-both images/s and their ratio: a regression check measured side by side in one run.
+order alternates between strategies; `--swap` flips it, for a second run), each into an empty
+disk cache, and the results hold both images/s and their ratio: a regression check measured
+side by side in one run.
 
 Data: ../shared/datasets/cifar10-dev (train → val) when present, digits otherwise.
 The baseline is the loop of PyTorch's transfer-learning tutorial ("ConvNet as fixed
@@ -182,6 +183,7 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=["linear_probe", "partial"], choices=list(STRATEGIES))
     parser.add_argument("--workers", type=int, default=None, help="data.workers (default: the recipe default)")
     parser.add_argument("--compare", type=Path, default=None, help="another checkout to measure side by side")
+    parser.add_argument("--swap", action="store_true", help="with --compare: the other code goes first each time")
     parser.add_argument("--finetune-epochs", type=int, default=None, help="epochs of finetune (default --epochs)")
     parser.add_argument("--out", default="train_speed.json", help="file name under benchmarks/results/")
     args = parser.parse_args()
@@ -235,7 +237,7 @@ def compare(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as workdir:
         for i, name in enumerate(args.strategies):
             epochs = args.finetune_epochs if name == "finetune" and args.finetune_epochs else args.epochs
-            order = [("base", args.compare), ("new", here)][:: 1 if i % 2 == 0 else -1]
+            order = [("base", args.compare), ("new", here)][:: 1 if (i + args.swap) % 2 == 0 else -1]
             pair = {
                 label: compared_run(name, data, args.size, epochs, Path(workdir), code, label) for label, code in order
             }

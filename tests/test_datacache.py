@@ -88,6 +88,25 @@ def test_a_damaged_shard_is_refused_with_a_line_naming_it_and_rebuilt(
     assert data.run(config(image_folder, cache), PRE, seed=0).decoded == 0  # and intact from then on
 
 
+def test_a_new_entry_is_not_read_back_and_a_shard_touched_later_is_read_in_full(tmp_path: Path, monkeypatch) -> None:
+    rows, crcs = np.arange(40, dtype=np.float32).reshape(10, 4), []
+
+    def build(staging: Path):
+        writer = datacache.ShardWriter(staging, "rows", (4,), np.float32)
+        writer.append(rows)
+        real = datacache.zlib.crc32
+        monkeypatch.setattr(datacache.zlib, "crc32", lambda *args: crcs.append(1) or real(*args))  # reads from here
+        return {"count": 10}, [writer]
+
+    entry = datacache.load_or_build(tmp_path / "entry", build)
+    assert not entry.reused and np.array_equal(np.asarray(entry.arrays["rows"]), rows)
+    assert crcs == []  # its CRC-32 came from the bytes as written: nothing read back
+    assert datacache.load_or_build(tmp_path / "entry", build).reused and crcs == []
+    os.utime(entry.arrays["rows"].files[0])  # a touch changes the ctime: the next load reads the shard again
+    again = datacache.load_or_build(tmp_path / "entry", build)
+    assert again.reused and crcs and np.array_equal(np.asarray(again.arrays["rows"]), rows)
+
+
 def test_a_failed_decode_leaves_no_entry_that_looks_complete(image_folder: Path, tmp_path: Path) -> None:
     (image_folder / "china" / "broken.jpg").write_bytes(b"not an image")
     cache = tmp_path / "cache"

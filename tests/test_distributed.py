@@ -27,7 +27,7 @@ from edgetl.infer import model_logits
 from edgetl.recipe import load_recipe
 from edgetl.train import TrainedModel
 from edgetl.train.device import Placement, resolve_device, resolve_precision
-from edgetl.train.distributed import Dist, from_env, peer_errors, shard, timeout_seconds
+from edgetl.train.distributed import Dist, from_env, peer_errors, rank_draw, shard, timeout_seconds
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -48,6 +48,17 @@ def test_the_ranks_batches_make_the_one_process_global_batch() -> None:
     for k in range(48 // (per_rank * world)):
         together = torch.cat([s[k * per_rank : (k + 1) * per_rank] for s in shards])
         assert sorted(together.tolist()) == sorted(order[k * 8 : (k + 1) * 8].tolist())
+
+
+def test_the_ranks_draw_different_target_picks_and_advance_the_generator_as_one_process_does() -> None:
+    one = torch.Generator().manual_seed(7)
+    whole = rank_draw(1000, 16, one, Dist())  # one process, global batch 16
+    gens = [torch.Generator().manual_seed(7) for _ in range(2)]
+    parts = [rank_draw(1000, 8, gens[rank], Dist(rank, 2)) for rank in range(2)]  # two ranks, 8 each
+    assert torch.stack(parts, 1).flatten().tolist() == whole.tolist()  # together: the one-process picks
+    assert parts[0].tolist() != parts[1].tolist()
+    for gen in gens:  # the next epoch order is the one-process one on every rank
+        assert torch.equal(gen.get_state(), one.get_state())
 
 
 def test_torchruns_environment_names_the_rank_and_a_plain_process_is_rank_0_of_1() -> None:

@@ -214,6 +214,18 @@ def shard(order: torch.Tensor, dist: Dist) -> torch.Tensor:
     return padded[dist.rank :: dist.world_size]
 
 
+def rank_draw(high: int, count: int, generator: torch.Generator, dist: Dist) -> torch.Tensor:
+    """This rank's `count` random integers in [0, high) (DANN's target-image picks), drawn from `generator`, the
+    same stream on every rank: all ranks draw the global batch's `count × world_size` and each keeps its share,
+    so the ranks pick different rows and the generator (which also orders the epochs) advances as it does in
+    one process with the global batch.
+
+    >>> rank_draw(10, 2, torch.Generator().manual_seed(0), Dist(1, 2)).shape
+    torch.Size([2])
+    """
+    return shard(torch.randint(high, (count * dist.world_size,), generator=generator), dist)
+
+
 def gather_rows(compute: Callable[[object], torch.Tensor], items, dist: Dist) -> torch.Tensor:
     """`compute(items)` with the work split: each rank computes a contiguous share of `items` and every rank
     gets all rows, in order (CPU tensor). Under one process, just `compute(items)`.

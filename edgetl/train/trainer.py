@@ -317,7 +317,7 @@ class Trainer:
         terms' label weights, plus each term's loss."""
         x = stacked = self.place.put(x)
         if self.target is not None:  # one pass over both domains: BatchNorm sees (and keeps) the statistics of both
-            pick = torch.randint(len(self.target), (len(index),), generator=self.generator)
+            pick = distributed.rank_draw(len(self.target), len(index), self.generator, self.dist)
             target = self.inputs.model_input(self.target[pick.numpy()], self.augmenter)
             stacked = torch.cat([x, self.place.put(target)])
         features, logits = self.step(stacked, len(index))
