@@ -69,16 +69,16 @@ def read(manifest: Path, multilabel: bool = False, allow_empty: bool = False) ->
     try:
         with open(manifest, encoding="utf-8-sig", newline="") as handle:
             if suffix == ".csv":
-                records = list(_csv_records(handle, manifest, ("path", "labels" if multilabel else "label")))
+                records = list(csv_records(handle, manifest, ("path", "labels" if multilabel else "label")))
             else:
-                records = list(_jsonl_records(handle, manifest))
+                records = list(jsonl_records(handle, manifest))
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"Cannot read `data.manifest` {manifest}: {exc}. Save it as UTF-8 text.") from None
-    rows = [_row(manifest, line, record, multilabel, allow_empty) for line, record in records]
+    rows = [parse_row(manifest, line, record, multilabel, allow_empty) for line, record in records]
     if not rows:
         raise DataError(f"`data.manifest` {manifest} has no rows. Add one row per image: path, label[, split].")
-    _require_consistent_splits(manifest, rows)
-    _require_unique_paths(manifest, rows)
+    require_consistent_splits(manifest, rows)
+    require_unique_paths(manifest, rows)
     return rows
 
 
@@ -142,7 +142,7 @@ def _multilabel_listing(manifest: Path, split_rows: dict[str, list[Row]], named_
     return classes, listed, named_splits
 
 
-def _csv_records(handle, manifest: Path, required: tuple[str, str]) -> Iterator[tuple[int, dict]]:
+def csv_records(handle, manifest: Path, required: tuple[str, str]) -> Iterator[tuple[int, dict]]:
     """The CSV's records; a multi-label one (`required` path, labels) without a `labels` column has one 0/1 column
     per label, gathered into `labels` here."""
     reader = csv.DictReader(handle)
@@ -183,7 +183,7 @@ def _from_columns(manifest: Path, line: int, record: dict, columns: list[str]) -
     return [column for column in columns if record[column].strip() == "1"]
 
 
-def _jsonl_records(handle, manifest: Path) -> Iterator[tuple[int, dict]]:
+def jsonl_records(handle, manifest: Path) -> Iterator[tuple[int, dict]]:
     for line, text in enumerate(handle, start=1):
         if not text.strip():
             continue
@@ -198,7 +198,7 @@ def _jsonl_records(handle, manifest: Path) -> Iterator[tuple[int, dict]]:
         yield line, record
 
 
-def _row(manifest: Path, line: int, record: dict, multilabel: bool = False, allow_empty: bool = False) -> Row:
+def parse_row(manifest: Path, line: int, record: dict, multilabel: bool = False, allow_empty: bool = False) -> Row:
     where = f"{manifest} line {line}"
     fields = {}
     for name in ("path", "split") if multilabel else ("path", "label", "split"):
@@ -211,7 +211,7 @@ def _row(manifest: Path, line: int, record: dict, multilabel: bool = False, allo
         fields[name] = text
     if not fields["path"]:
         raise DataError(f"{where} has no image path. Every row names one image file.")
-    labels = _label_set(where, fields["path"], record.get("labels"), allow_empty) if multilabel else ()
+    labels = label_set(where, fields["path"], record.get("labels"), allow_empty) if multilabel else ()
     if not multilabel and not fields["label"]:
         raise DataError(f"{where} ({fields['path']}) has an empty label. Give every image its class, or drop the row.")
     split = None
@@ -225,7 +225,7 @@ def _row(manifest: Path, line: int, record: dict, multilabel: bool = False, allo
     return Row(line, manifest.parent / fields["path"], fields.get("label", ""), split, labels, columns)
 
 
-def _label_set(where: str, path: str, value, allow_empty: bool) -> tuple[str, ...]:
+def label_set(where: str, path: str, value, allow_empty: bool) -> tuple[str, ...]:
     """A multi-label row's labels: a list of strings, or a string delimited by `DELIMITER`."""
     if isinstance(value, str):
         value = value.split(DELIMITER) if value.strip() else []
@@ -242,7 +242,7 @@ def _label_set(where: str, path: str, value, allow_empty: bool) -> tuple[str, ..
     return labels
 
 
-def _require_consistent_splits(manifest: Path, rows: list[Row]) -> None:
+def require_consistent_splits(manifest: Path, rows: list[Row]) -> None:
     if any(row.split is not None for row in rows):
         empty = next((row for row in rows if not row.split), None)
         if empty is not None:
@@ -252,7 +252,7 @@ def _require_consistent_splits(manifest: Path, rows: list[Row]) -> None:
             )
 
 
-def _require_unique_paths(manifest: Path, rows: list[Row]) -> None:
+def require_unique_paths(manifest: Path, rows: list[Row]) -> None:
     first: dict[Path, Row] = {}
     for row in rows:
         key = Path(os.path.normpath(row.path))  # a/./b, a/../a/b and a/b are one file

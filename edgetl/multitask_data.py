@@ -66,20 +66,20 @@ def _read(manifest: Path, specs: list) -> list[tuple[Row, dict]]:
     try:
         with open(manifest, encoding="utf-8-sig", newline="") as handle:
             if manifest.suffix.lower() == ".csv":
-                records = list(manifests._csv_records(handle, manifest, ("path", *columns)))
+                records = list(manifests.csv_records(handle, manifest, ("path", *columns)))
             else:
-                records = list(manifests._jsonl_records(handle, manifest))
+                records = list(manifests.jsonl_records(handle, manifest))
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"Cannot read `data.manifest` {manifest}: {exc}. Save it as UTF-8 text.") from None
     out = []
     for line, record in records:
-        row = manifests._row(manifest, line, {**record, "label": "-"})  # path and split; the tasks' labels below
+        row = manifests.parse_row(manifest, line, {**record, "label": "-"})  # path and split; the tasks' labels below
         values = {}
         for spec in specs:
             value = record.get(spec.column)
             where = f"{manifest} line {line}"
             if spec.kind == "multilabel":
-                values[spec.column] = manifests._label_set(where, str(row.path), value, allow_empty=False)
+                values[spec.column] = manifests.label_set(where, str(row.path), value, allow_empty=False)
             elif not isinstance(value, (str, int)) or not str(value).strip():
                 raise DataError(
                     f"{where} ({row.path}) has no label in column `{spec.column}` (task {spec.name}). Give every "
@@ -91,8 +91,8 @@ def _read(manifest: Path, specs: list) -> list[tuple[Row, dict]]:
     if not out:
         raise DataError(f"`data.manifest` {manifest} has no rows. Add one row per image: path,{','.join(columns)}.")
     rows = [row for row, _ in out]
-    manifests._require_consistent_splits(manifest, rows)
-    manifests._require_unique_paths(manifest, rows)
+    manifests.require_consistent_splits(manifest, rows)
+    manifests.require_unique_paths(manifest, rows)
     return out
 
 
