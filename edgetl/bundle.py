@@ -76,7 +76,7 @@ def run(
             **_task(variant, labels),
             "preprocessing": pre.to_dict(),
             "input": {"name": INPUT_NAME, "shape": ["batch", 3, pre.input_size, pre.input_size], "dtype": "float32"},
-            "metrics": replace(variant, confusion_matrix=None, file=None).to_dict(),  # None fields are left out
+            "metrics": _metrics(variant),
             "recipe": recipe,
             "versions": {"edgetl": __version__, **versions},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -108,6 +108,15 @@ def _one_task(name: str, row: dict, labels: tuple[str, ...]) -> dict:
     own = [label.removeprefix(f"{name}:") for label in labels if label.startswith(f"{name}:")]
     thresholds = row["multilabel"]["thresholds"] if row["kind"] == "multilabel" else []
     return {"name": name, "kind": row["kind"], "labels": own, "thresholds": thresholds}
+
+
+def _metrics(variant: VariantMetrics) -> dict:
+    """The variant's metrics without its file and confusion matrices (each task's too): they do not serve the
+    device, and a matrix grows with the square of the classes (the manifest is bounded)."""
+    tasks = variant.tasks and {
+        name: {k: v for k, v in row.items() if k != "confusion_matrix"} for name, row in variant.tasks.items()
+    }
+    return replace(variant, confusion_matrix=None, file=None, tasks=tasks).to_dict()  # None fields are left out
 
 
 def _readme(manifest: dict, metrics: VariantMetrics) -> str:

@@ -82,7 +82,7 @@ def scores(logits: np.ndarray, truth: np.ndarray, thresholds: tuple[float, ...])
         "macro_f1": float(per_label_f1.mean()),
         "exact_match": float((predicted == actual).all(axis=1).mean()) if len(truth) else 0.0,
         "per_label_ap": [None if np.isnan(a) else round(a, 6) for a in ap],
-        "thresholds": [round(float(t), 6) for t in thresholds],
+        "thresholds": [float(t) for t in thresholds],  # unrounded: the bundle carries these to the device
     }
 
 

@@ -149,6 +149,12 @@ def csv_records(handle, manifest: Path, required: tuple[str, str]) -> Iterator[t
     try:
         columns = reader.fieldnames or []
         label_columns = [c for c in columns if c not in ("path", "split")] if required[1] == "labels" else []
+        if label_columns == ["label"] and "labels" not in columns:
+            raise DataError(
+                f"`data.manifest` {manifest} has a single-label `label` column, but the recipe says `task: "
+                "multilabel`. Name the column `labels` and list each image's labels separated by | (cat|dog), or "
+                "give one 0/1 column per label; or drop `task: multilabel` for one label per image."
+            )
         if label_columns and "labels" not in columns:
             required = ("path",)
         missing = [name for name in required if name not in columns]

@@ -55,7 +55,8 @@ def transfer(ctx: BuildContext) -> Transferred:
     recipe = ctx.recipe
     train_key = key(
         __version__,
-        recipe.model_dump(mode="json", include={"seed", "model", "train"}),
+        # the task's kind and the tasks' loss weights shape the model as much as the train section does
+        recipe.model_dump(mode="json", include={"seed", "model", "train", "task", "tasks"}),
         recipe.data.augment,
         ctx.dataset.content_hash,
     )

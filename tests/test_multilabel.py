@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from edgetl import data, label_metrics, manifests
-from edgetl.errors import DataError, RecipeError
+from edgetl.errors import BundleError, DataError, RecipeError
 from edgetl.label_sets import digit_mosaics
 from edgetl.quantize.control import fidelity
 from edgetl.recipe import DataConfig, recipe_from_mapping
@@ -74,6 +74,7 @@ def test_the_three_manifest_formats_list_the_same_label_sets_and_decode_to_uint8
         ("path,labels", "china/001.jpg,", ["line 2", "empty label set", "allow_empty_labels"]),
         ("path,labels", "china/001.jpg,china||flower", ["line 2", "empty or overlong label"]),
         ("path,labels,split", "china/001.jpg,china|moon,val", ["line 3", "'moon'", "no train row has"]),
+        ("path,label", "china/001.jpg,china", ["single-label `label` column", "task: multilabel"]),
     ],
 )
 def test_each_bad_multilabel_row_is_a_data_error_naming_it(tmp_path: Path, header: str, row: str, names) -> None:
@@ -192,6 +193,17 @@ def multilabel_tiny_bundle(folder: Path) -> Path:
         manifest.pop(name)
     manifest |= {"schema_version": 2, "task": {"kind": "multilabel", "thresholds": [0.5, 0.5, 0.5]}}
     return write_manifest(folder, manifest)
+
+
+def test_a_label_set_readout_under_schema_version_1_is_refused(tmp_path: Path) -> None:
+    """A runtime from before label sets would read a version-1 manifest as single-label softmax."""
+    bundle = multilabel_tiny_bundle(tmp_path / "bundle")
+    manifest = json.loads((bundle / "edgetl.json").read_text())
+    for name in ("files", "sizes"):
+        manifest.pop(name)
+    write_manifest(bundle, manifest | {"schema_version": 1})
+    with pytest.raises(BundleError, match="`task`"):
+        Predictor.load(bundle)
 
 
 def test_a_multilabel_bundle_predicts_label_sets_torch_free(tmp_path: Path) -> None:

@@ -235,12 +235,15 @@ def test_a_multilabel_task_is_scored_with_its_thresholds_and_they_travel_in_the_
     assert tasks[0] == {"name": "colour", "kind": "single", "labels": ["blue", "red"], "thresholds": []}
     assert tasks[1]["labels"] == ["a", "b", "c"] and tasks[1]["thresholds"] == row["tasks"]["tags"]["multilabel"][
         "thresholds"]  # fmt: skip
-    manifest = {"labels": list(names), "tasks": tasks}
+    manifest = {"schema_version": 3, "labels": list(names), "tasks": tasks}
     from edgetl.runtime import manifest as schema
 
     assert schema._tasks(tasks, manifest)
     assert not schema._tasks([tasks[1], tasks[0]], manifest)  # not in the labels' order
     assert not schema._tasks([tasks[0], {**tasks[1], "thresholds": [0.5]}], manifest)
+    assert not schema._tasks([tasks[0], {**tasks[1], "labels": ["a", {"b": 1}, "c"]}], manifest)  # not all strings
+    assert not schema._tasks(tasks, {**manifest, "schema_version": 2})  # an older runtime reads it as one task
+    assert not schema._tasks(tasks, {**manifest, "task": {"kind": "multilabel"}})  # one or the other
     with pytest.raises(BundleError, match="`tasks`"):
         check_schema({"schema_version": 3, "name": "x", "files": {"m.onnx": "a" * 64}, "model": "m.onnx",
                       "runtime": "onnxruntime", "labels": list(names), "tasks": [tasks[0]]}, "edgetl.json")  # fmt: skip

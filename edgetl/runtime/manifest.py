@@ -106,6 +106,10 @@ def _numbers(value: Any, count: int) -> bool:
     return isinstance(value, list) and len(value) == count and all(_number(v) for v in value)
 
 
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(s, str) and s for s in value)
+
+
 def _hex64(value: Any) -> bool:
     return isinstance(value, str) and _HEX64.fullmatch(value) is not None
 
@@ -132,6 +136,8 @@ def _task(value: Any, manifest: dict) -> bool:
     """A multi-label bundle's readout: kind multilabel and one threshold in [0, 1] per label."""
     if not isinstance(value, dict) or value.get("kind") != "multilabel":
         return False
+    if manifest["schema_version"] < 2 or "tasks" in manifest:  # an older runtime would read it as single-label
+        return False
     thresholds = value.get("thresholds")
     return _numbers(thresholds, len(manifest["labels"])) and all(0 <= t <= 1 for t in thresholds)
 
@@ -139,9 +145,9 @@ def _task(value: Any, manifest: dict) -> bool:
 def _tasks(value: Any, manifest: dict) -> bool:
     """A multi-task bundle's tasks: distinct names, each a kind, its labels (the manifest's `labels` are every task's
     `name:label` in order) and its thresholds (one in [0, 1] per label of a multilabel task, none otherwise)."""
-    if not isinstance(value, list) or len(value) < 2:
+    if not isinstance(value, list) or len(value) < 2 or manifest["schema_version"] < 3 or "task" in manifest:
         return False
-    if not all(isinstance(t, dict) and isinstance(t.get("labels"), list) for t in value):
+    if not all(isinstance(t, dict) and _strings(t.get("labels")) for t in value):
         return False
     names = [t.get("name") for t in value]
     if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
@@ -186,7 +192,8 @@ _SCHEMA: tuple[tuple[str, str, bool, _Check], ...] = (
     ),
     (
         "task",
-        'a mapping with kind "multilabel" and `thresholds`, one number in [0, 1] per label (absent: single-label)',
+        'a mapping with kind "multilabel" and `thresholds`, one number in [0, 1] per label, with schema_version 2 or '
+        "more and no `tasks` (absent: single-label)",
         False,
         _task,
     ),
@@ -194,7 +201,7 @@ _SCHEMA: tuple[tuple[str, str, bool, _Check], ...] = (
         "tasks",
         "a list of 2 or more mappings with distinct `name`s, each with kind single|multilabel, its `labels` (the "
         "manifest's `labels` are every task's name:label in order) and `thresholds` (multilabel: one in [0, 1] per "
-        "label; single: [])",
+        "label; single: []), with schema_version 3 or more and no `task`",
         False,
         _tasks,
     ),

@@ -64,7 +64,8 @@ class Readout:
 
     def to_dict(self) -> dict:
         """A bundle manifest's `task`."""
-        return {"kind": self.kind, "thresholds": [round(float(t), 6) for t in self.thresholds]}
+        # unrounded: the device decides exactly as validation did
+        return {"kind": self.kind, "thresholds": [float(t) for t in self.thresholds]}
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> Readout:

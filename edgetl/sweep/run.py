@@ -77,6 +77,7 @@ def _start_ray(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
+    address = address or os.environ.get("RAY_ADDRESS") or None  # Ray's own convention: `ray job submit` sets it
     if address:
         _require_listening(address)
     try:
@@ -102,6 +103,7 @@ def _start_ray(address: str | None) -> bool:
 def _require_listening(address: str) -> None:
     """Fail in seconds, not after Ray's minutes of retries, when nothing listens at a HOST:PORT address."""
     host, _, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")  # [::1]:6379
     if "://" in address or not port.isdigit():  # ray://, "auto": Ray resolves those itself
         return
     try:
