@@ -18,14 +18,13 @@ from torch import nn
 
 from edgetl import label_metrics
 from edgetl import tasks as tasks_module
-from edgetl.runtime.taskset import TaskReadout, TaskSetReadout
+from edgetl.runtime.taskset import TaskReadout, TaskSetReadout, column_slices
 from edgetl.tasks import LabelTask
 
 
 def slices(tasks: tuple[LabelTask, ...]) -> list[slice]:
     """Each task's columns in the labels and logits."""
-    ends = np.cumsum([len(t.classes) for t in tasks])
-    return [slice(int(end) - len(t.classes), int(end)) for t, end in zip(tasks, ends)]
+    return column_slices(len(t.classes) for t in tasks)
 
 
 def readout_for(val_logits: np.ndarray | None, val_labels: np.ndarray, tasks: tuple[LabelTask, ...] = ()):

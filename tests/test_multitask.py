@@ -132,10 +132,8 @@ def test_an_image_agrees_only_when_every_task_answers_the_same() -> None:
     reference = np.array([[1.0, 0.0, 2.0, -2.0], [1.0, 0.0, 2.0, -2.0], [1.0, 0.0, 2.0, -2.0]])
     logits = np.array([[0.9, 0.1, 1.0, -1.0], [0.0, 1.0, 2.0, -2.0], [1.0, 0.0, 2.0, 0.5]])
     assert readout.agree(logits, reference).tolist() == [True, False, False]
-    assert readout.agreement_per_task(logits, reference) == {
-        "colour": pytest.approx(2 / 3),
-        "tags": pytest.approx(2 / 3),
-    }
+    per_task = [r.agree(a, b).tolist() for r, a, b in readout.per_task(logits, reference)]
+    assert per_task == [[True, False, True], [True, True, False]]  # each task alone agrees on 2 of 3
     assert readout.margin(reference).tolist() == [1.0, 1.0, 1.0]
     assert TaskSetReadout.from_manifest(readout.to_dict()) == readout
 

@@ -8,6 +8,7 @@ An image agrees only when every task's answer does. Torch-free.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,8 +39,7 @@ class TaskSetReadout:
 
     def slices(self) -> list[slice]:
         """Each task's columns in the concatenated logits."""
-        ends = np.cumsum([len(t.classes) for t in self.tasks])
-        return [slice(int(end) - len(t.classes), int(end)) for t, end in zip(self.tasks, ends)]
+        return column_slices(len(t.classes) for t in self.tasks)
 
     def split(self, logits: np.ndarray) -> dict[str, np.ndarray]:
         """(N, Σ classes) → {task name: (N, its classes)}."""
@@ -58,12 +58,6 @@ class TaskSetReadout:
         """(N,) bool: every task's answer is the same as `reference`'s."""
         return np.logical_and.reduce([r.agree(a, b) for r, a, b in self.per_task(logits, reference)])
 
-    def agreement_per_task(self, logits: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-        """Each task's share of images whose answer is `reference`'s."""
-        return {
-            t.name: float(r.agree(a, b).mean()) for t, (r, a, b) in zip(self.tasks, self.per_task(logits, reference))
-        }
-
     def delta(self, logits: np.ndarray, reference: np.ndarray) -> np.ndarray:
         """(N,) the largest task's Σ |probability − reference's probability|."""
         return np.max([r.delta(a, b) for r, a, b in self.per_task(logits, reference)], axis=0)
@@ -81,3 +75,9 @@ class TaskSetReadout:
         return cls(
             tuple(TaskReadout(t["name"], tuple(t["labels"]), Readout(t["kind"], tuple(t["thresholds"]))) for t in tasks)
         )
+
+
+def column_slices(sizes: Iterable[int]) -> list[slice]:
+    """Consecutive blocks of columns of these sizes: each task's columns in the side-by-side labels and logits."""
+    ends = np.cumsum(list(sizes), dtype=int)
+    return [slice(int(end - size), int(end)) for size, end in zip(np.diff(ends, prepend=0), ends)]
