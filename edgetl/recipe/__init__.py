@@ -96,7 +96,7 @@ class Recipe(Section):
 
     @model_serializer(mode="wrap")
     def _without_tasks(self, handler) -> dict[str, Any]:
-        """A recipe without `tasks` dumps as before they existed: report.json, metrics.json and bundles unchanged."""
+        """A recipe without `tasks` dumps without the key (a null list would only add noise to its reports)."""
         dumped = handler(self)
         if self.tasks is None:
             dumped.pop("tasks", None)
