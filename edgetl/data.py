@@ -300,8 +300,9 @@ def _load(
     count = entry.arrays["images"].count
     if entry.reused:
         log.info("data %s: reused %d decoded images from %s (decoded none)", split, count, folder)
-    sets = bool(meta["labels"]) and isinstance(meta["labels"][0], list)  # label sets: (N, C) 0/1
-    labels = np.asarray(meta["labels"], dtype=np.uint8 if sets else np.int64)
+    width = len(items[0][1]) if items and isinstance(items[0][1], tuple) else None  # label sets: (N, C) 0/1
+    labels = np.asarray(meta["labels"], dtype=np.int64 if width is None else np.uint8)
+    labels = labels if width is None else labels.reshape(-1, width)  # (0, C) when every image was skipped
     return Split(entry.arrays["images"], labels, tuple(meta["sources"]), folder.name, entry.arrays.get("frames")), (
         0 if entry.reused else len(items)
     )
@@ -376,7 +377,7 @@ def _source_digest(source) -> str:
 
 def _require_every_class(split: Split, classes: tuple[str, ...], name: str, origin: str) -> None:
     if split.labels.ndim == 2:  # label sets: train needs every label; val/test measure those they have
-        return label_sets.require_train_positives(split.labels, classes, origin) if name == "train" else None
+        return label_sets.require_usable(split.labels, classes, name, origin)
     counts = split.class_counts(len(classes))
     missing = [classes[i] for i, c in enumerate(counts) if c == 0]
     if missing:

@@ -66,8 +66,15 @@ def random_split(items: list, only: tuple[str, ...], fractions: dict[str, float]
     return out
 
 
-def require_train_positives(labels: np.ndarray, classes: tuple[str, ...], origin: str) -> None:
-    """Raises DataError naming the labels that no (readable) train image has: (N, C) `labels` of the train split."""
+def require_usable(labels: np.ndarray, classes: tuple[str, ...], split: str, origin: str) -> None:
+    """Raises DataError when the (N, C) `labels` of `split` have no (readable) image, or, for train, naming the
+    labels that no train image has; val and test measure the labels they have."""
+    if not len(labels) and split != "train":
+        raise DataError(
+            f"The {split} split of {origin} has no readable images. Add some, or fix the unreadable ones listed above."
+        )
+    if split != "train":
+        return
     missing = [classes[c] for c in np.flatnonzero(labels.sum(axis=0) == 0)] if len(labels) else list(classes)
     if missing:
         raise DataError(

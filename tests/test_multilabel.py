@@ -84,6 +84,14 @@ def test_each_bad_multilabel_row_is_a_data_error_naming_it(tmp_path: Path, heade
     assert all(name in str(error.value) for name in names), str(error.value)
 
 
+def test_a_split_whose_every_image_is_unreadable_is_a_data_error_naming_it(image_folder: Path) -> None:
+    (image_folder / "broken.png").write_bytes(b"not an image")
+    rows = [f"{r['path']},{'|'.join(r['labels'])},train" for r in label_rows(image_folder)]
+    manifest = write(image_folder / "labels.csv", ["path,labels,split", *rows, "broken.png,china,val"])
+    with pytest.raises(DataError, match=r"The val split of .*labels.csv has no readable images\. Add some"):
+        data.run(DataConfig(manifest=manifest), PRE, seed=0, multilabel=True)
+
+
 def test_the_cli_gives_one_paragraph_and_exit_code_2_for_a_bad_row_and_for_class_folders(tmp_path: Path) -> None:
     write(tmp_path / "labels.csv", ["path,cat,dog", "a.jpg,1,0", "b.jpg,yes,0"])
     cases = {
