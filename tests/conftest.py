@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -46,6 +48,12 @@ def write_folder(root: Path, count: int = 12, size: int = 48, seed: int = 0) -> 
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return write_folder(tmp_path / "images")
+
+
+def build_cli(recipe: Path, run: Path) -> subprocess.CompletedProcess:
+    """`edgetl build RECIPE -o RUN` in a fresh interpreter, as a user runs it; its exit code and output."""
+    args = [sys.executable, "-m", "edgetl", "build", str(recipe), "-o", str(run)]
+    return subprocess.run(args, capture_output=True, text=True)
 
 
 def write_recipe(path: Path, body: str) -> Path:

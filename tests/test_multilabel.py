@@ -21,7 +21,7 @@ from edgetl.recipe import DataConfig, recipe_from_mapping
 from edgetl.runtime.predictor import Predictor
 from edgetl.runtime.preprocess import Preprocessing
 from edgetl.runtime.readout import Readout
-from tests.conftest import write_recipe
+from tests.conftest import build_cli, write_recipe
 from tests.tiny_bundle import write_manifest, write_tiny_bundle
 
 PRE = Preprocessing(32, 36, "bilinear", (0.5,) * 3, (0.5,) * 3)
@@ -100,8 +100,7 @@ def test_the_cli_gives_one_paragraph_and_exit_code_2_for_a_bad_row_and_for_class
     }
     for data_section, named in cases.items():
         recipe = write_recipe(tmp_path / "r.yaml", f"name: x\ntask: multilabel\ndata: {{{data_section}}}\n")
-        done = subprocess.run([sys.executable, "-m", "edgetl", "build", str(recipe), "-o", str(tmp_path / "run")],
-                              capture_output=True, text=True)  # fmt: skip
+        done = build_cli(recipe, tmp_path / "run")
         assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("edgetl: error:"), done.stderr
         assert all(name in done.stderr for name in named) and "Traceback" not in done.stderr, done.stderr
 
@@ -283,8 +282,7 @@ def test_a_multilabel_build_on_digit_mosaics_reports_map_and_serves_label_sets(t
         """,
     )
     run = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "edgetl", "build", str(recipe), "-o", str(run)],
-                          capture_output=True, text=True)  # fmt: skip
+    done = build_cli(recipe, run)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((run / "report.json").read_text())
     rows = {v["name"]: v for v in report["variants"]}

@@ -20,7 +20,7 @@ from edgetl.recipe.multitask import TaskSpec
 from edgetl.runtime.readout import Readout
 from edgetl.runtime.taskset import TaskReadout, TaskSetReadout
 from edgetl.tasks import LabelTask
-from tests.conftest import write_recipe
+from tests.conftest import build_cli, write_recipe
 
 TWO = [{"name": "digit"}, {"name": "parity", "loss_weight": 0.5}]
 TASKS = (LabelTask("colour", "single", ("blue", "red")), LabelTask("tags", "multilabel", ("a", "b", "c"), 0.5))
@@ -107,8 +107,7 @@ def test_each_bad_multitask_row_is_a_data_error_naming_it(tmp_path: Path, row: s
 def test_the_cli_gives_one_paragraph_and_exit_code_2_for_a_bad_multitask_row(tmp_path: Path) -> None:
     write(tmp_path / "labels.csv", ["path,digit,parity", "a.jpg,3,odd", "b.jpg,4,"])
     body = "name: x\ntasks: [{name: digit}, {name: parity}]\ndata: {manifest: labels.csv}\n"
-    done = subprocess.run([sys.executable, "-m", "edgetl", "build", str(write_recipe(tmp_path / "r.yaml", body)), "-o",
-                           str(tmp_path / "run")], capture_output=True, text=True)  # fmt: skip
+    done = build_cli(write_recipe(tmp_path / "r.yaml", body), tmp_path / "run")
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("edgetl: error:"), done.stderr
     assert "labels.csv line 3 (" in done.stderr and "column `parity`" in done.stderr and "Traceback" not in done.stderr
 
@@ -158,8 +157,7 @@ def test_a_two_task_build_on_digits_exports_one_named_output_per_task_and_answer
         """,
     )
     run = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "edgetl", "build", str(recipe_file), "-o", str(run)],
-                          capture_output=True, text=True)  # fmt: skip
+    done = build_cli(recipe_file, run)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((run / "report.json").read_text())
     assert [p["passed"] for p in report["export"]["parity"]] == [True, True]  # ONNX Runtime and OpenVINO
@@ -264,8 +262,7 @@ def test_a_manifest_build_with_a_multilabel_task_serves_its_label_set_beside_the
         """,
     )
     run = image_folder / "run"
-    done = subprocess.run([sys.executable, "-m", "edgetl", "build", str(recipe_file), "-o", str(run)],
-                          capture_output=True, text=True)  # fmt: skip
+    done = build_cli(recipe_file, run)
     assert done.returncode == 0, done.stderr[-3000:]
     tags = json.loads((run / "report.json").read_text())["variants"][0]["tasks"]["tags"]
     assert tags["kind"] == "multilabel" and tags["accuracy"] == tags["multilabel"]["map"]
