@@ -15,6 +15,7 @@ from pydantic import Field
 
 from edgetl.errors import RecipeError
 from edgetl.recipe.sections import Section
+from edgetl.recipe.tasks import single_label_only
 
 BUILTIN_COLUMNS = ("digit", "parity")  # data.builtin digits: the digit (0-9) and its parity (even/odd)
 RESERVED_NAMES = ("image", "path", "split")  # the ONNX input and the manifest's own columns
@@ -68,13 +69,8 @@ def check(recipe, path: Path) -> None:
             _refuse(path, "tasks[].labels", f"builtin digits has the single-label columns {list(BUILTIN_COLUMNS)}")
     used = {
         "task": "task" in recipe.model_fields_set,
-        "distill": recipe.distill is not None,
-        "adapt": recipe.adapt is not None,
-        "train.class_balance": train.class_balance != "none",
-        "train.label_smoothing": "label_smoothing" in train.model_fields_set and train.label_smoothing,
+        **single_label_only(recipe),
         "train.pos_weight": train.pos_weight != "none",
-        "quantize[].method qat": any(v.method == "qat" for v in recipe.quantize),
-        "quantize[].max_accuracy_drop": any(v.max_accuracy_drop is not None for v in recipe.quantize),
         "gates.min_map": recipe.gates.min_map is not None,
         "data.path": data.path is not None,
         "data.allow_empty_labels": data.allow_empty_labels,

@@ -46,18 +46,24 @@ def check(recipe, path: Path) -> None:
         if set_only:
             _refuse(path, set_only[0], "it applies to `task: multilabel`", "single")
         return
-    used = {
-        "distill": recipe.distill is not None,
-        "adapt": recipe.adapt is not None,
-        "train.class_balance": recipe.train.class_balance != "none",
-        "train.label_smoothing": "label_smoothing" in recipe.train.model_fields_set and recipe.train.label_smoothing,
-        "gates.min_accuracy": recipe.gates.min_accuracy is not None,
-        "quantize[].method qat": any(v.method == "qat" for v in recipe.quantize),
-        "quantize[].max_accuracy_drop": any(v.max_accuracy_drop is not None for v in recipe.quantize),
-    }
+    used = {**single_label_only(recipe), "gates.min_accuracy": recipe.gates.min_accuracy is not None}
     for field, on in used.items():
         if on:
             _refuse(path, field, _MULTILABEL_REFUSES[field])
+
+
+def single_label_only(recipe) -> dict[str, bool]:
+    """Whether the recipe uses each field that only a single-task, single-label build supports (label sets and
+    several tasks refuse them alike)."""
+    train = recipe.train
+    return {
+        "distill": recipe.distill is not None,
+        "adapt": recipe.adapt is not None,
+        "train.class_balance": train.class_balance != "none",
+        "train.label_smoothing": "label_smoothing" in train.model_fields_set and train.label_smoothing,
+        "quantize[].method qat": any(v.method == "qat" for v in recipe.quantize),
+        "quantize[].max_accuracy_drop": any(v.max_accuracy_drop is not None for v in recipe.quantize),
+    }
 
 
 def _refuse(path: Path, field: str, why: str, task: str = "multilabel") -> None:
