@@ -8,6 +8,8 @@ stops by itself within a few seconds.
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import http.client
 import io
 import json
@@ -31,12 +33,13 @@ import onnx
 import pytest
 from onnx import numpy_helper
 from PIL import Image
+from starlette.requests import ClientDisconnect
 
 from edgetl.cli import main
 from edgetl.errors import InferenceError
 from edgetl.runtime.engines import open_engine
 from edgetl.runtime.predictor import Predictor
-from edgetl.runtime.server import build_server
+from edgetl.runtime.server import RequestRejected, _unless_closing, build_server
 from tests.test_server import RecordingEngine, call, image, running, serving
 from tests.tiny_bundle import write_tiny_bundle
 
@@ -361,3 +364,29 @@ def test_a_model_that_raises_inference_error_is_503_on_health_and_500_on_predict
         assert status == 503 and health["error"].endswith("model.onnx: ONNX Runtime cannot run node 'Gemm_0'"), health
         why = "the model cannot predict: model.onnx: ONNX Runtime cannot run node 'Gemm_0'"
         assert call(port, "POST", "/predict", image("red")) == (500, {"error": why})
+
+
+def test_work_cut_short_by_shutdown_that_ends_in_its_own_error_is_not_logged_as_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The race CI once hit: SIGTERM cancels a body read just as the client goes away, so the
+    cancelled read ends in ClientDisconnect, which nobody awaits."""
+
+    async def body_read() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            raise ClientDisconnect() from None
+
+    async def shut_down_during_the_read() -> None:
+        closing = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.05, closing.set)
+        with pytest.raises(RequestRejected) as rejected:
+            await _unless_closing(body_read(), closing)
+        assert rejected.value.status == 503
+        await asyncio.sleep(0.05)  # the cancelled read finishes
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        asyncio.run(shut_down_during_the_read())
+        gc.collect()
+    assert "never retrieved" not in caplog.text, caplog.text

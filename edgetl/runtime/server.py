@@ -255,9 +255,18 @@ async def _unless_closing(work: Awaitable[T], closing: asyncio.Event) -> T:
         cut_short = not task.done()
         if cut_short:
             task.cancel()
+            # The cancelled work may still end in its own exception (the client went away while
+            # its body read was being cancelled); nobody awaits it, so retrieve it here rather than
+            # let asyncio log "Task exception was never retrieved" with a traceback.
+            task.add_done_callback(_retrieve)
     if cut_short:
         raise RequestRejected(503, SHUTTING_DOWN)
     return task.result()
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _client(request: Request) -> str:
