@@ -53,8 +53,8 @@ class Inputs:
     def model_input(self, batch: np.ndarray | torch.Tensor, augmenter=None) -> torch.Tensor:
         """A slice of one split (or of target images prepared alike) as the model input, in channels_last."""
         batch = torch.as_tensor(batch)
-        if self.cached:
-            return batch.contiguous(memory_format=torch.channels_last) if batch.dim() == 4 else batch
+        if self.cached:  # 4-D activations are stored (N, H, W, C): the NCHW view is channels_last as it is
+            return batch.permute(0, 3, 1, 2) if batch.dim() == 4 else batch
         images = batch.permute(0, 3, 1, 2)  # (N, 3, S, S) uint8
         if augmenter is not None:
             images = torch.stack([augmenter(image) for image in images])
@@ -193,16 +193,18 @@ def prepare_split(
     model: TransferModel, images: ArrayLike, pre: Preprocessing, stop: int, name: str, root: Path
 ) -> DiskArray:
     """The frozen prefix's outputs for uint8 images, computed once on the model's device: on disk under `root`,
-    keyed by the images, the prefix's weights and `stop`."""
+    keyed by the images, the prefix's weights and `stop`. 4-D activations are stored channels-last, (N, H, W, C),
+    so that training reads them as the channels_last model input without a copy per batch."""
     model.eval()
     device = next(model.parameters()).device
 
     def prefix(batch: np.ndarray) -> torch.Tensor:
-        return model.features(torch.from_numpy(normalize(batch, pre)).to(device), 0, stop).cpu()
+        out = model.features(torch.from_numpy(normalize(batch, pre)).to(device), 0, stop).cpu()
+        return out.permute(0, 2, 3, 1) if out.dim() == 4 else out
 
     # the device is in the key: a GPU's convolutions (TF32, other kernels) are not the CPU FP32 reference
     weights = module_digest(model.stages[:stop])
-    folder = root / "features" / key(images_fingerprint(images), weights, stop, device.type)
+    folder = root / "features" / key(images_fingerprint(images), weights, stop, device.type, "nhwc")
     return cached_outputs(prefix, images, folder, f"frozen features {name}")
 
 
