@@ -124,3 +124,9 @@ def parity_per_task(readout, logits: np.ndarray, reference: np.ndarray, toleranc
         passed = bool(agree.all() and (delta <= tolerance).all())
         out[task.name] = {"agreement": float(agree.mean()), "max_abs_logit_delta": float(delta.max()), "passed": passed}
     return out
+
+
+def failing(per_task: dict | None) -> str:
+    """` (output NAME, …)` naming a multi-task model's outputs that failed parity, for an error message; "" else."""
+    names = [name for name, outcome in (per_task or {}).items() if not outcome["passed"]]
+    return f" (output{'s' if len(names) > 1 else ''} {', '.join(names)})" if names else ""

@@ -127,9 +127,9 @@ def parity(
                 f"{val.sources[i]} (|Δlogit| {delta[i]:.2e}{', answer differs' if disagree[i] else ''})" for i in worst
             )
             raise ExportError(
-                f"{artifact.name} on {artifact.runtime} disagrees with PyTorch on {len(bad)} of {len(val.labels)} "
-                f"validation images beyond |Δlogit| {tolerance:g}: {listing}. Check the export (opset, custom "
-                "layers), or raise `export.parity_tolerance` if the difference is expected."
+                f"{artifact.name} on {artifact.runtime}{multitask.failing(outcome.tasks)} disagrees with PyTorch on "
+                f"{len(bad)} of {len(val.labels)} validation images beyond |Δlogit| {tolerance:g}: {listing}. Check "
+                "the export (opset, custom layers), or raise `export.parity_tolerance` if the difference is expected."
             )
     return outcomes
 

@@ -135,6 +135,11 @@ def test_an_image_agrees_only_when_every_task_answers_the_same() -> None:
     assert per_task == [[True, False, True], [True, True, False]]  # each task alone agrees on 2 of 3
     assert readout.margin(reference).tolist() == [1.0, 1.0, 1.0]
     assert TaskSetReadout.from_manifest(readout.to_dict()) == readout
+    parity = multitask.parity_per_task(readout, logits, reference, tolerance=0.1)
+    assert [parity[name]["passed"] for name in ("colour", "tags")] == [False, False]
+    assert multitask.failing(parity) == " (outputs colour, tags)"  # what a parity ExportError names
+    assert multitask.failing({"colour": {"passed": True}, "tags": {"passed": False}}) == " (output tags)"
+    assert multitask.failing(None) == ""
 
 
 @pytest.mark.slow

@@ -131,6 +131,7 @@ def test_rerun_reuses_every_finished_trial_and_over_budget_exits_3(swept, capsys
         (("budget:", "space2: {}\nbudget:"), "`space2` is not a known field"),
         (("search: grid", "search: tpe\ntrials: 0"), "`trials`"),
         (("  min_accuracy: 0.5", "  min_acc: 0.5"), "`budget.min_acc` is not a known field"),
+        (("  data: {builtin: digits,", "  task: multilabel\n  data: {builtin: digits-mosaic,"), "`budget.min_map`"),
     ],
 )
 def test_sweep_file_errors_name_the_field(tmp_path, edit, message):

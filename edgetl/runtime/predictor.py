@@ -7,6 +7,7 @@ the build measured. numpy, Pillow and the runtime only.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -155,10 +156,10 @@ class Predictor:
     def labels(self) -> tuple[str, ...]:
         return self.bundle.labels
 
-    @property
+    @functools.cached_property
     def readout(self) -> Readout | TaskSetReadout:
         """How the model's logits become answers: top-k softmax, a multi-label bundle's thresholded sigmoids, or each
-        task's of a multi-task bundle."""
+        task's of a multi-task bundle. Read from the manifest once, not per request."""
         tasks = self.bundle.manifest.get("tasks")
         return TaskSetReadout.from_manifest(tasks) if tasks else Readout.from_manifest(self.bundle.manifest)
 

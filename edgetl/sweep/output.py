@@ -86,10 +86,11 @@ def write_outputs(plan: SweepPlan, records: list[TrialRecord], out_dir: Path, se
     if best is not None:
         _copy_best(out_dir / "trials" / best.name, out_dir, best.name)
     budget = plan.sweep.budget
+    floor = budget.min_map if budget.min_accuracy is None else budget.min_accuracy  # the charted metric's bound
     with atomic_path(out_dir / "sweep.md") as tmp:
         tmp.write_text(sweep_markdown(summary.to_dict()))
     with atomic_path(out_dir / "sweep.html") as tmp:
-        tmp.write_text(sweep_page(summary.to_dict(), points, front, budget.min_accuracy, budget.max_latency_ms))
+        tmp.write_text(sweep_page(summary.to_dict(), points, front, floor, budget.max_latency_ms))
     write_json(out_dir / "sweep.json", summary.to_dict())
     return summary
 

@@ -127,8 +127,11 @@ class SweepPlan:
         ]
         if self.sweep.objective == "accuracy":
             sets.append("select=most_accurate")
-        budget = self.sweep.budget.model_dump(exclude_none=True)
-        return sets + [f"gates.{gate}={value!r}" for gate, value in budget.items()]
+        return sets + self.budget_gates()
+
+    def budget_gates(self) -> list[str]:
+        """The budget as `gates.*` overrides of every trial."""
+        return [f"gates.{gate}={value!r}" for gate, value in self.sweep.budget.model_dump(exclude_none=True).items()]
 
     def trial_recipe(self, overrides: list[str], sweep_sets: list[str]) -> Recipe:
         """The trial's complete recipe. Raises RecipeError for a combination the recipe refuses."""
@@ -167,6 +170,11 @@ def load_sweep(path: Path) -> SweepPlan:
         recipe_from_mapping(base_raw, base_path, sweep.set)
     except RecipeError as exc:
         raise RecipeError(f"{path}: the base recipe with `set` {sweep.set} is not valid: {exc}") from None
+    try:  # and with the budget as its gates (a multi-label base has no top-1 accuracy to bound, say)
+        recipe_from_mapping(base_raw, base_path, [*sweep.set, *plan.budget_gates()])
+    except RecipeError as exc:  # the budget's fields are the gates': name them as the sweep file does
+        message = str(exc).removeprefix(f"{base_path}: ").replace("gates.", "budget.")
+        raise RecipeError(f"{path}: `budget` does not fit the base recipe: {message}") from None
     for field, dimension in sweep.space.items():
         _check_dimension(plan, field, dimension)
     return plan
