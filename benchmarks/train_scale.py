@@ -4,6 +4,8 @@ Usage: python benchmarks/train_scale.py data [--train DIR] [--test DIR] [--size 
                                               [--baseline-code DIR] [--skip-new] [--data-only] [--out FILE]
        python benchmarks/train_scale.py ddp [--train DIR] [--test DIR] [--size 128] [--epochs 3]
                                              [--strategy finetune] [--seed 0] [--no-kill] [--out FILE]
+       python benchmarks/train_scale.py gpu [--train DIR] [--test DIR] [--size 224] [--epochs 4] [--repeat 8]
+                                             [--batch-size 256] [--workers N] [--device cuda] [--out FILE]
 
 Both train on `--train` (val carved from it, 15%) and test on `--test`, with lite0.
 
@@ -25,7 +27,19 @@ the reports and bundles each left, compares their test accuracies and training i
 kills rank 1 of a third 2-process build after its first epoch to time how long torchrun takes
 to exit (and with what).
 
-Results: benchmarks/results/<--out> (default train_scale-data.json, train_scale-ddp.json).
+`gpu`: images/s of a lite0 fine-tune at 224 px in bf16 on CUDA (`--device`) from the disk cache, through
+`edgetl.pipeline.train_model` in a child process. cifar10-dev/train is small for a GPU (one
+epoch would be over in about a second, DataLoader start-up included), so the train root links
+each image `--repeat` times (distinct files to the data stage, decoded and cached once each).
+Per epoch: training images/s (from the loader's first batch request to its last batch), and the
+seconds the training loop spent blocked waiting for the DataLoader's next batch: a large share
+means data loading limits the rate. Then the model alone: forward, backward and AdamW steps of
+the same model, batch and precision on a batch already on the GPU, the ceiling with free data.
+The val split is carved from the repeated images (so its accuracy is not a held-out figure);
+the test split, cifar10-dev/val, is.
+
+Results: benchmarks/results/<--out> (default train_scale-data.json, train_scale-ddp.json,
+train_scale-gpu.json).
 """
 
 from __future__ import annotations
@@ -105,6 +119,73 @@ print("RESULT " + json.dumps({
 """
 
 
+GPU_CHILD = r"""
+import json, logging, resource, sys, time
+from pathlib import Path
+import torch
+import edgetl.train.trainer as trainer
+from edgetl import models
+from edgetl.pipeline import train_model
+from edgetl.recipe import Recipe
+
+epochs, loader = [], trainer.train_loader
+def timed_loader(*args, **kwargs):  # the trainer's own DataLoader, timed
+    started, waited, images, batches = time.perf_counter(), 0.0, 0, iter(loader(*args, **kwargs))
+    while True:
+        asked = time.perf_counter()
+        try:
+            x, index = next(batches)
+        except StopIteration:
+            break
+        waited += time.perf_counter() - asked
+        images += len(index)
+        yield x, index
+    span = time.perf_counter() - started
+    epochs.append({"images": images, "seconds": round(span, 3), "images_per_second": round(images / span, 1),
+                   "waiting_for_data_seconds": round(waited, 3), "waiting_share": round(waited / span, 3)})
+    print("EPOCH " + json.dumps(epochs[-1]), file=sys.stderr, flush=True)
+trainer.train_loader = timed_loader
+
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+recipe = Recipe.model_validate(json.loads(sys.argv[1]))
+started = time.monotonic()
+metrics = train_model(recipe, Path(sys.argv[2]))
+wall = time.monotonic() - started
+
+def model_only(batch, size, device, steps=30, warmup=10):
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    model = models.build(models.REGISTRY.get("efficientnet_lite0"), "pretrained", 10).to(device)
+    model = model.to(memory_format=torch.channels_last).train()
+    optim = torch.optim.AdamW(model.parameters(), 1e-4)
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=device)
+    for step in range(warmup + steps):
+        if step == warmup:
+            sync()
+            began = time.perf_counter()
+        with torch.autocast(device.type, torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+    sync()
+    return round(batch * steps / (time.perf_counter() - began), 1)
+
+train, device = recipe.train, torch.device(recipe.train.device)
+workers = trainer.default_workers() if recipe.data.workers is None else recipe.data.workers
+print("RESULT " + json.dumps({
+    "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None, "torch": torch.__version__,
+    "device": metrics["device"], "precision": metrics["precision"], "dataloader_workers": workers,
+    "wall_seconds": round(wall, 1), "train_seconds": round(metrics["train_seconds"], 1),
+    "test_accuracy": metrics["test_accuracy"], "val_accuracy_not_held_out": metrics["val_accuracy"],
+    "counts": {s: c["total"] for s, c in metrics["dataset"]["counts"].items()},
+    "epochs": epochs,
+    "model_only_images_per_second": model_only(train.batch_size, recipe.data.image_size, device),
+    "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+}), flush=True)
+"""
+
+
 def linked_root(work: Path, train: Path, test: Path) -> Path:
     """An ImageFolder root in `work` whose train/ and test/ are links to `train` and `test`."""
     root = work / "data"
@@ -142,7 +223,7 @@ def data_recipe(root: Path, size: int, epochs: int, cache_dir: Path) -> dict:
 def data_build(code: Path, body: dict, run_dir: Path, label: str, child: str = CHILD) -> dict:
     """One build (or with `child` DATA_ONLY, its data stage) in its own process with `code` first on the path;
     its RESULT line."""
-    env = {**os.environ, "PYTHONPATH": str(code)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")]))}
     print(f"== {label}", flush=True)
     proc = subprocess.run(
         [sys.executable, "-c", child, json.dumps(body), str(run_dir)],
@@ -273,6 +354,50 @@ def ddp(args: argparse.Namespace, work: Path) -> dict:
     }
 
 
+# ---- gpu: a fine-tune on one GPU from the disk cache ------------------------------------------------------
+
+
+def repeated_root(work: Path, train: Path, test: Path, repeat: int) -> Path:
+    """An ImageFolder root in `work`: train/ holds `repeat` links to each image of `train`, test/ links to `test`."""
+    root = work / "data"
+    for folder in sorted(p for p in train.iterdir() if p.is_dir()):
+        (root / "train" / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir()):
+            for copy in range(repeat):
+                (root / "train" / folder.name / f"{image.stem}-{copy}{image.suffix}").symlink_to(image.resolve())
+    (root / "test").symlink_to(test.resolve())
+    return root
+
+
+def gpu(args: argparse.Namespace, work: Path) -> dict:
+    """The `gpu` sub-command's results."""
+    root = repeated_root(work, args.train, args.test, args.repeat)
+    body = data_recipe(root, args.size, args.epochs, work / "cache")
+    body["data"] |= {"augment": "default", "workers": args.workers}
+    body["train"] = {
+        **DDP_TRAIN["finetune"],
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "precision": "bf16",
+    }
+    result = data_build(ROOT.parent, body, work / "run", "lite0 fine-tune on the GPU", GPU_CHILD)
+    steady = result["epochs"][1:] or result["epochs"]  # the first epoch pays cuDNN's autotuning
+    rate = sum(e["images"] for e in steady) / sum(e["seconds"] for e in steady)
+    waiting = sum(e["waiting_for_data_seconds"] for e in steady) / sum(e["seconds"] for e in steady)
+    return {
+        "machine": machine(),
+        "train": f"{args.train} (each image {args.repeat} times)",
+        "test": str(args.test),
+        "recipe": {"backbone": "efficientnet_lite0", "size": args.size, "epochs": args.epochs}
+        | body["train"]
+        | {"augment": "default"},
+        "images_per_second_after_first_epoch": round(rate, 1),
+        "waiting_for_data_share_after_first_epoch": round(waiting, 3),
+        **result,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -292,11 +417,20 @@ def main() -> None:
     ddp_.add_argument("--seed", type=int, default=0)
     ddp_.add_argument("--no-kill", action="store_true", help="skip the killed-rank run")
     ddp_.add_argument("--out", default="train_scale-ddp.json", help="file name under benchmarks/results/")
-    for sub in (data, ddp_):
+    gpu_ = commands.add_parser("gpu", help="images/s of a lite0 fine-tune on one CUDA GPU in bf16")
+    gpu_.add_argument("--train", type=Path, default=SHARED / "cifar10-dev" / "train")
+    gpu_.add_argument("--size", type=int, default=224)
+    gpu_.add_argument("--epochs", type=int, default=4)
+    gpu_.add_argument("--repeat", type=int, default=8, help="links to each train image")
+    gpu_.add_argument("--batch-size", type=int, default=256)
+    gpu_.add_argument("--workers", type=int, default=None, help="data.workers (default: the recipe's default)")
+    gpu_.add_argument("--device", default="cuda", help="train.device (cpu: a smoke test of this script)")
+    gpu_.add_argument("--out", default="train_scale-gpu.json", help="file name under benchmarks/results/")
+    for sub in (data, ddp_, gpu_):
         sub.add_argument("--test", type=Path, default=SHARED / "cifar10-dev" / "val")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=ROOT.parent) as work:
-        results = (data_scale if args.command == "data" else ddp)(args, Path(work))
+        results = {"data": data_scale, "ddp": ddp, "gpu": gpu}[args.command](args, Path(work))
     out = ROOT / "results" / args.out
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
