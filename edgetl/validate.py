@@ -86,7 +86,8 @@ def parity(
 ) -> list[ParityOutcome]:
     """Every FP32 artifact must match PyTorch on every validation image, or the build stops: the same answer
     (top-1; label sets: the set at the thresholds tuned on these PyTorch logits; several tasks: every task's; as
-    `edgetl.multitask.readout_for`) and every logit (every task's output's) within `tolerance`.
+    `edgetl.multitask.readout_for`), unless PyTorch's is within tolerance of a tie, and every logit (every task's
+    output's) within `tolerance` (`edgetl.multitask.parity_misses`).
 
     `val_logits`: the PyTorch logits training computed at its best epoch (checked on a few images). Raises
     ExportError naming the worst images, or InferenceError when any logit (the artifact's or PyTorch's) is NaN or
@@ -99,9 +100,8 @@ def parity(
     outcomes = []
     for artifact in artifacts:
         logits, _ = _run_batches(open_checked(artifact, threads), val.images, pre, artifact, EVAL_BATCH)
-        delta = np.abs(logits - reference).max(axis=1)  # (N,); NaN where either side is NaN
-        disagree = ~readout.agree(logits, reference)
-        bad = np.flatnonzero(disagree | ~(delta <= tolerance))  # ~(<=): a NaN delta fails
+        disagree, delta, failed = multitask.parity_misses(readout, logits, reference, tolerance)
+        bad = np.flatnonzero(failed)
         outcome = ParityOutcome(
             artifact.name,
             artifact.runtime,
