@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageOps
 from sklearn.datasets import load_sample_images
 from torchvision import transforms
@@ -16,6 +17,7 @@ from edgetl import export
 from edgetl.models import REGISTRY, build
 from edgetl.runtime.engines import open_engine
 from edgetl.runtime.preprocess import Preprocessing, normalize, preprocess, preprocess_uint8
+from edgetl.train.inputs import Inputs
 
 SPEC = REGISTRY.get("efficientnet_lite0")
 PRE = SPEC.preprocessing()  # 224 px, resize 256, bicubic, mean = std = 0.5
@@ -138,6 +140,13 @@ def test_normalize_maps_every_pixel_value_of_every_channel_by_its_own_mean_and_s
     x = normalize(batch, pre)
     assert x.dtype == np.float32 and x.flags.c_contiguous
     np.testing.assert_allclose(x, expected, rtol=0, atol=1e-6)
+    # training on a GPU ships the batch as uint8 and normalizes it there, with the same terms
+    inputs = Inputs(batch, batch, batch, start=0, cached=False, pre=pre, root=Path("unused"))
+    raw = inputs.model_input(batch, normalized=False)
+    assert raw.dtype == torch.uint8 and raw.is_contiguous(memory_format=torch.channels_last)
+    on_device = inputs.on_device(raw)
+    assert on_device.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_allclose(on_device.numpy(), inputs.model_input(batch).numpy(), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

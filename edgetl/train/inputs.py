@@ -31,7 +31,7 @@ from edgetl.errors import RecipeError
 from edgetl.infer import in_batches
 from edgetl.models import TransferModel
 from edgetl.recipe import TrainConfig
-from edgetl.runtime.preprocess import Preprocessing, normalize
+from edgetl.runtime.preprocess import Preprocessing, normalize, normalize_terms
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +50,27 @@ class Inputs:
     pre: Preprocessing
     root: Path  # the disk cache
 
-    def model_input(self, batch: np.ndarray | torch.Tensor, augmenter=None) -> torch.Tensor:
-        """A slice of one split (or of target images prepared alike) as the model input, in channels_last."""
+    def model_input(self, batch: np.ndarray | torch.Tensor, augmenter=None, normalized: bool = True) -> torch.Tensor:
+        """A slice of one split (or of target images prepared alike) as the model input, in channels_last.
+        `normalized` False: images stay uint8 (N, 3, S, S), for `on_device` to normalize where the model runs."""
         batch = torch.as_tensor(batch)
         if self.cached:  # 4-D activations are stored (N, H, W, C): the NCHW view is channels_last as it is
             return batch.permute(0, 3, 1, 2) if batch.dim() == 4 else batch
         images = batch.permute(0, 3, 1, 2)  # (N, 3, S, S) uint8
         if augmenter is not None:
             images = torch.stack([augmenter(image) for image in images])
-        normalized = normalize(images.permute(0, 2, 3, 1).numpy(), self.pre)
-        return torch.from_numpy(normalized).contiguous(memory_format=torch.channels_last)
+        if not normalized:
+            return images.contiguous(memory_format=torch.channels_last)
+        floats = normalize(images.permute(0, 2, 3, 1).numpy(), self.pre)
+        return torch.from_numpy(floats).contiguous(memory_format=torch.channels_last)
+
+    def on_device(self, x: torch.Tensor) -> torch.Tensor:
+        """A model input from `model_input(..., normalized=False)`, normalized on its device with `normalize`'s
+        float32 terms (within 1e-6 of it: a GPU may fuse the multiply-add); any other input as it is."""
+        if x.dtype != torch.uint8:
+            return x
+        scale, shift = (torch.from_numpy(t).to(x.device).view(1, 3, 1, 1) for t in normalize_terms(self.pre))
+        return x.float() * scale + shift
 
     def prepare(self, model: TransferModel, images: ArrayLike, name: str) -> ArrayLike:
         """More images (DANN's target domain) in the form of the splits: cached like them, or as they are."""
@@ -70,14 +81,14 @@ class TrainBatches(torch.utils.data.Dataset):
     """The train split as a DataLoader dataset whose items are whole batches: `[index]`, a (B,) tensor of
     positions, reads those rows from disk and gives (model input, index)."""
 
-    def __init__(self, inputs: Inputs, augmenter=None) -> None:
-        self.inputs, self.augmenter = inputs, augmenter
+    def __init__(self, inputs: Inputs, augmenter=None, normalized: bool = True) -> None:
+        self.inputs, self.augmenter, self.normalized = inputs, augmenter, normalized
 
     def __len__(self) -> int:
         return len(self.inputs.train)
 
     def __getitem__(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.inputs.model_input(self.inputs.train[index.numpy()], self.augmenter), index
+        return self.inputs.model_input(self.inputs.train[index.numpy()], self.augmenter, self.normalized), index
 
 
 def train_loader(
@@ -85,7 +96,9 @@ def train_loader(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch's (model input, index) batches, in the trainer's order, read, augmented and normalized by a
     `torch.utils.data.DataLoader` with `workers` processes (None: `default_workers()`; 0: in this process),
-    `pin_memory` for a CUDA device.
+    `pin_memory` for a CUDA device. For a CUDA device, image batches stay uint8 until `Inputs.on_device`
+    normalizes them there: a quarter of float32's bytes through the workers' shared memory, the pinned
+    copies and the host-to-device copy.
 
     A new loader per epoch, not persistent workers: each epoch's workers are seeded from `seed`
     (the run's seed and the epoch), so `--resume` augments as an uninterrupted run does. The
@@ -94,7 +107,7 @@ def train_loader(
     """
     workers = default_workers() if workers is None else workers
     loader = torch.utils.data.DataLoader(
-        TrainBatches(inputs, augmenter),
+        TrainBatches(inputs, augmenter, normalized=not pin_memory),
         sampler=batches,
         batch_size=None,  # the sampler's items are whole batches: one disk read per batch
         num_workers=workers,

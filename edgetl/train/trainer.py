@@ -315,7 +315,7 @@ class Trainer:
     def _loss(self, x: torch.Tensor, index: torch.Tensor, progress: float) -> torch.Tensor:
         """The step's loss for model inputs `x` of the train split's rows `index`: the label loss times the
         terms' label weights, plus each term's loss."""
-        x = stacked = self.place.put(x)
+        x = stacked = self.inputs.on_device(self.place.put(x))
         if self.target is not None:  # one pass over both domains: BatchNorm sees (and keeps) the statistics of both
             pick = distributed.rank_draw(len(self.target), len(index), self.generator, self.dist)
             target = self.inputs.model_input(self.target[pick.numpy()], self.augmenter)
