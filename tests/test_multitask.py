@@ -209,6 +209,17 @@ def test_a_two_task_build_on_digits_exports_one_named_output_per_task_and_answer
         _, metadata = call(port, "GET", "/metadata")
     assert status == 200 and served["tasks"]["parity"] == answer["parity"]
     assert [t["name"] for t in metadata["tasks"]] == ["digit", "parity"]
+    from edgetl import pipeline
+    from edgetl.recipe import load_recipe
+
+    def trained() -> list[str]:
+        return sorted(folder.name for folder in (run / "stages").glob("train-*"))
+
+    first = trained()
+    pipeline.train_model(load_recipe(recipe_file), run)
+    assert trained() == first  # the same tasks: the build's trained model is reused
+    pipeline.train_model(load_recipe(recipe_file, ["tasks=[{name: digit}, {name: parity, loss_weight: 1.0}]"]), run)
+    assert len(trained()) == len(first) + 1  # another loss weight is another model
 
 
 def test_a_multilabel_task_is_scored_with_its_thresholds_and_they_travel_in_the_bundle_manifest() -> None:
