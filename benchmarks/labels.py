@@ -81,9 +81,9 @@ def write_mosaics(out: Path, seed: int = 0) -> Path:
 
 
 def train_section(strategy: str, epochs: int) -> dict:
-    train = {"strategy": strategy, "epochs": epochs, "lr": 0.003 if strategy == "partial" else 0.01}
-    if strategy == "partial":
-        train |= {"unfreeze": 2, "backbone_lr_mult": 0.3}
+    train = {"strategy": strategy, "epochs": epochs, "lr": 0.01 if strategy == "linear_probe" else 0.003}
+    if strategy != "linear_probe":
+        train |= {"backbone_lr_mult": 0.3} | ({"unfreeze": 2} if strategy == "partial" else {"warmup_epochs": 0.5})
     return train
 
 
@@ -200,7 +200,7 @@ def multitask_main(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--strategy", choices=["linear_probe", "partial"], default="partial")
+    parser.add_argument("--strategy", choices=["linear_probe", "partial", "finetune"], default="partial")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--results", default=None, help="file name under benchmarks/results/")
