@@ -115,30 +115,16 @@ def variant_scores(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray
 
 def parity_per_task(readout, logits: np.ndarray, reference: np.ndarray, tolerance: float) -> dict | None:
     """A multi-task model's parity per output: the share of images whose answer is PyTorch's (`reference`), the
-    largest |Δlogit| and whether both hold on every image; None for a one-task `readout`."""
+    largest |Δlogit| and whether every logit is within `tolerance` (`edgetl.validate.parity`'s rule); None for a
+    one-task `readout`."""
     if readout.kind != "tasks":
         return None
     out = {}
     for task, (part_readout, part, ref) in zip(readout.tasks, readout.per_task(logits, reference)):
-        disagree, delta, failed = parity_misses(part_readout, part, ref, tolerance)
-        passed = not failed.any()
-        out[task.name] = {
-            "agreement": float(1 - disagree.mean()),
-            "max_abs_logit_delta": float(delta.max()),
-            "passed": passed,
-        }
+        agree, delta = part_readout.agree(part, ref), np.abs(part - ref).max(axis=1)
+        passed = bool((delta <= tolerance).all())
+        out[task.name] = {"agreement": float(agree.mean()), "max_abs_logit_delta": float(delta.max()), "passed": passed}
     return out
-
-
-def parity_misses(readout, logits: np.ndarray, reference: np.ndarray, tolerance: float) -> tuple[np.ndarray, ...]:
-    """Per image, (N,) each: whether its answer differs from PyTorch's (`reference`), its largest |Δlogit| (NaN
-    where a logit is), and whether it fails parity: a logit beyond `tolerance`, or another answer although
-    PyTorch's is not within tolerance of a tie (its top-1 and top-2 logits, or a logit and its threshold, closer
-    than 2 × `tolerance`: logits that each match within tolerance can then answer either way)."""
-    disagree = ~readout.agree(logits, reference)
-    delta = np.abs(logits - reference).max(axis=1)
-    tie = readout.margin(reference) <= 2 * tolerance
-    return disagree, delta, (disagree & ~tie) | ~(delta <= tolerance)  # ~(<=): a NaN delta fails
 
 
 def failing(per_task: dict | None) -> str:

@@ -142,6 +142,21 @@ def test_an_image_agrees_only_when_every_task_answers_the_same() -> None:
     assert multitask.failing(None) == ""
 
 
+def test_parity_passes_an_answer_flipped_at_a_near_tie_when_every_logit_is_within_tolerance() -> None:
+    """Seen in a 2-process fine-tune: two digit logits 1e-5 apart swapped order in ONNX Runtime."""
+    readout = TaskSetReadout((TaskReadout("colour", ("blue", "red"), Readout()),
+                              TaskReadout("tags", ("a", "b"), Readout("multilabel", (0.5, 0.5)))))  # fmt: skip
+    reference = np.array([[1.0, 1.0 + 1e-5, 2e-4, 3.0], [2.0, 0.0, 2.0, -2.0]])
+    tied = np.array([[1.0 + 1e-5, 1.0, -1e-4, 3.0], [2.0, 0.0, 2.0, -2.0]])  # both answers flip, logits within 1e-3
+    parity = multitask.parity_per_task(readout, tied, reference, tolerance=1e-3)
+    assert all(parity[name]["passed"] for name in ("colour", "tags"))
+    assert [parity[name]["agreement"] for name in ("colour", "tags")] == [0.5, 0.5]  # the flips still count
+    off = tied.copy()
+    off[1, 3] = np.nan  # a NaN logit fails its output
+    failed = multitask.parity_per_task(readout, off, reference, tolerance=1e-3)
+    assert [failed[name]["passed"] for name in ("colour", "tags")] == [True, False]
+
+
 @pytest.mark.slow
 def test_a_two_task_build_on_digits_exports_one_named_output_per_task_and_answers_per_task(tmp_path: Path) -> None:
     import onnx
