@@ -9,6 +9,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
-from edgetl import data, datacache
+from edgetl import data, datacache, models
 from edgetl.errors import OutputError
 from edgetl.models import REGISTRY
 from edgetl.pipeline import train_model
 from edgetl.recipe import DataConfig, TrainConfig, load_recipe
-from edgetl.train.inputs import Inputs, train_loader
+from edgetl.runtime.preprocess import normalize
+from edgetl.train.inputs import Inputs, prepare_split, train_loader
 
 PRE = REGISTRY.get("efficientnet_lite0").preprocessing(32)
 
@@ -192,6 +194,28 @@ def test_the_train_loader_gives_the_epoch_order_batches_alike_with_and_without_w
         assert x.shape == (len(index), 3, 32, 32) and torch.equal(x, y)
         expected = inputs.model_input(np.asarray(ds.train.images)[index.numpy()])
         assert torch.equal(x, expected)
+    # For a CUDA device (pin_memory) the batches cross as uint8; the trainer normalizes them where the model runs
+    with warnings.catch_warnings():  # without a GPU, PyTorch warns that it cannot pin
+        warnings.simplefilter("ignore", UserWarning)
+        pinned = list(train_loader(inputs, None, batches, workers=0, pin_memory=True, seed=0))
+    for (raw, _), (x, _) in zip(pinned, inline):
+        assert raw.dtype == torch.uint8 and raw.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(inputs.on_device(raw), x, rtol=0, atol=1e-6)
+
+
+def test_cached_prefix_activations_are_stored_channels_last_and_continue_the_model_where_it_stopped(
+    image_folder: Path, tmp_path: Path
+) -> None:
+    model = models.build(REGISTRY.get("efficientnet_lite0"), "pretrained", 2).eval()
+    ds = data.run(config(image_folder, tmp_path / "cache"), PRE, seed=0)
+    cached = prepare_split(model, ds.val.images, PRE, 4, "val", tmp_path / "cache")  # the partial strategy's
+    with torch.no_grad():
+        expected = model.features(torch.from_numpy(normalize(np.asarray(ds.val.images), PRE)), 0, 4)
+    assert cached.shape == (expected.shape[0], *expected.shape[2:], expected.shape[1])  # (N, H, W, C) on disk
+    inputs = Inputs(ds.train.images, cached, cached, 4, True, PRE, tmp_path)
+    x = inputs.model_input(cached[:])
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(x, expected, rtol=0, atol=1e-6)
 
 
 def test_augmenting_training_reads_train_frames_that_reach_beyond_the_eval_crop(

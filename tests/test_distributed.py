@@ -107,7 +107,7 @@ def test_a_misspelt_device_is_a_recipe_error(tiny_recipe: Path) -> None:
 def test_bf16_autocast_on_the_cpu_trains_and_hands_back_cpu_fp32_references(tiny_recipe: Path, tmp_path: Path) -> None:
     """The path every GPU build takes: training under autocast, then logits of the CPU FP32 model for export parity."""
     overrides = ["train.device=cpu", "train.precision=bf16", "train.strategy=partial", "train.unfreeze=1"]
-    overrides.append("train.epochs=1")
+    overrides += ["train.epochs=1"]  # device: a GPU machine's auto would train on CUDA
     metrics = pipeline.train_model(load_recipe(tiny_recipe, overrides), tmp_path / "run")
     assert (metrics["device"], metrics["precision"], metrics["world_size"]) == ("cpu", "bf16", 1)
     folder = next((tmp_path / "run" / "stages").glob("train-*"))

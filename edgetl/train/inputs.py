@@ -10,6 +10,7 @@ trainer's epoch order from disk (in worker processes when there are cores to spa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -66,15 +67,23 @@ class Inputs:
 
     def on_device(self, x: torch.Tensor) -> torch.Tensor:
         """A model input from `model_input(..., normalized=False)`, normalized on its device with `normalize`'s
-        float32 terms (within 1e-6 of it: a GPU may fuse the multiply-add); any other input as it is."""
+        float32 terms (within 1e-6 of it); any other input as it is."""
         if x.dtype != torch.uint8:
             return x
-        scale, shift = (torch.from_numpy(t).to(x.device).view(1, 3, 1, 1) for t in normalize_terms(self.pre))
+        scale, shift = _normalize_terms_on(self.pre, x.device)
         return x.float() * scale + shift
 
     def prepare(self, model: TransferModel, images: ArrayLike, name: str) -> ArrayLike:
         """More images (DANN's target domain) in the form of the splits: cached like them, or as they are."""
         return prepare_split(model, images, self.pre, self.start, name, self.root) if self.cached else images
+
+
+@functools.lru_cache(maxsize=8)
+def _normalize_terms_on(pre: Preprocessing, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`normalize`'s terms as (1, 3, 1, 1) tensors on `device`, made once: a copy from pageable host memory
+    on every step would make the host wait for the GPU's queue."""
+    scale, shift = (torch.from_numpy(t).to(device).view(1, 3, 1, 1) for t in normalize_terms(pre))
+    return scale, shift
 
 
 class TrainBatches(torch.utils.data.Dataset):
