@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -61,11 +61,11 @@ class Series:
 def accuracy_latency_svg(
     series: Sequence[Series],
     front: Sequence[ChartPoint],
-    min_accuracy: float | None = None,
+    floor: tuple[str, float] | None = None,
     max_latency_ms: float | None = None,
 ) -> str:
     """Accuracy (with 95% CI bars) against p50 latency, the Pareto front as a step line, and
-    the accuracy and latency gates as lines.
+    the accuracy and latency gates as lines (`floor`: the accuracy gate's name and value, `metric_floor`).
 
     >>> svg = accuracy_latency_svg([Series("run", (ChartPoint("onnx-fp32", 2.5, 0.99),))], [])
     """
@@ -90,7 +90,7 @@ def accuracy_latency_svg(
         if front:
             xs, ys = _steps(front, right=max(p.latency_ms for p in everything))
             ax.plot(xs, ys, color="0.4", linewidth=1.2, zorder=2, label="Pareto front")
-        _gate_lines(ax, min_accuracy, max_latency_ms)
+        _gate_lines(ax, floor, max_latency_ms)
         latencies = [p.latency_ms for p in everything] + ([max_latency_ms] if max_latency_ms is not None else [])
         _latency_axis(ax, latencies)
         ax.margins(x=0.12, y=0.2)  # room for two rows of names above the top points
@@ -131,11 +131,17 @@ def agreement_latency_svg(points: Sequence[ChartPoint], min_agreement: float | N
         return _svg(fig)
 
 
-def _gate_lines(ax: Axes, min_accuracy: float | None, max_latency_ms: float | None) -> None:
+def metric_floor(threshold: Callable[[str], float | None]) -> tuple[str, float] | None:
+    """The charted metric's gate as (name, value), from `threshold(gate name)`: `min_accuracy`, else a label
+    set's `min_map` (the accuracy a multi-label build charts is its mAP); None when neither is set."""
+    return next(((gate, value) for gate in ("min_accuracy", "min_map") if (value := threshold(gate)) is not None), None)
+
+
+def _gate_lines(ax: Axes, floor: tuple[str, float] | None, max_latency_ms: float | None) -> None:
     """The accuracy and latency gates, where the recipe sets them, as a horizontal and a vertical line."""
-    if min_accuracy is not None:
-        label = f"gate min_accuracy {min_accuracy * 100:.2f}%"
-        ax.axhline(min_accuracy * 100, color="tab:red", linestyle="--", linewidth=1, label=label)
+    if floor is not None:
+        gate, value = floor
+        ax.axhline(value * 100, color="tab:red", linestyle="--", linewidth=1, label=f"gate {gate} {value * 100:.2f}%")
     if max_latency_ms is not None:
         label = f"gate max_latency_ms {max_latency_ms:g} ms"
         ax.axvline(max_latency_ms, color="tab:purple", linestyle=":", linewidth=1.4, label=label)

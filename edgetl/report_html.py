@@ -17,6 +17,7 @@ from edgetl.report_charts import (
     accuracy_latency_svg,
     agreement_latency_svg,
     confusion_svg,
+    metric_floor,
     training_svg,
 )
 from edgetl.report_content import (
@@ -76,7 +77,9 @@ def build_page(report: BuildReport) -> str:
     variants = report.variants
     series = [Series("variants (bars: accuracy 95% CI)", tuple(_points(variants)))]
     sections = [
-        _chart_section(series, gate_threshold(report, "min_accuracy"), gate_threshold(report, "max_latency_ms")),
+        _chart_section(
+            series, metric_floor(lambda gate: gate_threshold(report, gate)), gate_threshold(report, "max_latency_ms")
+        ),
         _agreement_section(report),
         _section("Variants", _variant_table([("", v) for v in variants], selected.name if selected else None)),
         _section("Gates", _gate_table(report)),
@@ -136,13 +139,13 @@ def _page(title: str, heading: str, good: bool, banner: str, meta: str, sections
     )
 
 
-def _chart_section(series: Sequence[Series], min_accuracy: float | None, max_latency_ms: float | None) -> str:
+def _chart_section(series: Sequence[Series], floor: tuple[str, float] | None, max_latency_ms: float | None) -> str:
     """Accuracy vs latency with the Pareto front over every point of every series."""
     points = [p for s in series for p in s.points]
     if not points:
         return _section("Accuracy vs latency", "<p>No variant has both an accuracy and a latency.</p>")
     front = [points[i] for i in pareto_front([(p.latency_ms, p.accuracy) for p in points])]
-    chart = accuracy_latency_svg(series, front, min_accuracy, max_latency_ms)
+    chart = accuracy_latency_svg(series, front, floor, max_latency_ms)
     return _section("Accuracy vs latency", f'<div class="chart">{chart}</div>')
 
 

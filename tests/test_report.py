@@ -13,6 +13,7 @@ from edgetl.errors import DataError
 from edgetl.gates import GATES, GateOutcome
 from edgetl.recipe import GatesConfig
 from edgetl.report import ReportFiles, compare, write_reports
+from edgetl.report_charts import ChartPoint, Series, accuracy_latency_svg, metric_floor
 from edgetl.report_content import class_scores, focus_variant, gate_rule, pareto_front
 from edgetl.runtime.metrics import VariantMetrics
 
@@ -334,3 +335,11 @@ def test_a_variant_row_round_trips_and_a_bundle_s_partial_metrics_load() -> None
     assert metrics.to_dict() == {k: v for k, v in partial.items() if k != "added_later"}
     with pytest.raises(KeyError, match="p50"):
         VariantMetrics.from_dict(partial | {"latency_ms": {"p90": 1.0}})
+
+
+def test_the_charted_gate_is_min_accuracy_else_a_label_sets_min_map() -> None:
+    assert metric_floor({"min_accuracy": 0.9, "min_map": 0.8}.get) == ("min_accuracy", 0.9)
+    assert metric_floor({"min_map": 0.8}.get) == ("min_map", 0.8)  # a multi-label build charts its mAP
+    assert metric_floor({}.get) is None
+    svg = accuracy_latency_svg([Series("run", (ChartPoint("onnx-fp32", 2.5, 0.85),))], [], ("min_map", 0.8))
+    assert "gate min_map 80.00%" in svg

@@ -17,6 +17,7 @@ import yaml
 
 from edgetl import __version__, environment
 from edgetl.fileio import atomic_dir, atomic_path, write_json
+from edgetl.report_charts import metric_floor
 from edgetl.report_content import pareto_front
 from edgetl.sweep.page import Point, sweep_markdown, sweep_page
 from edgetl.sweep.spec import SweepPlan
@@ -86,7 +87,7 @@ def write_outputs(plan: SweepPlan, records: list[TrialRecord], out_dir: Path, se
     if best is not None:
         _copy_best(out_dir / "trials" / best.name, out_dir, best.name)
     budget = plan.sweep.budget
-    floor = budget.min_map if budget.min_accuracy is None else budget.min_accuracy  # the charted metric's bound
+    floor = metric_floor(lambda gate: getattr(budget, gate))
     with atomic_path(out_dir / "sweep.md") as tmp:
         tmp.write_text(sweep_markdown(summary.to_dict()))
     with atomic_path(out_dir / "sweep.html") as tmp:

@@ -105,7 +105,7 @@ def sweep_page(
     data: dict,
     points: Sequence[Point],
     front: Sequence[Point],
-    min_accuracy: float | None,
+    floor: tuple[str, float] | None,
     max_latency_ms: float | None,
 ) -> str:
     """The self-contained HTML page: every variant of every trial on the accuracy-vs-latency chart with the Pareto
@@ -122,7 +122,7 @@ def sweep_page(
         if any(p.within_budget == within for p in points)
     ]
     if points:
-        chart = accuracy_latency_svg(series, [chart_point(p) for p in front], min_accuracy, max_latency_ms)
+        chart = accuracy_latency_svg(series, [chart_point(p) for p in front], floor, max_latency_ms)
         chart = f'<div class="chart">{chart}</div>'
     else:
         chart = "<p>No trial measured a variant.</p>"

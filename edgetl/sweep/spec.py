@@ -203,11 +203,14 @@ def _check_dimension(plan: SweepPlan, field: str, dimension: list[Any] | Grid | 
         values = dimension.grid if isinstance(dimension, Grid) else dimension
     if not values:
         raise RecipeError(f"{where} is an empty list; give at least one value.")
-    for value in values:
+    for value in values:  # with the budget as gates, as each trial has it (named as the sweep file names it)
         try:
-            recipe_from_mapping(plan.base_raw, plan.base_path, [*plan.sweep.set, override(field, value)])
+            recipe_from_mapping(
+                plan.base_raw, plan.base_path, [*plan.sweep.set, override(field, value), *plan.budget_gates()]
+            )
         except RecipeError as exc:
-            raise RecipeError(f"{where}: the value {value!r} does not make a valid recipe: {exc}") from None
+            message = str(exc).replace("gates.", "budget.")
+            raise RecipeError(f"{where}: the value {value!r} does not make a valid recipe: {message}") from None
 
 
 def _describe(exc: ValidationError, path: Path) -> str:
