@@ -382,7 +382,7 @@ def gpu(args: argparse.Namespace, work: Path) -> dict:
         "precision": "bf16",
     }
     result = data_build(ROOT.parent, body, work / "run", "lite0 fine-tune on the GPU", GPU_CHILD)
-    steady = result["epochs"][1:] or result["epochs"]  # the first epoch pays cuDNN's autotuning
+    steady = result["epochs"][1:] or result["epochs"]  # the first also pays one-time GPU start-up
     rate = sum(e["images"] for e in steady) / sum(e["seconds"] for e in steady)
     waiting = sum(e["waiting_for_data_seconds"] for e in steady) / sum(e["seconds"] for e in steady)
     return {
