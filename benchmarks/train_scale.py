@@ -398,36 +398,35 @@ def gpu(args: argparse.Namespace, work: Path) -> dict:
     }
 
 
+def _command(commands, name: str, help_: str, dataset: str, size: int, epochs: int) -> argparse.ArgumentParser:
+    """A sub-command with the options every one has: its data, size, epochs and results file."""
+    sub = commands.add_parser(name, help=help_)
+    sub.add_argument("--train", type=Path, default=SHARED / dataset / "train")
+    sub.add_argument("--test", type=Path, default=SHARED / "cifar10-dev" / "val")
+    sub.add_argument("--size", type=int, default=size)
+    sub.add_argument("--epochs", type=int, default=epochs)
+    sub.add_argument("--out", default=f"train_scale-{name}.json", help="file name under benchmarks/results/")
+    return sub
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    data = commands.add_parser("data", help="peak RSS and data-stage seconds of a 36,000-image linear probe")
-    data.add_argument("--train", type=Path, default=SHARED / "cifar10-large" / "train")
-    data.add_argument("--size", type=int, default=224)
-    data.add_argument("--epochs", type=int, default=10)
+    data = _command(
+        commands, "data", "peak RSS and data-stage seconds of a 36,000-image linear probe", "cifar10-large", 224, 10
+    )
     data.add_argument("--baseline-code", type=Path, default=None, help="a checkout of the code to compare with")
     data.add_argument("--skip-new", action="store_true", help="only the baseline build")
     data.add_argument("--data-only", action="store_true", help="only the data stage: first, then two reruns")
-    data.add_argument("--out", default="train_scale-data.json", help="file name under benchmarks/results/")
-    ddp_ = commands.add_parser("ddp", help="one process against two gloo processes through torchrun")
-    ddp_.add_argument("--train", type=Path, default=SHARED / "cifar10-dev" / "train")
-    ddp_.add_argument("--size", type=int, default=128)
-    ddp_.add_argument("--epochs", type=int, default=3)
+    ddp_ = _command(commands, "ddp", "one process against two gloo processes through torchrun", "cifar10-dev", 128, 3)
     ddp_.add_argument("--strategy", choices=sorted(DDP_TRAIN), default="finetune")
     ddp_.add_argument("--seed", type=int, default=0)
     ddp_.add_argument("--no-kill", action="store_true", help="skip the killed-rank run")
-    ddp_.add_argument("--out", default="train_scale-ddp.json", help="file name under benchmarks/results/")
-    gpu_ = commands.add_parser("gpu", help="images/s of a lite0 fine-tune on one CUDA GPU in bf16")
-    gpu_.add_argument("--train", type=Path, default=SHARED / "cifar10-dev" / "train")
-    gpu_.add_argument("--size", type=int, default=224)
-    gpu_.add_argument("--epochs", type=int, default=4)
+    gpu_ = _command(commands, "gpu", "images/s of a lite0 fine-tune on one CUDA GPU in bf16", "cifar10-dev", 224, 4)
     gpu_.add_argument("--repeat", type=int, default=8, help="links to each train image")
     gpu_.add_argument("--batch-size", type=int, default=256)
     gpu_.add_argument("--workers", type=int, default=None, help="data.workers (default: the recipe's default)")
     gpu_.add_argument("--device", default="cuda", help="train.device (cpu: a smoke test of this script)")
-    gpu_.add_argument("--out", default="train_scale-gpu.json", help="file name under benchmarks/results/")
-    for sub in (data, ddp_, gpu_):
-        sub.add_argument("--test", type=Path, default=SHARED / "cifar10-dev" / "val")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=ROOT.parent) as work:
         results = {"data": data_scale, "ddp": ddp, "gpu": gpu}[args.command](args, Path(work))

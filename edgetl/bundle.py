@@ -62,11 +62,7 @@ def run(
             shutil.copyfile(source, staging / f"model{source.suffix}")
         model = staging / f"model{file.suffix}"
         manifest = {
-            "schema_version": MULTITASK_SCHEMA
-            if variant.tasks
-            else 1
-            if variant.multilabel is None
-            else MULTILABEL_SCHEMA,
+            "schema_version": _schema(variant),
             "name": name,
             "model": model.name,
             "runtime": variant.runtime,
@@ -91,6 +87,14 @@ def run(
             for path in sorted(staging.iterdir()):
                 tar.add(path, arcname=f"{name}/{path.name}")
     return BundleResult(folder, archive, manifest, hashlib.sha256(raw).hexdigest())
+
+
+def _schema(variant: VariantMetrics) -> int:
+    """The manifest's schema: 1 for a single-label bundle (as before label sets existed, so older runtimes read
+    it), 2 with a multi-label `task`, 3 with several `tasks`."""
+    if variant.tasks:
+        return MULTITASK_SCHEMA
+    return 1 if variant.multilabel is None else MULTILABEL_SCHEMA
 
 
 def _task(variant: VariantMetrics, labels: tuple[str, ...]) -> dict:

@@ -60,20 +60,12 @@ def read(manifest: Path, multilabel: bool = False, allow_empty: bool = False) ->
     """
     if not manifest.is_file():
         raise DataError(f"`data.manifest` {manifest} is not a file. Point it at a .csv or .jsonl label manifest.")
-    suffix = manifest.suffix.lower()
-    if suffix not in (".csv", ".jsonl"):
+    if manifest.suffix.lower() not in (".csv", ".jsonl"):
         raise DataError(
             f"`data.manifest` {manifest} is neither .csv nor .jsonl; save the labels as CSV (columns path,label"
             "[,split]) or JSON Lines (one object per line with path, label and optionally split)."
         )
-    try:
-        with open(manifest, encoding="utf-8-sig", newline="") as handle:
-            if suffix == ".csv":
-                records = list(csv_records(handle, manifest, ("path", "labels" if multilabel else "label")))
-            else:
-                records = list(jsonl_records(handle, manifest))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"Cannot read `data.manifest` {manifest}: {exc}. Save it as UTF-8 text.") from None
+    records = read_records(manifest, ("path", "labels" if multilabel else "label"))
     rows = [parse_row(manifest, line, record, multilabel, allow_empty) for line, record in records]
     if not rows:
         raise DataError(f"`data.manifest` {manifest} has no rows. Add one row per image: path, label[, split].")
@@ -142,7 +134,19 @@ def _multilabel_listing(manifest: Path, split_rows: dict[str, list[Row]], named_
     return classes, listed, named_splits
 
 
-def csv_records(handle, manifest: Path, required: tuple[str, str]) -> Iterator[tuple[int, dict]]:
+def read_records(manifest: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
+    """The (line, record) pairs of a .csv (with the `required` columns) or .jsonl manifest. Raises DataError when
+    it cannot be read as UTF-8 text, or a line is malformed (`csv_records`, `jsonl_records`)."""
+    try:
+        with open(manifest, encoding="utf-8-sig", newline="") as handle:
+            if manifest.suffix.lower() == ".csv":
+                return list(csv_records(handle, manifest, required))
+            return list(jsonl_records(handle, manifest))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"Cannot read `data.manifest` {manifest}: {exc}. Save it as UTF-8 text.") from None
+
+
+def csv_records(handle, manifest: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
     """The CSV's records; a multi-label one (`required` path, labels) without a `labels` column has one 0/1 column
     per label, gathered into `labels` here."""
     reader = csv.DictReader(handle)

@@ -63,16 +63,8 @@ def _read(manifest: Path, specs: list) -> list[tuple[Row, dict]]:
         raise DataError(
             f"`data.manifest` {manifest} is not a .csv or .jsonl file with columns path,{','.join(columns)}."
         )
-    try:
-        with open(manifest, encoding="utf-8-sig", newline="") as handle:
-            if manifest.suffix.lower() == ".csv":
-                records = list(manifests.csv_records(handle, manifest, ("path", *columns)))
-            else:
-                records = list(manifests.jsonl_records(handle, manifest))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"Cannot read `data.manifest` {manifest}: {exc}. Save it as UTF-8 text.") from None
     out = []
-    for line, record in records:
+    for line, record in manifests.read_records(manifest, ("path", *columns)):
         row = manifests.parse_row(manifest, line, {**record, "label": "-"})  # path and split; the tasks' labels below
         values = {}
         for spec in specs:
